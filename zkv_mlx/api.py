@@ -1,0 +1,156 @@
+"""The public Python API: `from zkv_mlx import ZKV`.
+
+    model = ZKV()                                   # the bundled SmolLM2-135M-Instruct
+    print(model.chat("What is the capital of France?", temperature=0))
+    for chunk in model.chat([{"role": "user", "content": "Hi"}], stream=True):
+        print(chunk, end="")
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from collections.abc import Iterator
+
+from .config import EngineConfig, load_toml, make_config
+from .engine import EngineThread, SamplingParams
+from .errors import ConfigError
+from . import paths
+
+
+class ZKV:
+    """A loaded model with a paged KV cache, served by one engine thread.
+
+    Args:
+        model: None for the bundled default, a .gguf file, or an mlx-lm model directory / repo id.
+        config: path of a TOML config file (default: zkv-mlx.toml in the config dir, if present).
+        **kwargs: engine settings, e.g. max_context=4096, kv_cache_memory="2GB", block_size=16, max_num_seqs=8.
+    """
+
+    def __init__(self, model: str | None = None, *, config: str | None = None, **kwargs):
+        toml = load_toml(config) if config else (load_toml(paths.config_file()) if paths.config_file().is_file() else None)
+        if model is not None:
+            kwargs["model"] = str(model)
+        kwargs.pop("paged_attention", None)  # paging is always on; accepted for zKV compatibility
+        self.config: EngineConfig = make_config(toml, **kwargs)
+        self._thread = EngineThread(self.config).start()
+        _live.add(self)
+        self.engine = self._thread.engine
+        self.tokenizer = self.engine.lm.tokenizer
+
+    # -- generation -----------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], *, stream: bool = False, user: str | None = None, **sampling):
+        """Continues raw text (no chat template).
+
+        Args:
+            prompt: text, or token ids.
+            stream: return an iterator of text chunks instead of the full text.
+            user: who asks (isolation; default "local").
+            **sampling: max_tokens=256, temperature=0.7, top_p, top_k, min_p, repetition_penalty, seed, stop.
+        Returns:
+            The generated text, or an iterator of text chunks when stream=True.
+        """
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        return self._run(ids, stream, user, sampling)
+
+    def chat(self, messages, *, stream: bool = False, user: str | None = None, **sampling):
+        """Replies to a conversation rendered with the model's chat template.
+
+        Args:
+            messages: a string (one user message) or a list of {"role", "content"} dicts.
+            stream, user, **sampling: as in `generate`.
+        Returns:
+            The reply text, or an iterator of text chunks when stream=True.
+        """
+        return self._run(self._chat_ids(messages), stream, user, sampling)
+
+    def _chat_ids(self, messages) -> list[int]:
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                      for m in messages):
+            raise ConfigError("messages: expected a string or a list of {'role': ..., 'content': ...} dicts")
+        return self.tokenizer.encode_chat(messages)
+
+    def _run(self, ids: list[int], stream: bool, user: str | None, sampling: dict):
+        params = SamplingParams(**_sampling(sampling))
+        handle = self._thread.submit(ids, params, user or "local")
+        it = self._texts(handle)
+        if stream:
+            return it
+        return "".join(it)
+
+    @staticmethod
+    def _texts(handle) -> Iterator[str]:
+        try:
+            for ev in handle:
+                if ev.kind == "error":
+                    raise ev.error
+                if ev.text:
+                    yield ev.text
+        finally:
+            if not handle.done:  # the caller stopped iterating: stop generating
+                handle.cancel()
+
+    def submit(self, prompt_ids: list[int], user: str | None = None, **sampling):
+        """Low-level: queue token ids and get a RequestHandle yielding engine Events (ids, text, usage)."""
+        return self._thread.submit(list(prompt_ids), SamplingParams(**_sampling(sampling)), user or "local")
+
+    # -- cache ----------------------------------------------------------------------------------------
+    def kv_cache_stats(self) -> dict:
+        """Returns KV pool statistics (bytes and blocks)."""
+        return self._thread.call(lambda eng: eng.stats())
+
+    @property
+    def info(self) -> dict:
+        """What is loaded and how."""
+        lm = self.engine.lm
+        return {
+            "model": lm.name,
+            "path": str(lm.path),
+            "family": lm.family,
+            "fingerprint": lm.fingerprint,
+            "weights": lm.weights_format,
+            "max_context": self.engine.max_context,
+            "kv_dtype": str(self.engine.runner.pool.dtype).split(".")[-1],
+            "kv_blocks": self.engine.runner.pool.num_blocks,
+            "block_size": self.engine.runner.pool.block_size,
+        }
+
+    def close(self) -> None:
+        """Stops the engine thread."""
+        self._thread.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_live: "weakref.WeakSet[ZKV]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown() -> None:
+    # Engine threads must end (and release their MLX streams) before the interpreter does.
+    for m in list(_live):
+        m.close()
+    import mlx.core as mx
+
+    mx.clear_streams()
+
+
+_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                  "ignore_eos"}
+
+
+def _sampling(kw: dict) -> dict:
+    unknown = set(kw) - _SAMPLING_KEYS
+    if unknown:
+        raise ConfigError(f"unknown sampling option(s): {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(_SAMPLING_KEYS))}")
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "stop" in kw and isinstance(kw["stop"], list):
+        kw["stop"] = tuple(kw["stop"])
+    return kw

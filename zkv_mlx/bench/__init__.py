@@ -1,0 +1,9 @@
+"""`zkv-mlx bench ...`: benchmarks printing JSON, comparing side by side in one run (A/B alternating, medians)."""
+
+
+def run_bench(args) -> int:
+    if args.bench == "decode":
+        from .decode import run
+
+        return run(args)
+    raise SystemExit(f"unknown benchmark {args.bench!r}")

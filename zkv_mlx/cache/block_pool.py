@@ -1,0 +1,158 @@
+"""Fixed pool of KV blocks with reference counts and a hash -> block map for prefix caching.
+
+Pure bookkeeping: a block is an id into the KV tensors that live elsewhere. Freed blocks keep
+their hash and contents until reused, so a later request with the same prefix can revive them
+(`get_cached_block` + `touch`); reuse of such a block is an eviction.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .free_queue import FreeBlockQueue
+
+
+@dataclass(slots=True, eq=False)  # identity equality: two blocks are never "the same" by value
+class Block:
+    """One KV block.
+
+    `pinned` is carried for higher layers (e.g. sessions) and is not acted upon by the pool.
+    """
+
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    token_ids: tuple = ()
+    # repr=False: printing a linked neighbour would recurse through the whole queue.
+    prev_free: object = field(default=None, repr=False)
+    next_free: object = field(default=None, repr=False)
+    last_used: float = 0.0
+    pinned: bool = False
+
+
+class BlockPool:
+    """Owns every block; hands them out by reference count."""
+
+    def __init__(self, num_blocks: int) -> None:
+        """Creates all blocks up front.
+
+        Args:
+            num_blocks: Pool size; block ids are 0..num_blocks-1 and never change.
+        """
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Id order so a fresh pool hands out 0, 1, 2, ... (deterministic tests and layouts).
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[bytes, Block] = {}
+        self.evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_queue)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
+
+    def get_new_blocks(self, n: int) -> list[Block]:
+        """Takes `n` blocks from the front of the free queue, evicting any cached contents.
+
+        Args:
+            n: Number of blocks wanted.
+
+        Returns:
+            The blocks, each with ref_count 1, in the order they were taken.
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of blocks ({n})")
+        if n > len(self.free_queue):
+            raise ValueError(
+                f"need {n} free KV blocks but only {len(self.free_queue)} of {self.num_blocks} are free"
+            )
+        out = []
+        for _ in range(n):
+            block = self.free_queue.popleft()
+            if block.block_hash is not None:
+                self._evict(block)
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def _evict(self, block: Block) -> None:
+        if self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+        block.token_ids = ()
+        self.evictions += 1
+
+    def free_blocks(self, blocks: Iterable[Block]) -> None:
+        """Drops one reference from each block; blocks reaching 0 go to the back of the queue.
+
+        Args:
+            blocks: Blocks in the order they should become reusable; pass a sequence's table
+                reversed so its tail blocks (least likely to be shared prefixes) go first.
+        """
+        now = time.monotonic()
+        for block in blocks:
+            if block.ref_count <= 0:
+                raise ValueError(f"block {block.block_id} freed more often than allocated")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                block.last_used = now
+                self.free_queue.append(block)
+
+    def touch(self, blocks: Iterable[Block]) -> None:
+        """Takes a reference on blocks found in the cache, reviving them if they were free.
+
+        Args:
+            blocks: Cached blocks being reused by another sequence.
+        """
+        for block in blocks:
+            if block.ref_count == 0:
+                self.free_queue.remove(block)
+            block.ref_count += 1
+
+    def cache_full_block(self, block: Block, block_hash: bytes, token_ids: Sequence[int]) -> bool:
+        """Registers a full block's contents so later prefixes can find it.
+
+        Args:
+            block: A block whose KV slots are all written.
+            block_hash: Hash of the block's tokens chained with its prefix's hash.
+            token_ids: The block's tokens, kept to reject hash collisions.
+
+        Returns:
+            True if registered; False if another block already holds this hash (first wins).
+        """
+        if block.block_hash is not None:
+            if block.block_hash == block_hash:
+                return self.cached.get(block_hash) is block
+            raise ValueError(f"block {block.block_id} is already cached under another hash")
+        if block_hash in self.cached:
+            return False
+        block.block_hash = block_hash
+        block.token_ids = tuple(token_ids)
+        self.cached[block_hash] = block
+        return True
+
+    def get_cached_block(self, block_hash: bytes, token_ids: Sequence[int]) -> Block | None:
+        """Looks up a cached block; does not take a reference (call `touch`).
+
+        Args:
+            block_hash: Hash to look up.
+            token_ids: The tokens the caller expects the block to hold.
+
+        Returns:
+            The block if the hash matches and its stored tokens are equal, else None.
+        """
+        block = self.cached.get(block_hash)
+        if block is None or block.token_ids != tuple(token_ids):
+            return None
+        return block

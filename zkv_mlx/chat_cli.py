@@ -1,0 +1,56 @@
+"""A plain line-based chat loop (the Textual TUI replaces it as `zkv-mlx chat`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def run_chat(args) -> int:
+    from .cli import open_model, sampling_kwargs
+
+    print("zkv-mlx chat: loading the model...", file=sys.stderr, flush=True)
+    model = open_model(args)
+    info = model.info
+    print(f"model: {info['model']} ({info['weights']} weights, {info['kv_blocks']} KV blocks of {info['block_size']})",
+          file=sys.stderr)
+    print("Type a message and press Enter. Commands: /reset, /stats, /quit (or Ctrl-D).", file=sys.stderr, flush=True)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/quit", "/exit"):
+                break
+            if text == "/reset":
+                messages = messages[:1] if args.system else []
+                print("(conversation cleared)")
+                continue
+            if text == "/stats":
+                for k, v in model.kv_cache_stats().items():
+                    print(f"  {k}: {v}")
+                continue
+            messages.append({"role": "user", "content": text})
+            sys.stdout.write("assistant> ")
+            t0 = time.perf_counter()
+            reply, n = [], 0
+            try:
+                for chunk in model.chat(messages, stream=True, user=args.user, **sampling_kwargs(args)):
+                    reply.append(chunk)
+                    n += 1
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                sys.stdout.write(" [stopped]")
+            dt = time.perf_counter() - t0
+            print(f"\n({n} chunks in {dt:.1f}s)", file=sys.stderr)
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        model.close()
+    return 0

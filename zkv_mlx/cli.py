@@ -1,0 +1,157 @@
+"""`zkv-mlx` command line: generate, chat, doctor, bench. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every engine-backed command accepts (also spelled as users know them from the zKV docs)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", "-m", default=None, help="GGUF file or mlx-lm model directory (default: bundled SmolLM2-135M-Instruct)")
+    g.add_argument("--config", default=None, help="TOML config file (unknown keys are errors)")
+    g.add_argument("--max-context", type=int, default=None, help="max tokens per sequence (default: the model's)")
+    g.add_argument("--kv-cache-memory", "--kv-cache", dest="kv_cache_memory", default=None,
+                   help='KV pool size: "4GB", "512MiB", bytes, or "dynamic" (default)')
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    g.add_argument("--kv-dtype", default=None, choices=["auto", "float16", "bfloat16", "float32"])
+    g.add_argument("--weights-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "quantized"],
+                   help="auto: float32 on the CPU backend when memory allows, as stored on Metal")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
+    g.add_argument("--paged-attention", action="store_true", help="accepted for compatibility: paging is always on")
+
+
+def engine_kwargs(args) -> dict:
+    return {
+        "max_context": args.max_context,
+        "kv_cache_memory": args.kv_cache_memory,
+        "block_size": args.block_size,
+        "kv_dtype": args.kv_dtype,
+        "weights_dtype": args.weights_dtype,
+        "max_num_seqs": args.max_num_seqs,
+    }
+
+
+def open_model(args):
+    """Builds a ZKV from the parsed engine flags."""
+    from .api import ZKV
+
+    return ZKV(args.model, config=args.config, **engine_kwargs(args))
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.7, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_kwargs(args) -> dict:
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "min_p": args.min_p, "repetition_penalty": args.repetition_penalty, "seed": args.seed, "stop": args.stop,
+    }
+
+
+def cmd_generate(args) -> int:
+    model = open_model(args)
+    try:
+        for chunk in model.generate(args.prompt, stream=True, user=args.user, **sampling_kwargs(args)):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat_cli import run_chat
+
+    return run_chat(args)
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zkv-mlx", description="Local LLM inference with a smart paged KV cache.")
+    parser.add_argument("--version", action="version", version=f"zkv-mlx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="continue a prompt and stream the text to stdout")
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--user", default=None)
+    add_engine_flags(p)
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model in the terminal")
+    p.add_argument("--user", default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_flags(p)
+    add_sampling_flags(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("doctor", help="check the installation: backend, BLAS speed, kernels, model, directories")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    b = bsub.add_parser("decode", help="decode speed: zkv vs mlx-lm generate_step on the same weights")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--context", type=int, default=2048)
+    b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--rounds", type=int, default=3)
+    add_engine_flags(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `zkv-mlx` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import ZkvError
+
+    try:
+        return args.func(args)
+    except ZkvError as e:
+        print(f"zkv-mlx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # never a traceback for users; ZKV_DEBUG=1 shows it
+        if os.environ.get("ZKV_DEBUG"):
+            raise
+        print(f"zkv-mlx: error: {type(e).__name__}: {e} (set ZKV_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

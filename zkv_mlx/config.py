@@ -1,0 +1,170 @@
+"""Engine configuration: one dataclass tree, validated on construction (design.md, Configuration).
+
+Sources, later wins: defaults < TOML file < CLI flags / API kwargs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any, what: str = "size") -> int:
+    """Parses "4GB", "512MiB", "1.5G" or plain bytes into an int.
+
+    Args:
+        value: str or int.
+        what: name of the setting, for the error message.
+    Returns:
+        The size in bytes.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like '4GB' or '512MiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ConfigError(f"{what}: must be positive, got {value!r}")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{what}: cannot parse {value!r}; use a size like '4GB', '512MiB' or a number of bytes")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass(slots=True)
+class KVCacheConfig:
+    """Paged KV pool settings.
+
+    block_size: tokens per block. memory: bytes, a size string, or "dynamic" (a fraction of the memory left
+    after the weights). dtype: "auto" = the model's activation dtype.
+    """
+
+    block_size: int = 16
+    memory: int | str = "dynamic"
+    dtype: str = "auto"
+    dynamic_fraction: float = 0.3
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"kv.block_size: {self.block_size!r} is not supported; use 8, 16, 32, 64 or 128")
+        if isinstance(self.memory, str) and self.memory.strip().lower() == "dynamic":
+            self.memory = "dynamic"
+        else:
+            self.memory = parse_size(self.memory, "kv_cache_memory")
+        if self.dtype not in KV_DTYPES:
+            raise ConfigError(f"kv.dtype: {self.dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if not (0.0 < float(self.dynamic_fraction) <= 0.9):
+            raise ConfigError(f"kv.dynamic_fraction: {self.dynamic_fraction!r} must be in (0, 0.9]")
+
+
+WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs. model=None means the bundled default model."""
+
+    model: str | None = None
+    max_context: int | None = None
+    max_num_seqs: int = 16
+    prefill_chunk: int = 512
+    weights_dtype: str = "auto"
+    kv: KVCacheConfig = field(default_factory=KVCacheConfig)
+
+    def __post_init__(self):
+        if isinstance(self.kv, dict):
+            self.kv = _build(KVCacheConfig, self.kv, "kv.")
+        if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 1):
+            raise ConfigError(f"max_context: {self.max_context!r} must be a positive integer")
+        if not isinstance(self.max_num_seqs, int) or not 1 <= self.max_num_seqs <= 1024:
+            raise ConfigError(f"max_num_seqs: {self.max_num_seqs!r} must be an integer in 1..1024")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 16:
+            raise ConfigError(f"prefill_chunk: {self.prefill_chunk!r} must be an integer >= 16")
+        if self.weights_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"weights_dtype: {self.weights_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+# Flat API kwargs / CLI spellings -> dotted config keys.
+ALIASES = {
+    "block_size": "kv.block_size",
+    "kv_cache_memory": "kv.memory",
+    "kv_cache": "kv.memory",
+    "kv_dtype": "kv.dtype",
+}
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(prefix + u for u in unknown)}; "
+            f"valid keys: {', '.join(prefix + n for n in sorted(names))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as e:  # wrong shapes of values, e.g. a table where a number belongs
+        raise ConfigError(f"bad config: {e}") from None
+
+
+def load_toml(path: str | Path) -> dict:
+    """Reads a TOML config file into a nested dict, with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+
+
+def make_config(toml: dict | None = None, **overrides) -> EngineConfig:
+    """Builds an EngineConfig from a TOML dict and flat overrides (None values are ignored).
+
+    Args:
+        toml: nested dict from `load_toml` (top-level engine keys plus a [kv] table).
+        **overrides: flat keys (`max_context=...`) or aliases (`kv_cache_memory="2GB"`, `block_size=32`).
+    Returns:
+        A validated EngineConfig.
+    """
+    merged: dict[str, Any] = {}
+    kv: dict[str, Any] = {}
+    for k, v in (toml or {}).items():
+        if k == "kv":
+            if not isinstance(v, dict):
+                raise ConfigError("kv: expected a table ([kv]) in the config file")
+            kv.update(v)
+        else:
+            merged[k] = v
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        key = ALIASES.get(k, k)
+        if key.startswith("kv."):
+            kv[key[3:]] = v
+        else:
+            merged[key] = v
+    if "kv" in merged:
+        raise ConfigError("kv: pass kv settings as a [kv] table or flat keys like kv_cache_memory")
+    merged["kv"] = _build(KVCacheConfig, kv, "kv.")
+    return _build(EngineConfig, merged)

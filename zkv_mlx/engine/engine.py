@@ -1,0 +1,331 @@
+"""The engine: step() = schedule -> run model -> sample -> postprocess (design.md §8), plus the thread that owns
+all MLX state and serves requests submitted from other threads through a queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from ..cache import BlockManager
+from ..config import EngineConfig
+from ..errors import ConfigError, PromptTooLong, ZkvError
+from ..models.loader import LoadedModel, load_model
+from ..storage.kv_pool import KVPool
+from .. import sysinfo
+from .runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import SamplingParams, Sequence
+
+
+@dataclass(slots=True)
+class Event:
+    """What a request receives: text deltas (with the token id) and finally done or error."""
+
+    kind: str  # "token" | "done" | "error"
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: str | None = None
+    error: Exception | None = None
+    usage: dict = field(default_factory=dict)
+
+
+def plan_pool(cfg: EngineConfig, lm: LoadedModel, max_context: int) -> tuple[int, mx.Dtype]:
+    """Returns (num_blocks, kv dtype) for the configured KV memory.
+
+    "dynamic" takes `dynamic_fraction` of the memory available after the weights, capped at what
+    max_num_seqs sequences of max_context tokens could use (never less than one full context).
+    """
+    kv = cfg.kv
+    dtype = lm.dtype if kv.dtype == "auto" else getattr(mx, kv.dtype)
+    per_block = KVPool.bytes_per_block(lm.n_layers, lm.n_kv_heads, kv.block_size, lm.head_dim, dtype)
+    blocks_per_ctx = -(-max_context // kv.block_size) + 1
+    if kv.memory == "dynamic":
+        budget = int(sysinfo.available_memory() * kv.dynamic_fraction)
+        n = min(budget // per_block, blocks_per_ctx * min(cfg.max_num_seqs, 4))
+        n = max(n, min(blocks_per_ctx, budget // per_block), 1)
+    else:
+        n = kv.memory // per_block
+        if n < 1:
+            raise ConfigError(
+                f"kv_cache_memory {kv.memory} bytes is smaller than one KV block ({per_block} bytes for "
+                f"block size {kv.block_size}); use at least {per_block * blocks_per_ctx} bytes for a full context"
+            )
+    return int(n), dtype
+
+
+class Engine:
+    """Synchronous core. Not thread-safe: use EngineThread from other threads."""
+
+    def __init__(self, lm: LoadedModel, cfg: EngineConfig):
+        self.lm = lm
+        self.cfg = cfg
+        self.max_context = cfg.max_context or lm.max_context
+        num_blocks, kv_dtype = plan_pool(cfg, lm, self.max_context)
+        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype)
+        self.blocks = BlockManager(num_blocks, cfg.kv.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk)
+        self.eos = set(lm.tokenizer.eos_token_ids)
+        self._listeners: dict[int, callable] = {}
+
+    # -- requests -------------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener) -> Sequence:
+        """Queues a request; `listener(event)` is called on this thread for every event."""
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty; pass at least one token of text")
+        if len(prompt_ids) >= self.max_context:
+            raise PromptTooLong(
+                f"the prompt has {len(prompt_ids)} tokens but max context is {self.max_context}; "
+                "shorten the prompt or raise --max-context"
+            )
+        seq = Sequence(prompt_ids=list(prompt_ids), params=params, user=user)
+        seq.max_total = self.max_context
+        seq.detok = self.lm.tokenizer.detokenizer()
+        seq.t_submit = time.perf_counter()
+        self.scheduler.add(seq)
+        self._listeners[seq.seq_id] = listener
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stops a request and frees its blocks."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "cancelled")
+            self._emit_done(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step -------------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Runs one engine step; returns the number of tokens sampled."""
+        batch = self.scheduler.schedule()
+        for seq in batch.finished:
+            self._emit_done(seq)
+        sampled = 0
+        for seq, start, end in batch.prefill:
+            logits = self.runner.prefill(seq, start, end)
+            if end == seq.prefill_len:
+                token = sample(logits[None], [seq])[0]
+                seq.num_computed = end
+                self._postprocess(seq, token)
+                sampled += 1
+            else:
+                mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
+                seq.num_computed = end
+        if batch.decode:
+            seqs = [s for s in batch.decode if not s.is_finished]
+            if seqs:
+                logits = self.runner.decode(seqs)
+                tokens = sample(logits, seqs)
+                for seq, token in zip(seqs, tokens):
+                    seq.num_computed += 1
+                    self._postprocess(seq, token)
+                sampled += len(seqs)
+        return sampled
+
+    def _postprocess(self, seq: Sequence, token: int) -> None:
+        if seq.t_first is None:
+            seq.t_first = time.perf_counter()
+        p = seq.params
+        if token in self.eos and not p.ignore_eos:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        seq.detok.add(token)
+        full = seq.detok.text
+        reason = None
+        if p.stop:
+            cut = min((i for i in (full.find(s, max(0, seq.emitted - max(map(len, p.stop)))) for s in p.stop)
+                       if i >= 0), default=-1)
+            if cut >= 0:
+                self._send_text(seq, full[:cut], token)
+                self._finish(seq, "stop", flush=False)
+                return
+            hold = max(map(len, p.stop)) - 1  # a stop string may be starting at the end of the text
+        else:
+            hold = 0
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_total:
+            reason = "length"
+        if reason:
+            self._finish(seq, reason, token=token)
+        else:
+            self._send_text(seq, full[: max(seq.emitted, len(full) - hold)], token)
+
+    def _send_text(self, seq: Sequence, upto: str, token: int | None) -> None:
+        delta = upto[seq.emitted:]
+        seq.emitted = max(seq.emitted, len(upto))
+        self._listeners[seq.seq_id](Event("token", text=delta, token_id=token))
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True, token: int | None = None) -> None:
+        if flush:
+            seq.detok.flush()
+            self._send_text(seq, seq.detok.text, token)
+        self.scheduler.finish(seq, reason)
+        self._emit_done(seq)
+
+    def _emit_done(self, seq: Sequence) -> None:
+        listener = self._listeners.pop(seq.seq_id, None)
+        if listener is None:
+            return
+        now = time.perf_counter()
+        usage = {
+            "prompt_tokens": len(seq.prompt_ids),
+            "completion_tokens": len(seq.output_ids),
+            "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None,
+            "total_s": now - seq.t_submit,
+        }
+        listener(Event("done", finish_reason=seq.finish_reason or "stop", usage=usage))
+
+    def fail_all(self, error: Exception) -> None:
+        """Ends every request with `error` (after an unexpected failure inside a step)."""
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, "error")
+            listener = self._listeners.pop(seq.seq_id, None)
+            if listener:
+                listener(Event("error", error=error, finish_reason="error"))
+
+    def stats(self) -> dict:
+        """Pool and scheduler figures (the prefix-cache issue extends this)."""
+        u = self.blocks.usage()
+        per_block = self.runner.pool.total_bytes // max(1, self.runner.pool.num_blocks)
+        return {
+            **u,
+            "block_size": self.blocks.block_size,
+            "total_size": self.runner.pool.total_bytes,
+            "used_size": u["blocks_used"] * per_block,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+        }
+
+
+class RequestHandle:
+    """A submitted request as seen from the caller's thread: iterate for events, cancel to stop."""
+
+    def __init__(self, thread: "EngineThread"):
+        self._thread = thread
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.seq: Sequence | None = None
+        self.done = False
+
+    def _push(self, ev: Event) -> None:
+        self._events.put(ev)
+
+    def __iter__(self):
+        while not self.done:
+            ev = self._events.get()
+            if ev.kind in ("done", "error"):
+                self.done = True
+            yield ev
+
+    def cancel(self) -> None:
+        """Stops generation (blocks are freed on the engine thread)."""
+        if not self.done:
+            self._thread._commands.put(("cancel", self))
+
+
+class EngineThread:
+    """Owns the Engine (and so every MLX array) on one thread; other threads submit through `submit`.
+
+    Args:
+        cfg: the engine config. The model is loaded on the engine thread; `start()` waits for it and raises
+        the load error, if any, in the caller's thread.
+    """
+
+    def __init__(self, cfg: EngineConfig, progress=None):
+        self.cfg = cfg
+        self.engine: Engine | None = None
+        self._commands: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._progress = progress
+        self._thread = threading.Thread(target=self._run, name="zkv-engine", daemon=True)
+
+    def start(self) -> "EngineThread":
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, user: str = "local") -> RequestHandle:
+        """Queues a request from any thread; returns its handle immediately."""
+        handle = RequestHandle(self)
+        self._commands.put(("add", (prompt_ids, params, user, handle)))
+        return handle
+
+    def call(self, fn, *args):
+        """Runs fn(engine, *args) on the engine thread and returns its result (for stats and the like)."""
+        box: queue.Queue = queue.Queue()
+        self._commands.put(("call", (fn, args, box)))
+        ok, value = box.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # MLX needs its per-thread streams released before the thread ends, or the process aborts
+            # at exit ("terminate called without an active exception"; ml-explore/mlx#4327).
+            mx.synchronize()
+            mx.clear_streams()
+
+    def _serve(self) -> None:
+        try:
+            lm = load_model(self.cfg.model, self.cfg.weights_dtype)
+            self.engine = Engine(lm, self.cfg)
+        except BaseException as e:  # reported to start()'s caller
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        eng = self.engine
+        while True:
+            try:
+                cmd = self._commands.get(block=not eng.has_work())
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd[0] == "stop":
+                    eng.fail_all(ZkvError("the engine was closed"))
+                    return
+                self._handle(eng, cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if eng.has_work():
+                try:
+                    eng.step()
+                except Exception as e:  # keep serving; the requests in flight get the error
+                    traceback.print_exc()
+                    eng.fail_all(e)
+
+    def _handle(self, eng: Engine, cmd) -> None:
+        kind, arg = cmd
+        if kind == "add":
+            prompt_ids, params, user, handle = arg
+            try:
+                handle.seq = eng.add_request(prompt_ids, params, user, handle._push)
+            except ZkvError as e:
+                handle._push(Event("error", error=e, finish_reason="error"))
+        elif kind == "cancel":
+            if arg.seq is not None:
+                eng.cancel(arg.seq)
+        elif kind == "call":
+            fn, args, box = arg
+            try:
+                box.put((True, fn(eng, *args)))
+            except Exception as e:
+                box.put((False, e))

@@ -1,0 +1,91 @@
+"""A request being generated: its tokens, sampling settings, block table and progress."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from ..errors import ConfigError
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. temperature 0 = greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(s for s in (self.stop or ()) if s)
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (self.temperature is not None and 0.0 <= float(self.temperature) <= 100, "temperature", "in [0, 100]"),
+            (0.0 < float(self.top_p) <= 1.0, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (0.0 <= float(self.min_p) < 1.0, "min_p", "in [0, 1)"),
+            (float(self.repetition_penalty) > 0.0, "repetition_penalty", "> 0 (1.0 = off)"),
+            (self.seed is None or isinstance(self.seed, int), "seed", "an integer"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must be {want}")
+
+
+class SeqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt + generated tokens. `num_computed` tokens have their K/V in the pool."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    user: str = "local"
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    prefill_len: int = 0  # tokens to prefill when admitted (prompt, or prompt + output after preemption)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    error: Exception | None = None
+    max_total: int = 0  # max_context: prompt + output never exceed it
+    rng: object = None  # mx.random key, created on first sampled token
+    detok: object = None  # StreamDetokenizer
+    emitted: int = 0  # characters of output text already sent
+    t_submit: float = 0.0
+    t_first: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        # prefill ends by sampling a token; from then on each decode step computes the last token's K/V
+        return self.num_computed < self.prefill_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

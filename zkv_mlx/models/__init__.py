@@ -1,0 +1,1 @@
+"""Model loading (GGUF, mlx-lm directories), tokenizer and the paged attention wrapper."""
