@@ -18,9 +18,12 @@ from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
 from .. import sysinfo
 from .runner import ModelRunner
-from .sampler import sample
+from .sampler import can_sample_lazily, sample, sample_lazy
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
+
+
+PENDING = -1  # placeholder for a token still being computed (pipelined decode)
 
 
 @dataclass(slots=True)
@@ -72,6 +75,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk)
         self.eos = set(lm.tokenizer.eos_token_ids)
         self._listeners: dict[int, callable] = {}
+        self._inflight: tuple[list[Sequence], mx.array] | None = None
 
     # -- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener) -> Sequence:
@@ -98,16 +102,25 @@ class Engine:
             self._emit_done(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- one step -------------------------------------------------------------------------------------
     def step(self) -> int:
-        """Runs one engine step; returns the number of tokens sampled."""
+        """Runs one engine step; returns the number of tokens sampled.
+
+        Decode is pipelined (as mlx-lm's generate_step): the step's tokens are sampled lazily and evaluated
+        asynchronously while the next step's graph is built from them; their values are postprocessed one step
+        later. A sequence holds a PENDING placeholder for its in-flight token until then.
+        """
         batch = self.scheduler.schedule()
         for seq in batch.finished:
             self._emit_done(seq)
         sampled = 0
+        if batch.prefill:
+            sampled += self._resolve()
         for seq, start, end in batch.prefill:
+            if seq.is_finished:  # its in-flight token just ended it
+                continue
             logits = self.runner.prefill(seq, start, end)
             if end == seq.prefill_len:
                 token = sample(logits[None], [seq])[0]
@@ -117,25 +130,59 @@ class Engine:
             else:
                 mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
                 seq.num_computed = end
-        if batch.decode:
-            seqs = [s for s in batch.decode if not s.is_finished]
-            if seqs:
-                logits = self.runner.decode(seqs)
-                tokens = sample(logits, seqs)
-                for seq, token in zip(seqs, tokens):
-                    seq.num_computed += 1
-                    self._postprocess(seq, token)
-                sampled += len(seqs)
+        seqs = [s for s in batch.decode if not s.is_finished]
+        if not seqs:
+            return sampled + self._resolve()
+        prev = self._inflight
+        chained = prev is not None and prev[0] == seqs and can_sample_lazily(seqs)
+        if not chained:
+            sampled += self._resolve()
+            seqs = [s for s in seqs if not s.is_finished]
+            if not seqs:
+                return sampled
+        logits = self.runner.decode(seqs, prev[1] if chained else None)
+        if can_sample_lazily(seqs):
+            tokens = sample_lazy(logits, seqs)
+            mx.async_eval(tokens)
+            for seq in seqs:
+                seq.output_ids.append(PENDING)
+                seq.num_computed += 1
+            if chained:
+                sampled += self._resolve()  # the previous step's tokens, computed while this graph was built
+            self._inflight = (seqs, tokens)
+        else:
+            for seq, token in zip(seqs, sample(logits, seqs)):
+                seq.num_computed += 1
+                self._postprocess(seq, token)
+                sampled += 1
         return sampled
 
-    def _postprocess(self, seq: Sequence, token: int) -> None:
+    def _resolve(self) -> int:
+        """Postprocesses the oldest in-flight decode step (waits for its tokens)."""
+        if self._inflight is None:
+            return 0
+        seqs, tokens = self._inflight
+        self._inflight = None
+        values = tokens.tolist()
+        for seq, token in zip(seqs, values):
+            if seq.is_finished:
+                continue  # finished while this step was in flight: its speculative token is dropped
+            i = seq.output_ids.index(PENDING)
+            del seq.output_ids[i:i + 1]
+            self._postprocess(seq, token, slot=i)
+        return len(seqs)
+
+    def _postprocess(self, seq: Sequence, token: int, slot: int | None = None) -> None:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
         p = seq.params
         if token in self.eos and not p.ignore_eos:
             self._finish(seq, "stop")
             return
-        seq.output_ids.append(token)
+        if slot is None:
+            seq.output_ids.append(token)
+        else:
+            seq.output_ids.insert(slot, token)
         seq.detok.add(token)
         full = seq.detok.text
         reason = None
@@ -149,7 +196,8 @@ class Engine:
             hold = max(map(len, p.stop)) - 1  # a stop string may be starting at the end of the text
         else:
             hold = 0
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= seq.max_total:
+        n_out = len(seq.output_ids) - seq.output_ids.count(PENDING)
+        if n_out >= p.max_tokens or seq.num_tokens >= seq.max_total:
             reason = "length"
         if reason:
             self._finish(seq, reason, token=token)
@@ -162,6 +210,8 @@ class Engine:
         self._listeners[seq.seq_id](Event("token", text=delta, token_id=token))
 
     def _finish(self, seq: Sequence, reason: str, flush: bool = True, token: int | None = None) -> None:
+        while PENDING in seq.output_ids:  # a speculative in-flight token past the end
+            seq.output_ids.remove(PENDING)
         if flush:
             seq.detok.flush()
             self._send_text(seq, seq.detok.text, token)
@@ -249,6 +299,7 @@ class EngineThread:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
+            self._thread.join()  # let it release its MLX streams first, or the process aborts at exit
             raise self._error
         return self
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..kernels import kernel_path
 from ..models.loader import LoadedModel
 from ..models.paged import AttnContext, forward, install_paged_attention
 from ..storage.kv_pool import KVPool
@@ -45,24 +46,34 @@ class ModelRunner:
                           block_table=mx.array(seq.block_table[:n_blocks], dtype=mx.int32), kv_len=end)
         return forward(self.model, tokens, ctx, last_only=True)[0, -1]
 
-    def decode(self, seqs: list[Sequence]) -> mx.array:
+    def decode(self, seqs: list[Sequence], tokens: mx.array | None = None) -> mx.array:
         """One token for each sequence: the last token of each (at position num_tokens - 1).
 
+        Args:
+            tokens: [B] the last tokens when they are still being computed (pipelined decode); else read
+                from the sequences.
         Returns:
             logits [B, vocab] (lazy).
         """
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
-        tokens = mx.array([[s.all_ids[-1]] for s in seqs], dtype=mx.int32)
-        n_blocks = max(p // bs + 1 for p in positions)
-        tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]
+        if tokens is None:
+            tokens = mx.array([[s.all_ids[-1]] for s in seqs], dtype=mx.int32)
+        else:
+            tokens = tokens[:, None]
         ctx = AttnContext(
             pool=self.pool,
             offset=mx.array(positions, dtype=mx.int32),
             write_blocks=mx.array([s.block_table[p // bs] for s, p in zip(seqs, positions)], dtype=mx.int32),
             write_offsets=mx.array([p % bs for p in positions], dtype=mx.int32),
-            block_tables=mx.array(tables, dtype=mx.int32),
-            context_lens=mx.array([p + 1 for p in positions], dtype=mx.int32),
-            max_len=max(positions) + 1,
         )
+        if kernel_path() == "reference":
+            ctx.tables = [s.block_table for s in seqs]
+            ctx.lens = [p + 1 for p in positions]
+        else:
+            n_blocks = max(p // bs + 1 for p in positions)
+            tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]
+            ctx.block_tables = mx.array(tables, dtype=mx.int32)
+            ctx.context_lens = mx.array([p + 1 for p in positions], dtype=mx.int32)
+            ctx.max_len = max(positions) + 1
         return forward(self.model, tokens, ctx)[:, -1, :]

@@ -66,3 +66,32 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
         seq.rng, sub = mx.random.split(seq.rng)
         out.append(int(mx.random.categorical(row, key=sub).item()))
     return out
+
+
+def can_sample_lazily(seqs: list[Sequence]) -> bool:
+    """Whether `sample_lazy` applies: it needs no token values of the history (no repetition penalty)."""
+    return all(s.params.repetition_penalty == 1.0 for s in seqs)
+
+
+def sample_lazy(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    """Like `sample` but returns a lazy [B] int32 array, so the next step can be built before this one is done.
+
+    Args:
+        logits: [B, vocab]. seqs: the sequences (none with a repetition penalty).
+    Returns:
+        [B] token ids, not yet evaluated.
+    """
+    if all(s.params.temperature == 0 for s in seqs):
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
+    rows = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.temperature == 0:
+            rows.append(mx.argmax(logits[i]).astype(mx.int32))
+            continue
+        row = _filter(logits[i].astype(mx.float32) / p.temperature, p.top_k, p.top_p, p.min_p)
+        if seq.rng is None:
+            seq.rng = mx.random.key(p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        seq.rng, sub = mx.random.split(seq.rng)
+        rows.append(mx.random.categorical(row, key=sub).astype(mx.int32))
+    return mx.stack(rows)

@@ -37,6 +37,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -107,6 +108,7 @@ class Scheduler:
         # Recompute policy: drop its blocks; it re-prefills prompt + output so far when re-admitted.
         self.running.remove(seq)
         self.blocks.free(seq)
+        self.num_preemptions += 1
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)

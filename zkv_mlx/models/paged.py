@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels import paged_attention, prefill_attention_reference
+from ..kernels.reference import single_decode_attention
 from ..storage.kv_pool import KVPool
 
 
@@ -34,10 +35,12 @@ class AttnContext:
     block_tables: mx.array | None = None
     context_lens: mx.array | None = None
     max_len: int = 0
+    tables: list[list[int]] | None = None  # decode on the reference path: per-sequence python tables
+    lens: list[int] | None = None
 
     @property
     def is_prefill(self) -> bool:
-        return self.block_tables is None
+        return self.block_tables is None and self.tables is None
 
     def make_mask(self, *args, **kwargs):
         # mlx-lm asks the cache for a mask; PagedAttention builds its own.
@@ -77,6 +80,12 @@ class PagedAttention(nn.Module):
         if ctx.is_prefill:
             keys, values = ctx.pool.gather(self.layer_idx, ctx.block_table, ctx.kv_len)
             out = prefill_attention_reference(q, keys, values, self.scale)
+        elif ctx.tables is not None:
+            # Reference path: each sequence attends alone, so batched decode is bitwise equal to solo decode.
+            kp, vp = ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx]
+            outs = [single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale)
+                    for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens))]
+            out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         else:
             out = paged_attention(q, ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx], ctx.block_tables,
                                   ctx.context_lens, self.scale, ctx.max_len)

@@ -1,0 +1,1 @@
+"""The terminal chat app, shipped inside the package as zkv_mlx.app."""

@@ -1,0 +1,115 @@
+// Paged decode attention: kernel bodies for mx.fast.metal_kernel (helpers: paged_common.h via header=).
+// zkv_mlx/kernels/registry.py splits this file at the "//// kernel:" lines; each section is one body.
+//
+// Inputs (all three kernels take the first ten the same way):
+//   q [B, n_heads, 1, D] (T); k, v: [NB, n_kv_heads, BS, D] float storage, or mx.quantize packed uint32
+//   [NB, n_kv_heads, BS, D*bits/32] with k_scales/k_biases [NB, n_kv_heads, BS, D/group] (a 1-element
+//   dummy when K is float; same for V); block_tables [B, max_blocks] int32; context_lens [B] int32;
+//   scale: 0-d float.
+// Template: T (q/out dtype), D, BS (block size), NSG (SIMD-groups per threadgroup), KB/KG and VB/VG
+//   (bits and group size of K and V; 0 bits = float storage).
+
+//// kernel: paged_attention_1pass
+  // One threadgroup of NSG SIMD-groups per (sequence, query head); SIMD-group sg takes keys sg, sg + NSG, ...
+  // Grid: (NSG * 32 * B * n_heads, 1, 1), threadgroup (NSG * 32, 1, 1).
+  constexpr int KE = zkv_chunk(D, KB), KCH = (D / KE + 31) / 32;
+  constexpr int VE = zkv_chunk(D, VB), VCH = (D / VE + 31) / 32;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const uint lane = thread_index_in_simdgroup;
+  const int n_heads = q_shape[1];
+  const int n_kv_heads = k_shape[1];
+  const int head = threadgroup_position_in_grid.x;  // b * n_heads + h
+  const int b = head / n_heads;
+  const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
+  const int len = context_lens[b];
+  auto table = block_tables + b * block_tables_shape[1];
+
+  float qr[KCH * KE];
+  zkv_load_query<D, KB>(q + head * D, lane, scale * 1.44269504088896341f, qr);
+  float m = -INFINITY;
+  float l = 0.0f;
+  float o[VCH * VE];
+  for (int i = 0; i < VCH * VE; i++) {
+    o[i] = 0.0f;
+  }
+  zkv_attend<D, BS, NSG, KB, KG, VB, VG>(k, k_scales, k_biases, v, v_scales, v_biases, table, kv_head,
+                                         n_kv_heads, 0, len, sg, lane, qr, m, l, o);
+
+  // Merge the SIMD-groups' partial softmax states
+  threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
+  zkv_share_state<D, VB>(m, l, o, sg, lane, tg_m, tg_l, tg_o);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float l_all;
+  const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
+  for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
+    const float acc = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
+    out[head * D + d] = static_cast<T>(l_all > 0.0f ? acc / l_all : 0.0f);  // empty context: 0, not NaN
+  }
+
+//// kernel: paged_attention_2pass_partial
+  // Split-context pass 1: threadgroup (head, split) attends over keys [split * partition, + partition) and
+  // writes its unnormalised output and (max, sum); splits past a sequence's end write an empty state.
+  // Grid: (NSG * 32 * B * n_heads, n_splits, 1), threadgroup (NSG * 32, 1, 1).
+  // Outputs: o_part [B * n_heads, n_splits, D] float, ml [B * n_heads, n_splits, 2] float.
+  constexpr int KE = zkv_chunk(D, KB), KCH = (D / KE + 31) / 32;
+  constexpr int VE = zkv_chunk(D, VB), VCH = (D / VE + 31) / 32;
+  const uint sg = simdgroup_index_in_threadgroup;
+  const uint lane = thread_index_in_simdgroup;
+  const int n_heads = q_shape[1];
+  const int n_kv_heads = k_shape[1];
+  const int head = threadgroup_position_in_grid.x;
+  const int split = threadgroup_position_in_grid.y;
+  const int n_splits = threadgroups_per_grid.y;
+  const int b = head / n_heads;
+  const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
+  const int len = context_lens[b];
+  const int t0 = split * partition;
+  const int t1 = min(len, t0 + partition);
+  auto table = block_tables + b * block_tables_shape[1];
+
+  float qr[KCH * KE];
+  zkv_load_query<D, KB>(q + head * D, lane, scale * 1.44269504088896341f, qr);
+  float m = -INFINITY;
+  float l = 0.0f;
+  float o[VCH * VE];
+  for (int i = 0; i < VCH * VE; i++) {
+    o[i] = 0.0f;
+  }
+  zkv_attend<D, BS, NSG, KB, KG, VB, VG>(k, k_scales, k_biases, v, v_scales, v_biases, table, kv_head,
+                                         n_kv_heads, t0, t1, sg, lane, qr, m, l, o);
+
+  // Merge the SIMD-groups, keep the result unnormalised for pass 2
+  threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
+  zkv_share_state<D, VB>(m, l, o, sg, lane, tg_m, tg_l, tg_o);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float l_all;
+  const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
+  const int slot = head * n_splits + split;
+  for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
+    o_part[slot * D + d] = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
+  }
+  if (thread_index_in_threadgroup == 0) {
+    ml[slot * 2] = m_all;
+    ml[slot * 2 + 1] = l_all;
+  }
+
+//// kernel: paged_attention_2pass_reduce
+  // Split-context pass 2: one threadgroup per (sequence, query head) merges the n_splits partial states.
+  // Grid: (NT * B * n_heads, 1, 1), threadgroup (NT, 1, 1). Template: T, D.
+  const int head = threadgroup_position_in_grid.x;
+  const int n_splits = o_part_shape[1];
+  float m = -INFINITY;
+  for (int s = 0; s < n_splits; s++) {
+    m = max(m, ml[(head * n_splits + s) * 2]);
+  }
+  float l = 0.0f;
+  for (int s = 0; s < n_splits; s++) {
+    l += ml[(head * n_splits + s) * 2 + 1] * zkv_weight(ml[(head * n_splits + s) * 2], m);
+  }
+  for (uint d = thread_position_in_threadgroup.x; d < D; d += threads_per_threadgroup.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < n_splits; s++) {
+      acc += o_part[(head * n_splits + s) * D + d] * zkv_weight(ml[(head * n_splits + s) * 2], m);
+    }
+    out[head * D + d] = static_cast<T>(l > 0.0f ? acc / l : 0.0f);
+  }
