@@ -100,16 +100,17 @@ def test_pool_shortage_message_names_numbers():
     assert pool.num_free_blocks == 1  # nothing taken by the failed call
 
 
-def test_free_blocks_appends_to_tail_in_given_order_and_refcounts():
+def test_free_uncached_blocks_go_to_front_in_given_order_and_refcounts():
     pool = BlockPool(4)
     a, b, c = pool.get_new_blocks(3)
     pool.touch([b])
     assert b.ref_count == 2
     pool.free_blocks([c, b, a])
     assert (a.ref_count, b.ref_count, c.ref_count) == (0, 1, 0)
-    assert free_ids(pool) == [3, 2, 0]
+    # blocks without cached contents are reused first, in reverse of the order freed (table order)
+    assert free_ids(pool) == [0, 2, 3]
     pool.free_blocks([b])
-    assert free_ids(pool) == [3, 2, 0, 1]
+    assert free_ids(pool) == [1, 0, 2, 3]
     with pytest.raises(ValueError, match="block 1"):
         pool.free_blocks([b])
 
@@ -119,13 +120,13 @@ def test_touch_free_cached_block_removes_it_from_queue():
     blocks = pool.get_new_blocks(4)
     assert pool.cache_full_block(blocks[1], b"h1", [1, 2, 3, 4]) is True
     pool.free_blocks(reversed(blocks))
-    assert free_ids(pool) == [3, 2, 1, 0]
+    assert free_ids(pool) == [0, 2, 3, 1]  # the cached block waits at the back (LRU)
     hit = pool.get_cached_block(b"h1", (1, 2, 3, 4))
     assert hit is blocks[1]
     assert hit.ref_count == 0  # lookup alone takes no reference
     pool.touch([hit])
     assert hit.ref_count == 1
-    assert free_ids(pool) == [3, 2, 0]
+    assert free_ids(pool) == [0, 2, 3]
     assert pool.num_used_blocks == 1
     assert pool.num_cached_blocks == 1
     assert pool.evictions == 0
@@ -157,10 +158,10 @@ def test_reusing_cached_block_evicts_it():
     pool.cache_full_block(a, b"ha", [1, 2])
     pool.cache_full_block(b, b"hb", [3, 4])
     pool.free_blocks([a, c, b])
-    assert free_ids(pool) == [0, 2, 1]
+    assert free_ids(pool) == [2, 0, 1]
     assert pool.num_cached_blocks == 2
     got = pool.get_new_blocks(2)
-    assert [x.block_id for x in got] == [0, 2]
+    assert [x.block_id for x in got] == [2, 0]
     assert pool.evictions == 1
     assert pool.num_cached_blocks == 1
     assert a.block_hash is None and a.token_ids == ()
@@ -228,12 +229,12 @@ def test_free_returns_blocks_in_reverse_table_order():
     assert (a.block_table, b.block_table) == ([0, 1, 2], [3])
     m.free(a)
     assert a.block_table == []
-    assert free_ids(m.pool) == [4, 5, 2, 1, 0]
+    assert free_ids(m.pool) == [0, 1, 2, 4, 5]
     c = Seq(3, 12)
     m.allocate(c)
-    assert c.block_table == [4, 5, 2]
+    assert c.block_table == [0, 1, 2]
     m.free(b)
-    assert free_ids(m.pool) == [1, 0, 3]
+    assert free_ids(m.pool) == [3, 4, 5]
     m.free(b)  # already empty: no-op
     assert m.num_free_blocks == 3
 

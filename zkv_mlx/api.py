@@ -98,8 +98,28 @@ class ZKV:
 
     # -- cache ----------------------------------------------------------------------------------------
     def kv_cache_stats(self) -> dict:
-        """Returns KV pool statistics (bytes and blocks)."""
+        """Returns KV pool and prefix-cache statistics.
+
+        Returns:
+            A dict with total_size, used_size (bytes), blocks_total, blocks_used, blocks_cached, blocks_free,
+            prompt_cache_hits, prompt_cache_misses (requests), hit_tokens, miss_tokens, hit_rate, evictions,
+            fragmentation, per_user ({user: {requests, hit_tokens, miss_tokens}}) and a few more.
+        """
         return self._thread.call(lambda eng: eng.stats())
+
+    def kv_block_map(self) -> list[str]:
+        """State of every KV block: "free", "used", "shared", "cached" or "pinned"."""
+        return self._thread.call(lambda eng: eng.block_map())
+
+    def clear_kv_cache(self, session=None) -> int:
+        """Forgets cached prompt prefixes that no request is using (pinned prefixes stay).
+
+        Returns:
+            The number of blocks dropped.
+        """
+        if session is not None:
+            raise NotImplementedError("clearing one session's cache arrives with sessions")
+        return self._thread.call(lambda eng: eng.clear_cache())
 
     @property
     def info(self) -> dict:

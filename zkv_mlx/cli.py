@@ -23,6 +23,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: float32 on the CPU backend when memory allows, as stored on Metal")
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
     g.add_argument("--paged-attention", action="store_true", help="accepted for compatibility: paging is always on")
+    g.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", default=None,
+                   help="turn automatic prefix caching off")
+    g.add_argument("--prompt-cache-size", default=None, help='bytes of idle cached prefixes kept, e.g. "1GB"')
+    g.add_argument("--prompt-cache-ttl", type=float, default=None, help="seconds an idle cached prefix is kept")
 
 
 def engine_kwargs(args) -> dict:
@@ -33,6 +37,9 @@ def engine_kwargs(args) -> dict:
         "kv_dtype": args.kv_dtype,
         "weights_dtype": args.weights_dtype,
         "max_num_seqs": args.max_num_seqs,
+        "prompt_cache": args.prompt_cache,
+        "prompt_cache_size": args.prompt_cache_size,
+        "prompt_cache_ttl": args.prompt_cache_ttl,
     }
 
 
@@ -80,6 +87,43 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+def cmd_stats(args) -> int:
+    import json
+
+    if args.url:
+        import urllib.error
+        import urllib.request
+
+        from .errors import ZkvError
+
+        req = urllib.request.Request(args.url.rstrip("/") + "/v1/kv/stats")
+        if args.api_key:
+            req.add_header("Authorization", f"Bearer {args.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                stats = json.loads(r.read())
+        except (urllib.error.URLError, ValueError) as e:
+            raise ZkvError(f"cannot read stats from {args.url}: {e}; is `zkv-mlx serve` running there?") from None
+    else:
+        model = open_model(args)
+        try:
+            for p in args.prompt or []:
+                model.chat(p, user=args.user, temperature=0, max_tokens=args.max_tokens)
+            stats = model.kv_cache_stats()
+        finally:
+            model.close()
+    if args.json:
+        print(json.dumps(stats))
+        return 0
+    per_user = stats.pop("per_user", {})
+    width = max(map(len, stats))
+    for k, v in stats.items():
+        print(f"{k:<{width}}  {round(v, 4) if isinstance(v, float) else v}")
+    for u, v in per_user.items():
+        print(f"user {u}: {v}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_doctor
 
@@ -111,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("stats", help="KV cache statistics (of a running server with --url, or after --prompt runs)")
+    p.add_argument("--url", default=None, help="a running `zkv-mlx serve`, e.g. http://127.0.0.1:8080")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--prompt", action="append", help="chat prompt to run first (repeatable)")
+    p.add_argument("--user", default=None)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--json", action="store_true")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_stats)
+
     p = sub.add_parser("doctor", help="check the installation: backend, BLAS speed, kernels, model, directories")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -121,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
     b.add_argument("--context", type=int, default=2048)
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--rounds", type=int, default=3)
+    add_engine_flags(b)
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("prefix", help="time to first token: cold prompt vs one sharing a cached prefix")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--prefix-tokens", type=int, default=2048)
+    b.add_argument("--suffix-tokens", type=int, default=32)
     b.add_argument("--rounds", type=int, default=3)
     add_engine_flags(b)
     b.set_defaults(func=cmd_bench)

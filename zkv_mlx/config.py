@@ -76,6 +76,59 @@ class KVCacheConfig:
             raise ConfigError(f"kv.dynamic_fraction: {self.dynamic_fraction!r} must be in (0, 0.9]")
 
 
+@dataclass(slots=True)
+class PrefixSpec:
+    """A prompt prefix to cache: `preload` computes it at start and pins it; `shared` makes its blocks public."""
+
+    name: str
+    content: str
+    preload: bool = False
+    shared: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("prompt_cache.prefixes: every prefix needs a non-empty 'name'")
+        if not isinstance(self.content, str) or not self.content:
+            raise ConfigError(f"prompt_cache.prefixes[{self.name!r}]: 'content' must be non-empty text")
+
+
+@dataclass(slots=True)
+class PromptCacheConfig:
+    """Automatic prefix caching.
+
+    size: bytes of unreferenced cached blocks kept (None: as many as the pool has room for).
+    ttl: seconds an unreferenced cached block is kept (None: no expiry).
+    """
+
+    enabled: bool = True
+    size: int | str | None = None
+    ttl: float | None = None
+    prefixes: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"prompt_cache.enabled: expected true or false, got {self.enabled!r}")
+        if self.size is not None:
+            self.size = parse_size(self.size, "prompt_cache.size")
+        if self.ttl is not None and (isinstance(self.ttl, bool) or not isinstance(self.ttl, (int, float))
+                                     or self.ttl <= 0):
+            raise ConfigError(f"prompt_cache.ttl: {self.ttl!r} must be a positive number of seconds")
+        if not isinstance(self.prefixes, list):
+            raise ConfigError("prompt_cache.prefixes: expected a list of {name, content, preload, shared}")
+        specs = []
+        for p in self.prefixes:
+            if isinstance(p, PrefixSpec):
+                specs.append(p)
+            elif isinstance(p, dict):
+                specs.append(_build(PrefixSpec, p, "prompt_cache.prefixes."))
+            else:
+                raise ConfigError(f"prompt_cache.prefixes: expected tables, got {p!r}")
+        names = [p.name for p in specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"prompt_cache.prefixes: duplicate names in {names}")
+        self.prefixes = specs
+
+
 WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 
 
@@ -89,10 +142,13 @@ class EngineConfig:
     prefill_chunk: int = 512
     weights_dtype: str = "auto"
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
+    prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
 
     def __post_init__(self):
         if isinstance(self.kv, dict):
             self.kv = _build(KVCacheConfig, self.kv, "kv.")
+        if isinstance(self.prompt_cache, dict):
+            self.prompt_cache = _build(PromptCacheConfig, self.prompt_cache, "prompt_cache.")
         if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 1):
             raise ConfigError(f"max_context: {self.max_context!r} must be a positive integer")
         if not isinstance(self.max_num_seqs, int) or not 1 <= self.max_num_seqs <= 1024:
@@ -109,7 +165,12 @@ ALIASES = {
     "kv_cache_memory": "kv.memory",
     "kv_cache": "kv.memory",
     "kv_dtype": "kv.dtype",
+    "prompt_cache_enabled": "prompt_cache.enabled",
+    "prompt_cache_size": "prompt_cache.size",
+    "prompt_cache_ttl": "prompt_cache.ttl",
+    "prefixes": "prompt_cache.prefixes",
 }
+_TABLES = ("kv", "prompt_cache")
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -148,23 +209,28 @@ def make_config(toml: dict | None = None, **overrides) -> EngineConfig:
         A validated EngineConfig.
     """
     merged: dict[str, Any] = {}
-    kv: dict[str, Any] = {}
+    tables: dict[str, dict] = {t: {} for t in _TABLES}
     for k, v in (toml or {}).items():
-        if k == "kv":
+        if k in _TABLES:
             if not isinstance(v, dict):
-                raise ConfigError("kv: expected a table ([kv]) in the config file")
-            kv.update(v)
+                raise ConfigError(f"{k}: expected a table ([{k}]) in the config file")
+            tables[k].update(v)
         else:
             merged[k] = v
     for k, v in overrides.items():
         if v is None:
             continue
         key = ALIASES.get(k, k)
-        if key.startswith("kv."):
-            kv[key[3:]] = v
+        if key == "prompt_cache" and isinstance(v, bool):  # ZKV(prompt_cache=False)
+            tables["prompt_cache"]["enabled"] = v
+            continue
+        table, _, sub = key.partition(".")
+        if sub and table in _TABLES:
+            tables[table][sub] = v
+        elif key in _TABLES:
+            raise ConfigError(f"{key}: pass {key} settings as a [{key}] table or flat keys like {key}_size")
         else:
             merged[key] = v
-    if "kv" in merged:
-        raise ConfigError("kv: pass kv settings as a [kv] table or flat keys like kv_cache_memory")
-    merged["kv"] = _build(KVCacheConfig, kv, "kv.")
+    merged["kv"] = _build(KVCacheConfig, tables["kv"], "kv.")
+    merged["prompt_cache"] = _build(PromptCacheConfig, tables["prompt_cache"], "prompt_cache.")
     return _build(EngineConfig, merged)

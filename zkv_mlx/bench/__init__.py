@@ -6,4 +6,8 @@ def run_bench(args) -> int:
         from .decode import run
 
         return run(args)
+    if args.bench == "prefix":
+        from .prefix import run
+
+        return run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")

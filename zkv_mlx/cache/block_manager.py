@@ -1,9 +1,9 @@
 """Per-sequence block tables over a `BlockPool` (nano-vllm style paired can_X / X verbs).
 
 A sequence is any object with `seq_id`, `num_tokens` (tokens that need KV slots) and
-`block_table` (list of block ids, written only here). Prefix matching is not done yet: the seam
-is `self.pool` (`get_cached_block`, `touch`, `cache_full_block`), which a prefix-aware
-`allocate` can use before falling back to `get_new_blocks`.
+`block_table` (list of block ids, written only here). For prefix caching it also has `all_ids`,
+`hash_key` (a `HashKey`, or None to opt out), `block_hashes` (hashes of its full blocks computed so far)
+and `num_registered` (full blocks already published to the cache).
 """
 
 from __future__ import annotations
@@ -50,6 +50,56 @@ class BlockManager:
     def _missing(self, seq, num_tokens: int) -> int:
         return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
 
+    def _hash_upto(self, seq, n_blocks: int) -> list[bytes]:
+        # Hashes of the first n_blocks full blocks, computed once per sequence and extended as it grows.
+        bs, hashes, ids = self.block_size, seq.block_hashes, seq.all_ids
+        for i in range(len(hashes), n_blocks):
+            parent = hashes[i - 1] if i else None
+            hashes.append(seq.hash_key.block_hash(parent, i, ids[i * bs:(i + 1) * bs], bs))
+        return hashes[:n_blocks]
+
+    def match_prefix(self, seq) -> list:
+        """Cached blocks holding the longest prefix of the sequence's tokens.
+
+        Only full blocks are matched, and never the block that would hold the last token: its logits are needed,
+        so at least one token is always computed.
+
+        Returns:
+            The matching Blocks, in order (no references taken).
+        """
+        if getattr(seq, "hash_key", None) is None:
+            return []
+        n_full = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens)) // self.block_size
+        hits = []
+        bs, ids = self.block_size, seq.all_ids
+        for i, h in enumerate(self._hash_upto(seq, n_full)):
+            block = self.pool.get_cached_block(h, ids[i * bs:(i + 1) * bs])
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def register_full_blocks(self, seq, num_known: int) -> int:
+        """Publishes the sequence's full blocks whose K/V are written and whose tokens are known.
+
+        Args:
+            num_known: positions [0, num_known) have final token ids and K/V in the pool.
+        Returns:
+            The number of blocks newly cached.
+        """
+        if getattr(seq, "hash_key", None) is None:
+            return 0
+        bs, ids = self.block_size, seq.all_ids
+        n_full = min(num_known // bs, len(seq.block_table))
+        hashes = self._hash_upto(seq, n_full)
+        added = 0
+        for i in range(seq.num_registered, n_full):
+            block = self.pool.blocks[seq.block_table[i]]
+            if block.block_hash is None and self.pool.cache_full_block(block, hashes[i], ids[i * bs:(i + 1) * bs]):
+                added += 1
+        seq.num_registered = max(seq.num_registered, n_full)
+        return added
+
     def can_allocate(self, seq) -> bool:
         """Whether `allocate(seq)` would succeed now.
 
@@ -59,24 +109,34 @@ class BlockManager:
         Returns:
             True if enough free blocks exist for `seq.num_tokens`.
         """
-        return self.blocks_needed(seq.num_tokens) <= self.pool.num_free_blocks
+        hits = self.match_prefix(seq)
+        revived = sum(1 for b in hits if b.ref_count == 0)  # taking them removes them from the free queue
+        return self.blocks_needed(seq.num_tokens) - len(hits) + revived <= self.pool.num_free_blocks
 
-    def allocate(self, seq) -> None:
-        """Gives a sequence blocks for all of its `num_tokens`.
+    def allocate(self, seq) -> int:
+        """Gives a sequence blocks for all of its `num_tokens`, reusing cached prefix blocks.
 
         Args:
             seq: A sequence with an empty block_table.
+        Returns:
+            The number of prompt tokens whose K/V came from the prefix cache.
         """
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds {len(seq.block_table)} blocks")
-        needed = self.blocks_needed(seq.num_tokens)
-        free = self.pool.num_free_blocks
+        hits = self.match_prefix(seq)
+        needed = self.blocks_needed(seq.num_tokens) - len(hits)
+        free = self.pool.num_free_blocks - sum(1 for b in hits if b.ref_count == 0)
         if needed > free:
             raise ValueError(
                 f"sequence {seq.seq_id} needs {needed} KV blocks for {seq.num_tokens} tokens "
                 f"but only {free} are free"
             )
+        self.pool.touch(hits)
+        seq.block_table.extend(b.block_id for b in hits)
         seq.block_table.extend(b.block_id for b in self.pool.get_new_blocks(needed))
+        if hasattr(seq, "num_registered"):
+            seq.num_registered = len(hits)
+        return len(hits) * self.block_size
 
     def can_append(self, seq, n: int = 1) -> bool:
         """Whether `may_append(seq, n)` would succeed now.

@@ -8,6 +8,7 @@ their hash and contents until reused, so a later request with the same prefix ca
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -48,6 +49,8 @@ class BlockPool:
         # Id order so a fresh pool hands out 0, 1, 2, ... (deterministic tests and layouts).
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[bytes, Block] = {}
+        # Cached blocks nobody references, least recently used first (what TTL and the size cap trim).
+        self.lru: OrderedDict[int, Block] = OrderedDict()
         self.evictions = 0
 
     @property
@@ -61,6 +64,11 @@ class BlockPool:
     @property
     def num_cached_blocks(self) -> int:
         return len(self.cached)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Cached blocks with no reference (reusable by a prefix hit, or evictable)."""
+        return len(self.lru)
 
     def get_new_blocks(self, n: int) -> list[Block]:
         """Takes `n` blocks from the front of the free queue, evicting any cached contents.
@@ -89,25 +97,37 @@ class BlockPool:
     def _evict(self, block: Block) -> None:
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
+        self.lru.pop(block.block_id, None)
         block.block_hash = None
         block.token_ids = ()
         self.evictions += 1
 
     def free_blocks(self, blocks: Iterable[Block]) -> None:
-        """Drops one reference from each block; blocks reaching 0 go to the back of the queue.
+        """Drops one reference from each block and queues those reaching 0 for reuse.
+
+        Blocks without cached contents go to the front, reversed (a sequence's table passed reversed comes back
+        in table order, so the next sequence gets the same contiguous run); cached blocks go to the back in the
+        order given (LRU), so a prefix stays findable as long as possible and its tail blocks are evicted first.
 
         Args:
             blocks: Blocks in the order they should become reusable; pass a sequence's table
                 reversed so its tail blocks (least likely to be shared prefixes) go first.
         """
         now = time.monotonic()
+        uncached = []
         for block in blocks:
             if block.ref_count <= 0:
                 raise ValueError(f"block {block.block_id} freed more often than allocated")
             block.ref_count -= 1
             if block.ref_count == 0:
                 block.last_used = now
-                self.free_queue.append(block)
+                if block.block_hash is None:
+                    uncached.append(block)
+                else:
+                    self.free_queue.append(block)
+                    self.lru[block.block_id] = block
+        for block in uncached:
+            self.free_queue.appendleft(block)
 
     def touch(self, blocks: Iterable[Block]) -> None:
         """Takes a reference on blocks found in the cache, reviving them if they were free.
@@ -118,6 +138,7 @@ class BlockPool:
         for block in blocks:
             if block.ref_count == 0:
                 self.free_queue.remove(block)
+                self.lru.pop(block.block_id, None)
             block.ref_count += 1
 
     def cache_full_block(self, block: Block, block_hash: bytes, token_ids: Sequence[int]) -> bool:
@@ -156,3 +177,37 @@ class BlockPool:
         if block is None or block.token_ids != tuple(token_ids):
             return None
         return block
+
+    def drop_cached(self, block: Block) -> None:
+        """Forgets an unreferenced block's cached contents (TTL, size cap, clear); it becomes reused first."""
+        if block.block_hash is None or block.ref_count != 0:
+            return
+        self._evict(block)
+        self.free_queue.remove(block)
+        self.free_queue.appendleft(block)
+
+    def evict_expired(self, now: float, ttl: float) -> int:
+        """Drops cached free blocks unused for more than `ttl` seconds; returns how many."""
+        n = 0
+        while self.lru:
+            block = next(iter(self.lru.values()))
+            if now - block.last_used <= ttl:
+                break
+            self.drop_cached(block)
+            n += 1
+        return n
+
+    def enforce_cap(self, max_blocks: int) -> int:
+        """Drops the least recently used cached free blocks beyond `max_blocks`; returns how many."""
+        n = 0
+        while len(self.lru) > max_blocks:
+            self.drop_cached(next(iter(self.lru.values())))
+            n += 1
+        return n
+
+    def clear_cached(self) -> int:
+        """Drops every unreferenced cached block (pinned blocks hold a reference and stay)."""
+        n = len(self.lru)
+        for block in list(self.lru.values()):
+            self.drop_cached(block)
+        return n

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from ..cache import BlockManager
+from ..cache.hashing import HashKey, root_hash
 from ..config import EngineConfig
 from ..errors import ConfigError, PromptTooLong, ZkvError
 from ..models.loader import LoadedModel, load_model
@@ -75,7 +76,86 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk)
         self.eos = set(lm.tokenizer.eos_token_ids)
         self._listeners: dict[int, callable] = {}
+        self.scheduler.on_admit = self._count_admission
+        self._init_prefix_cache(kv_dtype)
         self._inflight: tuple[list[Sequence], mx.array] | None = None
+
+    # -- prefix cache ---------------------------------------------------------------------------------
+    def _init_prefix_cache(self, kv_dtype) -> None:
+        pc = self.cfg.prompt_cache
+        self.kv_format = f"{str(kv_dtype).split('.')[-1]};block={self.cfg.kv.block_size}"
+        fp = self.lm.fingerprint
+        self._public_root = root_hash(fp, self.kv_format, "public")
+        self._user_roots: dict[str, bytes] = {}
+        self.counters = {"prompt_cache_hits": 0, "prompt_cache_misses": 0, "hit_tokens": 0, "miss_tokens": 0}
+        self.per_user: dict[str, dict] = {}
+        self.bytes_per_block = self.runner.pool.total_bytes // max(1, self.runner.pool.num_blocks)
+        self._cap_blocks = None if pc.size is None else pc.size // self.bytes_per_block
+        tok = self.lm.tokenizer
+        # A shared prefix is recognised in chat prompts (as a system message) and in raw prompts (as text).
+        self._shared: list[list[int]] = []
+        self.prefixes: dict[str, dict] = {}
+        for spec in pc.prefixes:
+            chat_ids = tok.encode_chat([{"role": "system", "content": spec.content}], add_generation_prompt=False)
+            self.prefixes[spec.name] = {"spec": spec, "ids": chat_ids, "pinned_blocks": []}
+            if spec.shared:
+                self._shared += [chat_ids, tok.encode(spec.content)]
+
+    def hash_key(self, user: str, prompt_ids: list[int]) -> HashKey | None:
+        """The hash salts of a request: public for a registered shared prefix at its start, else the user's."""
+        if not self.cfg.prompt_cache.enabled:
+            return None
+        root = self._user_roots.get(user)
+        if root is None:
+            root = self._user_roots[user] = root_hash(self.lm.fingerprint, self.kv_format, "user:" + user)
+        shared = max((len(p) for p in self._shared if prompt_ids[: len(p)] == p), default=0)
+        return HashKey(self._public_root, root, shared)
+
+    def preload_prefixes(self) -> None:
+        """Computes the prefixes marked `preload` and pins their blocks (never evicted)."""
+        for name, entry in self.prefixes.items():
+            spec = entry["spec"]
+            if not spec.preload or not self.cfg.prompt_cache.enabled:
+                continue
+            user = "local"
+            seq = self.add_request(entry["ids"], SamplingParams(max_tokens=1, temperature=0.0), user,
+                                   lambda ev: None)
+            while not seq.is_finished:
+                self.step()
+            self._resolve()
+            probe = Sequence(prompt_ids=entry["ids"] + [0], params=seq.params, user=user)
+            probe.hash_key = self.hash_key(user, entry["ids"])
+            blocks = self.blocks.match_prefix(probe)
+            self.blocks.pool.touch(blocks)  # the pin is a reference that is never dropped
+            for b in blocks:
+                b.pinned = True
+            entry["pinned_blocks"] = [b.block_id for b in blocks]
+
+    def _count_admission(self, seq: Sequence) -> None:
+        hit = seq.num_cached_tokens
+        c = self.counters
+        c["prompt_cache_hits" if hit else "prompt_cache_misses"] += 1
+        c["hit_tokens"] += hit
+        c["miss_tokens"] += len(seq.prompt_ids) - hit
+        u = self.per_user.setdefault(seq.user, {"requests": 0, "hit_tokens": 0, "miss_tokens": 0})
+        u["requests"] += 1
+        u["hit_tokens"] += hit
+        u["miss_tokens"] += len(seq.prompt_ids) - hit
+
+    def _register(self, seq: Sequence) -> None:
+        self.blocks.register_full_blocks(seq, min(seq.num_computed, seq.num_known_tokens))
+
+    def _trim_cache(self) -> None:
+        pool = self.blocks.pool
+        ttl = self.cfg.prompt_cache.ttl
+        if ttl is not None:
+            pool.evict_expired(time.monotonic(), ttl)
+        if self._cap_blocks is not None:
+            pool.enforce_cap(self._cap_blocks)
+
+    def clear_cache(self) -> int:
+        """Forgets every unreferenced cached block (pinned prefixes stay); returns how many."""
+        return self.blocks.pool.clear_cached()
 
     # -- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener) -> Sequence:
@@ -88,6 +168,7 @@ class Engine:
                 "shorten the prompt or raise --max-context"
             )
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, user=user)
+        seq.hash_key = self.hash_key(user, seq.prompt_ids)
         seq.max_total = self.max_context
         seq.detok = self.lm.tokenizer.detokenizer()
         seq.t_submit = time.perf_counter()
@@ -112,6 +193,7 @@ class Engine:
         asynchronously while the next step's graph is built from them; their values are postprocessed one step
         later. A sequence holds a PENDING placeholder for its in-flight token until then.
         """
+        self._trim_cache()
         batch = self.scheduler.schedule()
         for seq in batch.finished:
             self._emit_done(seq)
@@ -130,6 +212,7 @@ class Engine:
             else:
                 mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
                 seq.num_computed = end
+                self._register(seq)
         seqs = [s for s in batch.decode if not s.is_finished]
         if not seqs:
             return sampled + self._resolve()
@@ -183,6 +266,7 @@ class Engine:
             seq.output_ids.append(token)
         else:
             seq.output_ids.insert(slot, token)
+        self._register(seq)
         seq.detok.add(token)
         full = seq.detok.text
         reason = None
@@ -226,6 +310,7 @@ class Engine:
         usage = {
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": len(seq.output_ids),
+            "cached_tokens": seq.num_cached_tokens,
             "ttft_s": (seq.t_first - seq.t_submit) if seq.t_first else None,
             "total_s": now - seq.t_submit,
         }
@@ -240,17 +325,51 @@ class Engine:
                 listener(Event("error", error=error, finish_reason="error"))
 
     def stats(self) -> dict:
-        """Pool and scheduler figures (the prefix-cache issue extends this)."""
-        u = self.blocks.usage()
-        per_block = self.runner.pool.total_bytes // max(1, self.runner.pool.num_blocks)
+        """KV pool and prefix-cache statistics (see README, "Cache statistics")."""
+        pool = self.blocks.pool
+        c = self.counters
+        bs = self.blocks.block_size
+        running = self.scheduler.running
+        slots = sum(len(s.block_table) for s in running) * bs
+        used_slots = sum(min(s.num_tokens, len(s.block_table) * bs) for s in running)
+        looked_up = c["hit_tokens"] + c["miss_tokens"]
         return {
-            **u,
-            "block_size": self.blocks.block_size,
             "total_size": self.runner.pool.total_bytes,
-            "used_size": u["blocks_used"] * per_block,
-            "running": len(self.scheduler.running),
+            "used_size": pool.num_used_blocks * self.bytes_per_block,
+            "cached_size": pool.num_cached_free_blocks * self.bytes_per_block,
+            "block_size": bs,
+            "bytes_per_block": self.bytes_per_block,
+            "blocks_total": pool.num_blocks,
+            "blocks_used": pool.num_used_blocks,
+            "blocks_cached": pool.num_cached_free_blocks,
+            "blocks_free": pool.num_free_blocks,
+            "blocks_pinned": sum(1 for b in pool.blocks if b.pinned),
+            **c,
+            "hit_rate": (c["hit_tokens"] / looked_up) if looked_up else 0.0,
+            "evictions": pool.evictions,
+            "fragmentation": (1 - used_slots / slots) if slots else 0.0,
+            "running": len(running),
             "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "prompt_cache_enabled": self.cfg.prompt_cache.enabled,
+            "per_user": {u: dict(v) for u, v in self.per_user.items()},
         }
+
+    def block_map(self) -> list[str]:
+        """State of every block: free, used, shared (several users of one block), cached, pinned."""
+        out = []
+        for b in self.blocks.pool.blocks:
+            if b.pinned:
+                out.append("pinned")
+            elif b.ref_count > 1:
+                out.append("shared")
+            elif b.ref_count == 1:
+                out.append("used")
+            elif b.block_hash is not None:
+                out.append("cached")
+            else:
+                out.append("free")
+        return out
 
 
 class RequestHandle:
@@ -336,6 +455,7 @@ class EngineThread:
         try:
             lm = load_model(self.cfg.model, self.cfg.weights_dtype)
             self.engine = Engine(lm, self.cfg)
+            self.engine.preload_prefixes()
         except BaseException as e:  # reported to start()'s caller
             self._error = e
             self._ready.set()

@@ -38,6 +38,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_admit = lambda seq: None  # the engine counts prefix-cache hits here
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -65,7 +66,12 @@ class Scheduler:
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)
+            first = seq.prefill_len == 0
+            hit = self.blocks.allocate(seq)
+            seq.num_computed = hit
+            if first:
+                seq.num_cached_tokens = hit
+                self.on_admit(seq)
             seq.prefill_len = seq.num_tokens  # after a preemption this includes the output so far
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

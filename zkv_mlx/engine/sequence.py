@@ -72,6 +72,11 @@ class Sequence:
     emitted: int = 0  # characters of output text already sent
     t_submit: float = 0.0
     t_first: float | None = None
+    # prefix caching (see cache/block_manager.py)
+    hash_key: object = None  # cache.hashing.HashKey, or None when prefix caching is off
+    block_hashes: list = field(default_factory=list)
+    num_registered: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the cache at first admission
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +85,16 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Leading tokens whose ids are final (pipelined decode leaves trailing placeholders, -1)."""
+        n = self.num_tokens
+        for t in reversed(self.output_ids):
+            if t >= 0:
+                break
+            n -= 1
+        return n
 
     @property
     def in_prefill(self) -> bool:
