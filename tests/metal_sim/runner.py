@@ -36,7 +36,7 @@ class SimFault(SimError):
 class Options:
     order: str = "forward"
     seed: int = 0
-    collect: list | None = None  # when a list: record generated kernels, do not compile or run
+    collect: list | None = None  # when a list: record (name, generated kernel), do not compile or run
 
 
 _options = Options()
@@ -211,7 +211,7 @@ class SimKernel:
             sys.stdout.flush()
         shapes = [tuple(s) for s in output_shapes]
         if _options.collect is not None:
-            _options.collect.append(kernel)
+            _options.collect.append((self.name, kernel))
             return [mx.full(s, float("nan"), dtype=d) for s, d in zip(shapes, output_dtypes)]
         return launch(kernel, arrays, shapes, list(output_dtypes), tuple(grid), tuple(threadgroup), init_value)
 

@@ -2,6 +2,9 @@
 // Threads of a threadgroup run until they block (SIMD collective, barrier) or return; then the
 // scheduler resolves what can proceed. Buffers sit against PROT_NONE guard pages so out-of-bounds
 // accesses fault; the fault is caught here and returned to Python instead of killing the process.
+#if !defined(__x86_64__) && !defined(_XOPEN_SOURCE)
+#define _XOPEN_SOURCE 700  // ucontext on macOS
+#endif
 #include <csetjmp>
 #include <csignal>
 #include <cstdio>

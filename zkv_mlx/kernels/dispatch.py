@@ -71,15 +71,19 @@ def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_le
 
 def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict: bool):
     try:
-        variant = metal.select_variant(q, k_pool, v_pool, block_tables).name()
+        var = metal.select_variant(q, k_pool, v_pool, block_tables)
     except metal.Unsupported as e:
         if strict:
             raise KernelError(f"ZKV_KERNELS=metal but no Metal kernel covers this call: {e}") from None
         return None
+    if max_len is None:
+        max_len = int(context_lens.max().item())
+    two_pass = metal.choose_passes(q.shape[0] * q.shape[1], max_len, var.block_size)[0]
+    variant = var.name(two_pass)  # one/two-pass kernels are checked and fall back separately
     if variant in _failed:
         return None
     try:
-        out = metal.paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len)
+        out = metal.paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, two_pass)
         key = (variant, mx.fast.metal_kernel)
         if key not in _checked:
             mx.eval(out)  # on a Mac, compile errors surface at evaluation

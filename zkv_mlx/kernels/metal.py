@@ -18,7 +18,7 @@ from .kv_format import KVFormat, is_quantized, pool_format, pool_shape
 NSG = 8                    # SIMD-groups per attention threadgroup (256 threads)
 REDUCE_THREADS = 64
 HEAD_DIMS = (64, 80, 96, 128, 256)
-BLOCK_SIZES = (8, 16, 32)
+BLOCK_SIZES = (8, 16, 32, 64, 128)
 QUANT_BITS = (4, 8)
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 MIN_PARTITION = 256        # keys; below this a split's fixed cost outweighs the extra parallelism
@@ -94,6 +94,17 @@ def plan_splits(batch_heads: int, max_len: int, block_size: int) -> tuple[int, i
     return _split(max_len, n, block_size)
 
 
+def choose_passes(batch_heads: int, max_len: int, block_size: int,
+                  two_pass: bool | None = None) -> tuple[bool, int, int]:
+    """(two_pass, n_splits, partition) from `plan_splits`, or forced by `two_pass` (True/False)."""
+    n_splits, partition = plan_splits(batch_heads, max(1, max_len), block_size)
+    if two_pass is None:
+        return n_splits > 1, n_splits, partition
+    if two_pass and n_splits == 1:
+        n_splits, partition = _split(max(1, max_len), 2, block_size)
+    return two_pass, n_splits, partition
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -125,13 +136,11 @@ def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, c
     B, n_heads, _, D = q.shape
     if two_pass is not False and max_len is None:
         max_len = int(context_lens.max().item())  # a device sync; callers usually know it
-    n_splits, partition = plan_splits(B * n_heads, max(1, max_len or 1), var.block_size)
-    if two_pass is True and n_splits == 1:
-        n_splits, partition = _split(max(1, max_len), 2, var.block_size)
+    two_pass, n_splits, partition = choose_passes(B * n_heads, max_len or 1, var.block_size, two_pass)
     inputs = [q, *_operands(k_pool), *_operands(v_pool), block_tables.astype(mx.int32),
               context_lens.astype(mx.int32), float(scale)]
     threads = NSG * 32
-    if two_pass is False or (two_pass is None and n_splits == 1):
+    if not two_pass:
         kernel = registry.get_kernel("paged_attention_1pass")
         return kernel(inputs=inputs, template=var.template(), grid=(threads * B * n_heads, 1, 1),
                       threadgroup=(threads, 1, 1), output_shapes=[q.shape], output_dtypes=[q.dtype])[0]

@@ -1,0 +1,70 @@
+"""Bytes the paged decode kernels read per generated token, and the memory-bandwidth roofline on M1-M4.
+
+Decode attention does 4 FLOPs per K/V element pair per query head: with G query heads per KV head that is
+~G FLOPs per byte of fp16 KV (4G per byte of 4-bit KV, plus dequantization), below the ~25-40 FLOPs/byte
+ridge point of Apple GPUs at common G, so its time is bounded below by bytes read / peak bandwidth.
+
+    python -m zkv_mlx.kernels.roofline      # prints the tables of docs/kernels.md
+"""
+
+from __future__ import annotations
+
+# Apple's published unified-memory bandwidth (GB/s, 1e9 bytes/s); two numbers where GPU bins differ.
+PEAK_GBPS = {
+    "M1": 68.25, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
+    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
+    "M3": 100, "M3 Pro": 150, "M3 Max (30-core GPU)": 300, "M3 Max (40-core GPU)": 400, "M3 Ultra": 819,
+    "M4": 120, "M4 Pro": 273, "M4 Max (32-core GPU)": 410, "M4 Max (40-core GPU)": 546,
+}
+
+# name -> (bits, group size); quantized rows also carry an fp16 scale and bias per group
+FORMATS = {"fp32": (32, 0), "fp16/bf16": (16, 0), "q8 g32": (8, 32), "q8 g64": (8, 64), "q4 g32": (4, 32),
+           "q4 g64": (4, 64)}
+
+MODELS = {  # (layers, KV heads, head_dim)
+    "SmolLM2-135M (bundled)": (30, 3, 64),
+    "Llama-3-8B shape": (32, 8, 128),
+}
+
+
+def row_bytes(head_dim: int, bits: int, group_size: int, scale_bytes: int = 2) -> float:
+    """Bytes of one K or V row (one token, one KV head)."""
+    data = head_dim * bits / 8
+    return data + (2 * scale_bytes * head_dim / group_size if group_size else 0)
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, context: int, k_format: str,
+                       v_format: str | None = None) -> float:
+    """K and V bytes read over all layers to decode one token of one sequence at `context` positions.
+
+    Block-table reads (4 bytes per block) and the query are negligible and left out. Each KV row is read by
+    the GQA-ratio threadgroups of its query heads; this counts it once (the repeats hit the GPU caches).
+    """
+    k = row_bytes(head_dim, *FORMATS[k_format])
+    v = row_bytes(head_dim, *FORMATS[v_format or k_format])
+    return n_layers * n_kv_heads * context * (k + v)
+
+
+def main() -> None:
+    contexts = (4096, 32768)
+    for model, (layers, kv_heads, d) in MODELS.items():
+        print(f"\nKV bytes read per decoded token, {model} ({layers} layers, {kv_heads} KV heads, head_dim {d}):\n")
+        print("| format | bytes/element | " + " | ".join(f"L={c}" for c in contexts) + " |")
+        print("|---|---|" + "---|" * len(contexts))
+        for name in FORMATS:
+            per_elem = row_bytes(d, *FORMATS[name]) / d
+            sizes = [kv_bytes_per_token(layers, kv_heads, d, c, name) / 2**20 for c in contexts]
+            print(f"| {name} | {per_elem:.4g} | " + " | ".join(f"{s:,.1f} MiB" for s in sizes) + " |")
+    layers, kv_heads, d = MODELS["Llama-3-8B shape"]
+    context = 32768
+    names = ("fp16/bf16", "q8 g64", "q4 g32")
+    print(f"\nAttention-only lower bound per decode step, Llama-3-8B shape, L={context}, batch 1 (ms):\n")
+    print("| chip | GB/s | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for chip, gbps in PEAK_GBPS.items():
+        ms = [kv_bytes_per_token(layers, kv_heads, d, context, n) / (gbps * 1e9) * 1e3 for n in names]
+        print(f"| {chip} | {gbps:g} | " + " | ".join(f"{t:.2f}" for t in ms) + " |")
+
+
+if __name__ == "__main__":
+    main()
