@@ -9,13 +9,19 @@
 from __future__ import annotations
 
 import atexit
+import sys
+import time
 import weakref
+from pathlib import Path
 from collections.abc import Iterator
 
 from .config import EngineConfig, load_toml, make_config
 from .engine import EngineThread, SamplingParams
-from .errors import ConfigError
+from .errors import ConfigError, SessionError
 from . import paths
+from .session import Session, session_path, user_dir
+from .storage import session_file
+from .storage.session_file import SUFFIX, check_name
 
 
 class ZKV:
@@ -33,6 +39,7 @@ class ZKV:
             kwargs["model"] = str(model)
         kwargs.pop("paged_attention", None)  # paging is always on; accepted for zKV compatibility
         self.config: EngineConfig = make_config(toml, **kwargs)
+        self._sessions: dict[tuple[str, str], Session] = {}
         self._thread = EngineThread(self.config).start()
         _live.add(self)
         self.engine = self._thread.engine
@@ -96,6 +103,10 @@ class ZKV:
         """Low-level: queue token ids and get a RequestHandle yielding engine Events (ids, text, usage)."""
         return self._thread.submit(list(prompt_ids), SamplingParams(**_sampling(sampling)), user or "local")
 
+    def next_token_logits(self, prompt_ids: list[int], user: str | None = None):
+        """Float32 numpy logits of the token after `prompt_ids` (uses and fills the prefix cache)."""
+        return self._thread.call(lambda eng: eng.next_token_logits(list(prompt_ids), user or "local"))
+
     # -- cache ----------------------------------------------------------------------------------------
     def kv_cache_stats(self) -> dict:
         """Returns KV pool and prefix-cache statistics.
@@ -137,8 +148,105 @@ class ZKV:
             "block_size": self.engine.runner.pool.block_size,
         }
 
+    # -- sessions -------------------------------------------------------------------------------------
+    def create_session(self, name: str | None = None, user: str | None = None) -> Session:
+        """Starts a named conversation whose K/V stay resident between turns.
+
+        Args:
+            name: letters, digits, '.', '_', '-' (default: a timestamp). user: owner (default "local").
+        Returns:
+            The Session; raises SessionError if the user already has a session of that name.
+        """
+        user = user or "local"
+        name = name or time.strftime("session-%Y%m%d-%H%M%S")
+        key = (user, check_name(name))
+        if key in self._sessions or session_path(user, name).exists():
+            raise SessionError(f"session {name!r} already exists for user {user!r}; pick another name or load it")
+        s = Session(self, name, user)
+        self._sessions[key] = s
+        return s
+
+    def load_session(self, path_or_name: str, user: str | None = None) -> Session:
+        """Opens a saved session by name (in the user's data dir) or from a session file path, restoring its
+        K/V without recomputing."""
+        user = user or "local"
+        p = Path(path_or_name)
+        if not (p.suffix == SUFFIX or p.exists()):
+            key = (user, check_name(path_or_name))
+            if key in self._sessions:
+                return self._sessions[key]
+            p = session_path(user, path_or_name)
+        return self._restore(p, user, name=None, keep_file=True)
+
+    def import_session(self, path: str, name: str | None = None, user: str | None = None) -> Session:
+        """Imports a session file (e.g. from another machine) into the data dir; all or nothing.
+
+        Raises:
+            SessionFormatError for a corrupt/truncated/unknown file, SessionMismatchError for another model or
+            KV format (the message names both), SessionError if the name is taken.
+        """
+        s = self._restore(Path(path), user or "local", name=name, keep_file=False)
+        s.save()
+        return s
+
+    def _restore(self, path: Path, user: str, name: str | None, keep_file: bool) -> Session:
+        data = session_file.read(path)
+        meta = data.meta
+        session_file.check_compatible(meta, self.engine.lm.fingerprint, self.engine.kv_format, path)
+        name = check_name(name or meta["name"])
+        key = (user, name)
+        if key in self._sessions:
+            raise SessionError(f"session {name!r} is already open for user {user!r}")
+        if not keep_file and session_path(user, name).exists():
+            raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
+        ids = meta["token_ids"]
+        pinned = self._thread.call(lambda e: e.import_kv(user, ids, data.k, data.v))
+        s = Session(self, name, user, meta["messages"], ids, meta.get("created_at"), meta.get("updated_at"))
+        s._pinned = pinned
+        s._dirty = not keep_file
+        self._sessions[key] = s
+        return s
+
+    def list_sessions(self, user: str | None = None) -> list[dict]:
+        """Infos of the user's sessions: open ones and those saved in the data dir."""
+        user = user or "local"
+        out = {s.name: s.info() for (u, _), s in self._sessions.items() if u == user}
+        d = user_dir(user)
+        for f in sorted(d.glob("*" + SUFFIX)) if d.is_dir() else []:
+            name = f.name[: -len(SUFFIX)]
+            if name in out:
+                continue
+            try:
+                meta = session_file.read_meta(f)
+            except SessionError:
+                continue  # a corrupt file is reported when it is opened
+            out[name] = {"name": name, "user": user, "context_length": len(meta["token_ids"]),
+                         "cache_size_bytes": 0, "created_at": meta.get("created_at"),
+                         "updated_at": meta.get("updated_at"), "tier": "disk", "messages": len(meta["messages"])}
+        return list(out.values())
+
+    def delete_session(self, name: str, user: str | None = None) -> None:
+        """Deletes a session (open or saved) and its file."""
+        user = user or "local"
+        key = (user, check_name(name))
+        s = self._sessions.pop(key, None)
+        if s is not None:
+            s.release()
+        p = session_path(user, name)
+        if s is None and not p.exists():
+            raise SessionError(f"no session named {name!r} for user {user!r}")
+        p.unlink(missing_ok=True)
+
     def close(self) -> None:
-        """Stops the engine thread."""
+        """Saves sessions with unsaved turns, then stops the engine thread."""
+        if not self._thread._thread.is_alive():
+            return
+        for s in list(self._sessions.values()):
+            if s._dirty and s.token_ids:
+                try:
+                    s.save()
+                except Exception as e:  # never lose the engine shutdown over one session
+                    print(f"zkv-mlx: could not save session {s.name!r}: {e}", file=sys.stderr)
         self._thread.close()
 
     def __enter__(self):

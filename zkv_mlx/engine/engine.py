@@ -14,7 +14,7 @@ import mlx.core as mx
 from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
 from ..config import EngineConfig
-from ..errors import ConfigError, PromptTooLong, ZkvError
+from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
 from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
 from .. import sysinfo
@@ -152,6 +152,102 @@ class Engine:
             pool.evict_expired(time.monotonic(), ttl)
         if self._cap_blocks is not None:
             pool.enforce_cap(self._cap_blocks)
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def full_blocks(self, user: str, token_ids: list[int]) -> list[int]:
+        """Block ids holding the K/V of the full blocks of `token_ids` (as cached for `user`), in order."""
+        probe = Sequence(prompt_ids=list(token_ids) + [0], params=SamplingParams(), user=user)
+        probe.hash_key = self.hash_key(user, token_ids)
+        if probe.hash_key is None:
+            return []
+        return [b.block_id for b in self.blocks.match_prefix(probe)]
+
+    def pin(self, block_ids: list[int]) -> None:
+        """Holds a reference on blocks (a session keeps its conversation resident)."""
+        self.blocks.pool.touch([self.blocks.pool.blocks[i] for i in block_ids])
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drops references taken by `pin`; the blocks stay cached (LRU) until reused."""
+        self.blocks.pool.free_blocks([self.blocks.pool.blocks[i] for i in reversed(block_ids)])
+
+    def export_kv(self, block_ids: list[int]) -> tuple[list, list]:
+        """Copies the K/V of blocks out of the pool: per layer numpy [n, H, BS, D] (bfloat16 as raw uint16)."""
+        import numpy as np
+
+        idx = mx.array(block_ids, dtype=mx.int32)
+        pool = self.runner.pool
+        ks, vs = [], []
+        for layer in range(pool.n_layers):
+            k, v = pool.k[layer][idx], pool.v[layer][idx]
+            if k.dtype == mx.bfloat16:
+                k, v = k.view(mx.uint16), v.view(mx.uint16)
+            mx.eval(k, v)
+            ks.append(np.array(k))
+            vs.append(np.array(v))
+        return ks, vs
+
+    def import_kv(self, user: str, token_ids: list[int], ks: list, vs: list) -> list[int]:
+        """Writes restored K/V blocks into the pool, publishes them to the prefix cache and pins them.
+
+        Returns:
+            The pinned block ids (in order). Raises OutOfKVMemory when the pool cannot hold them.
+        """
+        n = ks[0].shape[0] if ks else 0
+        if n == 0:
+            return []
+        pool = self.blocks.pool
+        if n > pool.num_free_blocks:
+            raise OutOfKVMemory(f"restoring the session needs {n} KV blocks but only {pool.num_free_blocks} are free; "
+                                "raise --kv-cache-memory or close other sessions")
+        blocks = pool.get_new_blocks(n)
+        ids = [b.block_id for b in blocks]
+        idx = mx.array(ids, dtype=mx.int32)
+        kvp = self.runner.pool
+        for layer in range(kvp.n_layers):
+            k, v = mx.array(ks[layer]), mx.array(vs[layer])
+            if kvp.dtype == mx.bfloat16:
+                k, v = k.view(mx.bfloat16), v.view(mx.bfloat16)
+            kvp.k[layer][idx] = k.astype(kvp.dtype)
+            kvp.v[layer][idx] = v.astype(kvp.dtype)
+        mx.eval(kvp.k, kvp.v)
+        key = self.hash_key(user, token_ids)
+        bs = self.blocks.block_size
+        parent = None
+        for i, b in enumerate(blocks):
+            toks = token_ids[i * bs:(i + 1) * bs]
+            h = key.block_hash(parent, i, toks, bs)
+            parent = h
+            existing = pool.get_cached_block(h, toks)
+            if existing is None:
+                pool.cache_full_block(b, h, toks)
+        # Keep exactly one pinned block per position: where the cache already had a block, pin that one.
+        pinned = self.full_blocks(user, token_ids[: n * bs])
+        self.pin(pinned)
+        pool.free_blocks(list(reversed(blocks)))  # our temporary references (duplicates fall back to free)
+        return pinned
+
+    def next_token_logits(self, prompt_ids: list[int], user: str = "local"):
+        """Logits [vocab] (float32 numpy) for the token after `prompt_ids`, through the normal cached path.
+
+        For evaluation and tests: runs when the engine is otherwise idle.
+        """
+        import numpy as np
+
+        if self.has_work():
+            raise ZkvError("next_token_logits needs an idle engine")
+        seq = self.add_request(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), user, lambda ev: None)
+        logits = None
+        while logits is None:
+            for s, start, end in self.scheduler.schedule().prefill:
+                out = self.runner.prefill(s, start, end)
+                mx.eval(out)
+                s.num_computed = end
+                self._register(s)
+                if end == s.prefill_len:
+                    logits = np.array(out.astype(mx.float32))
+        self.scheduler.finish(seq, "stop")
+        self._listeners.pop(seq.seq_id, None)
+        return logits
 
     def clear_cache(self) -> int:
         """Forgets every unreferenced cached block (pinned prefixes stay); returns how many."""

@@ -1,0 +1,199 @@
+"""Sessions: resident conversations, session files (portable, atomic, validated), restore equivalence."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zkv_mlx import ZKV
+from zkv_mlx.errors import SessionError, SessionFormatError, SessionMismatchError
+from zkv_mlx.storage import session_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ZKV(kv_cache_memory="256MB")
+    yield m
+    m.close()
+
+
+def test_turns_compute_only_new_tokens_and_info(model):
+    s = model.create_session("turns")
+    assert "Paris" in s.chat("What is the capital of France?", temperature=0, max_tokens=20)
+    n1 = len(s.token_ids)
+    before = model.kv_cache_stats()["per_user"]["local"]["hit_tokens"]
+    s.chat("And of Italy?", temperature=0, max_tokens=20)
+    hit = model.kv_cache_stats()["per_user"]["local"]["hit_tokens"] - before
+    assert hit == n1 // 16 * 16  # every full block of the previous turn came from the cache
+    info = s.info()
+    assert info["name"] == "turns" and info["user"] == "local" and info["tier"] == "memory"
+    assert info["context_length"] == len(s.token_ids) and info["cache_size_bytes"] > 0
+    with pytest.raises(SessionError, match="already exists"):
+        model.create_session("turns")
+    with pytest.raises(SessionError, match="invalid session name"):
+        model.create_session("../escape")
+    s.clear()
+    assert s.info()["context_length"] == 0 and s.info()["cache_size_bytes"] == 0
+    model.delete_session("turns")
+
+
+def test_save_load_list_delete_persist(model, tmp_path):
+    s = model.create_session("persist", user="alice")
+    s.chat("Name a fruit.", temperature=0, max_tokens=8)
+    p = s.save()
+    assert p.stat().st_mode & 0o777 == 0o600
+    names = [i["name"] for i in model.list_sessions(user="alice")]
+    assert names == ["persist"] and model.list_sessions(user="bob") == []
+    model.delete_session("persist", user="alice")
+    assert not p.exists()
+    with pytest.raises(SessionError, match="no session"):
+        model.delete_session("persist", user="alice")
+
+
+RESTORE_CHILD = r"""
+import json, sys, numpy as np
+from zkv_mlx import ZKV
+m = ZKV(kv_cache_memory="256MB")
+s = m.import_session(sys.argv[1])
+msgs = s.messages + [{"role": "user", "content": "And of Spain?"}]
+ids = m.tokenizer.encode_chat(msgs)
+np.save(sys.argv[2], m.next_token_logits(ids))
+print(json.dumps({"stats": m.kv_cache_stats()["hit_tokens"], "reply": s.chat("And of Spain?", temperature=0, max_tokens=12)}))
+m.close()
+"""
+
+
+def test_export_import_in_fresh_process_gives_identical_logits(model, tmp_path):
+    s = model.create_session("portable")
+    s.chat("What is the capital of France?", temperature=0, max_tokens=20)
+    f = s.export(tmp_path / "portable.zkvs")
+    msgs = s.messages + [{"role": "user", "content": "And of Spain?"}]
+    want = model.next_token_logits(model.tokenizer.encode_chat(msgs))
+    env = dict(os.environ, ZKV_DATA_DIR=str(tmp_path / "data2"), ZKV_CACHE_DIR=str(tmp_path / "cache2"))
+    out = subprocess.run([sys.executable, "-c", RESTORE_CHILD, str(f), str(tmp_path / "logits.npy")], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    got = np.load(tmp_path / "logits.npy")
+    assert np.array_equal(got, want)
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["stats"] >= len(s.token_ids) // 16 * 16  # restored blocks were hits, not recomputed
+    assert "Madrid" in child["reply"]
+    model.delete_session("portable")
+
+
+def test_mismatched_model_is_refused(model, tmp_path, tiny_model_dir):
+    s = model.create_session("mismatch")
+    s.chat("Hi", temperature=0, max_tokens=4)
+    f = s.export(tmp_path / "m.zkvs")
+    with ZKV(str(tiny_model_dir("llama")), kv_cache_memory="16MB") as tiny:
+        free = tiny.kv_cache_stats()["blocks_free"]
+        with pytest.raises(SessionMismatchError) as e:
+            tiny.import_session(str(f))
+        assert model.engine.lm.fingerprint in str(e.value) and tiny.engine.lm.fingerprint in str(e.value)
+        assert tiny.kv_cache_stats()["blocks_free"] == free and tiny.list_sessions() == []
+    model.delete_session("mismatch")
+
+
+def _valid_file(tmp_path, n_blocks=3, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (n_blocks, 2, 4, 8)
+    meta = {"name": "fz", "user": "local", "model_fingerprint": "f" * 32, "model_name": "x", "kv_format": "float32",
+            "dtype": "float32", "n_layers": 2, "n_kv_heads": 2, "block_size": 4, "head_dim": 8,
+            "n_blocks": n_blocks, "token_ids": list(range(n_blocks * 4 + 1)), "messages": [{"role": "user",
+            "content": "hi"}]}
+    ks = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    vs = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
+    p = tmp_path / "valid.zkvs"
+    session_file.write(p, session_file.SessionData(meta=meta, k=ks, v=vs))
+    return p
+
+
+def test_fuzz_mutated_and_truncated_files_only_raise_session_errors(tmp_path):
+    good = _valid_file(tmp_path).read_bytes()
+    assert session_file.read(tmp_path / "valid.zkvs").meta["n_blocks"] == 3
+    rng = random.Random(1234)
+    bad = tmp_path / "bad.zkvs"
+    outcomes = {"error": 0, "ok": 0}
+    for i in range(300):
+        data = bytearray(good)
+        kind = i % 4
+        if kind == 0:
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 2:  # inside the JSON header
+            n = int.from_bytes(good[:8], "little")
+            for _ in range(rng.randint(1, 4)):
+                data[8 + rng.randrange(n)] = rng.randrange(32, 127)
+        else:
+            data[: 8] = rng.randrange(1 << 64).to_bytes(8, "little")
+        bad.write_bytes(bytes(data))
+        try:
+            d = session_file.read(bad)
+            # a mutation that still validates must have left the content intact
+            ref = session_file.read(tmp_path / "valid.zkvs")
+            assert all(np.array_equal(a, b) for a, b in zip(d.k + d.v, ref.k + ref.v))
+            outcomes["ok"] += 1
+        except SessionError:
+            outcomes["error"] += 1
+    assert outcomes["error"] >= 250
+
+
+def test_fuzzed_import_leaves_no_partial_state(model, tmp_path):
+    s = model.create_session("fz-src")
+    s.chat("Hello there", temperature=0, max_tokens=4)
+    good = s.export(tmp_path / "src.zkvs").read_bytes()
+    model.delete_session("fz-src")
+    free = model.kv_cache_stats()["blocks_free"]
+    rng = random.Random(7)
+    for i in range(12):
+        data = bytearray(good)
+        if i % 2:
+            data = data[: rng.randrange(len(data))]
+        else:
+            data[rng.randrange(100, len(data))] ^= 0xFF
+        p = tmp_path / f"bad{i}.zkvs"
+        p.write_bytes(bytes(data))
+        with pytest.raises(SessionError):
+            model.import_session(str(p), name=f"bad{i}")
+    assert model.kv_cache_stats()["blocks_free"] == free
+    assert all(not i["name"].startswith("bad") for i in model.list_sessions())
+
+
+KILL_CHILD = r"""
+import sys, numpy as np
+from zkv_mlx.storage import session_file
+p = sys.argv[1]
+meta = {"name": "k", "user": "local", "model_fingerprint": "f", "model_name": "x", "kv_format": "float32",
+        "dtype": "float32", "n_layers": 2, "n_kv_heads": 4, "block_size": 16, "head_dim": 64, "n_blocks": 64,
+        "token_ids": list(range(64 * 16)), "messages": []}
+i = 0
+while True:
+    i += 1
+    arr = [np.full((64, 4, 16, 64), float(i), np.float32) for _ in range(2)]
+    session_file.write(p, session_file.SessionData(meta=meta, k=arr, v=arr))
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_save_keeps_previous_file(tmp_path):
+    target = _valid_file(tmp_path)
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(target)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete write happened
+        time.sleep(random.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        d = session_file.read(target)  # never torn: the old or a complete new version
+        assert d.k[0].shape == (64, 4, 16, 64)
+        assert np.all(d.k[0] == d.k[0].flat[0])

@@ -1,0 +1,145 @@
+"""Named, persistent conversations (issue: sessions). A Session keeps its conversation's K/V resident (pinned
+blocks), so each turn computes only its new tokens; it saves to and restores from session files."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from pathlib import Path
+
+from . import paths
+from .errors import SessionError
+from .storage import session_file
+
+
+def user_dir(user: str) -> Path:
+    """Per-user directory for session files (names that are not plain become a hash: no path tricks)."""
+    safe = user if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", user) else "u-" + hashlib.sha256(
+        user.encode()).hexdigest()[:16]
+    return paths.data_dir() / "sessions" / safe
+
+
+def session_path(user: str, name: str) -> Path:
+    return user_dir(user) / (session_file.check_name(name) + session_file.SUFFIX)
+
+
+class Session:
+    """A conversation bound to a model. Create with `ZKV.create_session`, not directly."""
+
+    def __init__(self, model, name: str, user: str, messages=None, token_ids=None, created_at=None,
+                 updated_at=None):
+        self._model = model
+        self.name = session_file.check_name(name)
+        self.user = user
+        self.messages: list[dict] = list(messages or [])
+        self.token_ids: list[int] = list(token_ids or [])  # conversation tokens whose K/V are computed
+        self.created_at = created_at or time.time()
+        self.updated_at = updated_at or self.created_at
+        self._pinned: list[int] = []
+        self._dirty = True
+
+    # -- conversation -----------------------------------------------------------------------------------
+    def chat(self, messages, *, stream: bool = False, **sampling):
+        """Adds messages (a string = one user message) and generates the assistant's reply.
+
+        Only the tokens after the cached conversation are computed. Args/returns as `ZKV.chat`.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        new = self.messages + list(messages)
+        ids = self._model._chat_ids(new)
+        handle = self._model.submit(ids, user=self.user, **sampling)
+        gen = self._turn(handle, new, ids)
+        return gen if stream else "".join(gen)
+
+    def _turn(self, handle, new_messages, ids):
+        reply_ids, chunks = [], []
+        try:
+            for ev in handle:
+                if ev.kind == "error":
+                    raise ev.error
+                if ev.token_id is not None:
+                    reply_ids.append(ev.token_id)
+                if ev.text:
+                    chunks.append(ev.text)
+                    yield ev.text
+        finally:
+            if not handle.done:
+                handle.cancel()
+        self.messages = new_messages + [{"role": "assistant", "content": "".join(chunks)}]
+        self.token_ids = ids + reply_ids
+        self.updated_at = time.time()
+        self._dirty = True
+        self._repin()
+
+    def _repin(self) -> None:
+        eng = self._model._thread
+        old, self._pinned = self._pinned, eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
+        eng.call(lambda e: (e.pin(self._pinned), e.unpin(old)))
+
+    def release(self) -> None:
+        """Lets the session's blocks be evicted (they stay cached until reused)."""
+        if self._pinned:
+            old, self._pinned = self._pinned, []
+            self._model._thread.call(lambda e: e.unpin(old))
+
+    def clear(self) -> None:
+        """Forgets the conversation (messages and cached tokens)."""
+        self.release()
+        self.messages, self.token_ids = [], []
+        self.updated_at = time.time()
+        self._dirty = True
+
+    def info(self) -> dict:
+        """Returns {name, user, context_length, cache_size_bytes, created_at, updated_at, tier, messages}."""
+        per_block = self._model.engine.bytes_per_block
+        return {
+            "name": self.name,
+            "user": self.user,
+            "context_length": len(self.token_ids),
+            "cache_size_bytes": len(self._pinned) * per_block,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "tier": "memory" if self._pinned else ("disk" if self.path.exists() else "none"),
+            "messages": len(self.messages),
+        }
+
+    # -- files ----------------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """Where `save()` writes: the user's directory under the data dir."""
+        return session_path(self.user, self.name)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Writes the session (K/V of its full blocks + tokens + messages) atomically; returns the path."""
+        target = Path(path) if path is not None else self.path
+        eng = self._model._thread
+        pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
+        bs = self._model.engine.blocks.block_size
+        if len(pinned) < len(self.token_ids) // bs:
+            # Some blocks were evicted (and not on SSD): recompute the conversation once to bring them back.
+            for _ in self._model.submit(list(self.token_ids), user=self.user, max_tokens=1, temperature=0.0):
+                pass
+            pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
+        ks, vs = eng.call(lambda e: e.export_kv(pinned))
+        e = self._model.engine
+        meta = {
+            "name": self.name, "user": self.user, "model_fingerprint": e.lm.fingerprint, "model_name": e.lm.name,
+            "kv_format": e.kv_format, "dtype": str(e.runner.pool.dtype).split(".")[-1],
+            "n_layers": e.runner.pool.n_layers, "n_kv_heads": e.runner.pool.n_kv_heads,
+            "block_size": bs, "head_dim": e.runner.pool.head_dim, "n_blocks": len(pinned),
+            "token_ids": self.token_ids, "messages": self.messages,
+            "created_at": self.created_at, "updated_at": self.updated_at,
+        }
+        session_file.write(target, session_file.SessionData(meta=meta, k=ks, v=vs))
+        if path is None:
+            self._dirty = False
+        return target
+
+    def export(self, path: str | Path) -> Path:
+        """Writes a portable session file to `path` (same format as `save`)."""
+        return self.save(path)
+
+    def __repr__(self) -> str:
+        return f"Session(name={self.name!r}, user={self.user!r}, tokens={len(self.token_ids)})"

@@ -1,0 +1,212 @@
+"""Session files: one self-describing safetensors file per conversation (see docs/session-format.md).
+
+Tensors `k.{layer}` / `v.{layer}` hold the K/V of the session's full blocks, [n_blocks, n_kv_heads, block_size,
+head_dim]; the safetensors metadata holds one JSON document under "zkv" (format version, model fingerprint, KV
+format, geometry, token ids, messages, per-tensor sha256). Writes are atomic (temp file, fsync, rename, mode
+0600); reads validate everything before anything is returned, so an import is all or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SessionError, SessionFormatError, SessionMismatchError
+
+FORMAT = "zkv-session"
+VERSION = 1
+SUFFIX = ".zkvs"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw 16-bit words
+_MAX_HEADER = 64 << 20
+
+
+def check_name(name: str) -> str:
+    """Validates a session (or user) name: letters, digits, '.', '_', '-', no path separators."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise SessionError(
+            f"invalid session name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class SessionData:
+    """What a session file holds."""
+
+    meta: dict
+    k: list = field(default_factory=list)  # per layer numpy [n_blocks, H, BS, D]
+    v: list = field(default_factory=list)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.meta["token_ids"]
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def write(path: Path, data: SessionData) -> int:
+    """Writes a session file atomically; the previous file stays intact on any failure.
+
+    Returns:
+        The file size in bytes.
+    """
+    from safetensors.numpy import save
+
+    tensors = {}
+    for i, (k, v) in enumerate(zip(data.k, data.v)):
+        tensors[f"k.{i}"] = np.ascontiguousarray(k)
+        tensors[f"v.{i}"] = np.ascontiguousarray(v)
+    meta = dict(data.meta, format=FORMAT, version=VERSION,
+                checksums={name: _sha(t) for name, t in tensors.items()})
+    blob = save(tensors, metadata={"zkv": json.dumps(meta)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # make the rename itself durable
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SessionError(f"cannot write session file {path}: {e}") from None
+    return len(blob)
+
+
+def read_meta(path: Path) -> dict:
+    """Reads and validates only the JSON metadata of a session file (cheap: for listings)."""
+    with _open(path) as f:
+        header, _ = _header(f, os.fstat(f.fileno()).st_size, path)
+    return _meta(header, path)
+
+
+def read(path: Path) -> SessionData:
+    """Reads and fully validates a session file.
+
+    Raises:
+        SessionFormatError: corrupt, truncated, of another format or of an unknown version.
+    """
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        header, header_len = _header(f, size, path)
+        meta = _meta(header, path)
+        base = 8 + header_len
+        n_layers, shape = meta["n_layers"], _shape(meta)
+        dtype = np.dtype(_DTYPES[meta["dtype"]])
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        data = SessionData(meta=meta)
+        for i in range(n_layers):
+            for kind, out in (("k", data.k), ("v", data.v)):
+                name = f"{kind}.{i}"
+                info = header.get(name)
+                if not isinstance(info, dict):
+                    raise SessionFormatError(f"{path}: tensor {name} is missing")
+                start, end = _offsets(info, name, path)
+                if list(info.get("shape", [])) != list(shape) or end - start != nbytes:
+                    raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {shape}")
+                if base + end > size:
+                    raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
+                f.seek(base + start)
+                raw = f.read(nbytes)
+                if len(raw) != nbytes:
+                    raise SessionFormatError(f"{path}: file is truncated")
+                if hashlib.sha256(raw).hexdigest() != meta["checksums"].get(name):
+                    raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
+                out.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+    return data
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise SessionError(f"session file not found: {path}") from None
+    except OSError as e:
+        raise SessionError(f"cannot open session file {path}: {e}") from None
+
+
+def _header(f, size: int, path: Path) -> tuple[dict, int]:
+    head = f.read(8)
+    if len(head) != 8:
+        raise SessionFormatError(f"{path}: not a session file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise SessionFormatError(f"{path}: not a session file (bad header length {n})")
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise SessionFormatError(f"{path}: not a session file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise SessionFormatError(f"{path}: not a session file (header is not an object)")
+    return header, n
+
+
+def _meta(header: dict, path: Path) -> dict:
+    md = header.get("__metadata__")
+    if not isinstance(md, dict) or not isinstance(md.get("zkv"), str):
+        raise SessionFormatError(f"{path}: not a zkv session file (no zkv metadata)")
+    try:
+        meta = json.loads(md["zkv"])
+    except ValueError:
+        raise SessionFormatError(f"{path}: session metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SessionFormatError(f"{path}: not a zkv session file")
+    if meta.get("version") != VERSION:
+        raise SessionFormatError(
+            f"{path}: session format version {meta.get('version')!r} is not supported (this zkv-mlx reads version "
+            f"{VERSION}); upgrade zkv-mlx"
+        )
+    ints = ("n_layers", "n_kv_heads", "block_size", "head_dim", "n_blocks")
+    strs = ("model_fingerprint", "kv_format", "dtype", "name", "user")
+    ok = all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and 0 <= meta[k] < 1 << 20
+             for k in ints)
+    ok = ok and all(isinstance(meta.get(k), str) for k in strs) and meta.get("dtype") in _DTYPES
+    ok = ok and isinstance(meta.get("token_ids"), list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in meta["token_ids"])
+    ok = ok and isinstance(meta.get("messages"), list) and isinstance(meta.get("checksums"), dict)
+    ok = ok and meta.get("n_blocks", -1) * meta.get("block_size", 0) <= len(meta.get("token_ids") or [])
+    if not ok:
+        raise SessionFormatError(f"{path}: session metadata is incomplete or has values of the wrong type")
+    return meta
+
+
+def _shape(meta: dict) -> tuple[int, int, int, int]:
+    return (meta["n_blocks"], meta["n_kv_heads"], meta["block_size"], meta["head_dim"])
+
+
+def _offsets(info: dict, name: str, path: Path) -> tuple[int, int]:
+    off = info.get("data_offsets")
+    if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) for x in off) and 0 <= off[0] <= off[1]):
+        raise SessionFormatError(f"{path}: tensor {name} has bad offsets")
+    return off[0], off[1]
+
+
+def check_compatible(meta: dict, fingerprint: str, kv_format: str, path: Path | str = "session") -> None:
+    """Raises SessionMismatchError when the file was made with another model or KV format."""
+    if meta["model_fingerprint"] != fingerprint:
+        raise SessionMismatchError(
+            f"{path} was made with model {meta['model_fingerprint']} but the loaded model is {fingerprint}; "
+            f"load the model the session was created with (it was {meta.get('model_name', 'unknown')})"
+        )
+    if meta["kv_format"] != kv_format:
+        raise SessionMismatchError(
+            f"{path} stores KV format {meta['kv_format']!r} but this engine uses {kv_format!r}; start zkv-mlx with "
+            "the same --kv-dtype and --block-size"
+        )
