@@ -225,6 +225,15 @@ class ZKV:
                          "updated_at": meta.get("updated_at"), "tier": "disk", "messages": len(meta["messages"])}
         return list(out.values())
 
+    def close_session(self, name: str, user: str | None = None) -> None:
+        """Closes an open session without deleting its file (saving unsaved turns first)."""
+        s = self._sessions.pop((user or "local", check_name(name)), None)
+        if s is None:
+            raise SessionError(f"no open session named {name!r}")
+        if s._dirty and s.token_ids:
+            s.save()
+        s.release()
+
     def delete_session(self, name: str, user: str | None = None) -> None:
         """Deletes a session (open or saved) and its file."""
         user = user or "local"

@@ -82,9 +82,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .chat_cli import run_chat
+    # The Textual app needs a terminal: piped or redirected I/O (and --plain) gets the line-based loop.
+    if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        from .chat_cli import run_chat
 
-    return run_chat(args)
+        return run_chat(args)
+    from .app import run_tui
+
+    return run_tui(lambda: open_model(args), what=args.model or "the bundled model (SmolLM2-135M-Instruct)",
+                   user=args.user, session=getattr(args, "session", None), system=args.system,
+                   sampling=sampling_kwargs(args))
 
 
 def cmd_stats(args) -> int:
@@ -124,6 +131,79 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server import serve
+
+    return serve(args)
+
+
+def cmd_sessions(args) -> int:
+    import json
+    import shutil
+
+    from .errors import SessionError
+    from .session import session_path, user_dir
+    from .storage import session_file
+
+    user = args.user or "local"
+    if args.action == "list":
+        d = user_dir(user)
+        rows = []
+        for f in sorted(d.glob("*" + session_file.SUFFIX)) if d.is_dir() else []:
+            try:
+                m = session_file.read_meta(f)
+                rows.append({"name": f.name[: -len(session_file.SUFFIX)], "tokens": len(m["token_ids"]),
+                             "messages": len(m["messages"]), "bytes": f.stat().st_size, "model": m.get("model_name")})
+            except SessionError as e:
+                rows.append({"name": f.name, "error": str(e)})
+        if args.json:
+            print(json.dumps(rows))
+        elif not rows:
+            print(f"no sessions for user {user!r} (in {d})")
+        for r in rows if not args.json else []:
+            print("  ".join(f"{k}={v}" for k, v in r.items()))
+        return 0
+    if args.action in ("info", "export", "delete"):
+        if not args.name:
+            raise SessionError(f"zkv-mlx sessions {args.action} needs a session NAME")
+        p = session_path(user, args.name)
+        if not p.exists():
+            raise SessionError(f"no saved session named {args.name!r} for user {user!r}; see `zkv-mlx sessions list`")
+        if args.action == "info":
+            m = session_file.read_meta(p)
+            info = {k: m.get(k) for k in ("name", "user", "model_name", "model_fingerprint", "kv_format",
+                                           "block_size", "n_blocks", "created_at", "updated_at")}
+            info.update(tokens=len(m["token_ids"]), messages=len(m["messages"]), bytes=p.stat().st_size, path=str(p))
+            print(json.dumps(info, indent=None if args.json else 2))
+        elif args.action == "delete":
+            p.unlink()
+            print(f"deleted session {args.name!r}")
+        else:
+            if not args.path:
+                raise SessionError("zkv-mlx sessions export needs NAME and a destination PATH")
+            session_file.read(p)  # never hand out a corrupt file
+            dest = args.path
+            tmp = dest + ".tmp"
+            shutil.copyfile(p, tmp)
+            import os
+
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, dest)
+            print(f"exported {args.name!r} to {dest}")
+        return 0
+    if args.action == "import":
+        if not args.name:
+            raise SessionError("zkv-mlx sessions import needs the PATH of a session file")
+        model = open_model(args)
+        try:
+            s = model.import_session(args.name, name=args.path, user=user)
+            print(f"imported session {s.name!r} ({len(s.token_ids)} tokens) for user {user!r}")
+        finally:
+            model.close()
+        return 0
+    raise SessionError(f"unknown sessions action {args.action!r}")
+
+
 def cmd_doctor(args) -> int:
     from .doctor import run_doctor
 
@@ -151,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with the model in the terminal")
     p.add_argument("--user", default=None)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--plain", action="store_true",
+                   help="line-based chat instead of the terminal app (also used when stdin/stdout is not a TTY)")
     add_engine_flags(p)
     add_sampling_flags(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
@@ -165,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(p)
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (see docs/server.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-keys", default=None, metavar="FILE", help="JSON or TOML file mapping API key -> user")
+    p.add_argument("--require-key", action="store_true", help="answer 401 to requests without a known API key")
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests in flight before new ones get 429 (default 64)")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sessions", help="saved sessions: list | info NAME | export NAME PATH | import PATH [NEW_NAME] "
+                                         "| delete NAME")
+    p.add_argument("action", choices=["list", "info", "export", "import", "delete"])
+    p.add_argument("name", nargs="?", help="session name (import: the session file)")
+    p.add_argument("path", nargs="?", help="export: destination file; import: a new name")
+    p.add_argument("--user", default=None)
+    p.add_argument("--json", action="store_true")
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_sessions)
+
     p = sub.add_parser("doctor", help="check the installation: backend, BLAS speed, kernels, model, directories")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
@@ -175,6 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
     b.add_argument("--context", type=int, default=2048)
     b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--rounds", type=int, default=3)
+    add_engine_flags(b)
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("batch", help="continuous batching: tokens/s of one stream vs N concurrent streams")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--streams", type=int, default=8)
+    b.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
+    b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of each stream")
+    b.add_argument("--rounds", type=int, default=3)
+    add_engine_flags(b)
+    b.set_defaults(func=cmd_bench)
+    b = bsub.add_parser("restore", help="recompute a long conversation vs restore its session file")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--tokens", type=int, default=4096)
     b.add_argument("--rounds", type=int, default=3)
     add_engine_flags(b)
     b.set_defaults(func=cmd_bench)

@@ -10,4 +10,12 @@ def run_bench(args) -> int:
         from .prefix import run
 
         return run(args)
+    if args.bench == "batch":
+        from .batch import run
+
+        return run(args)
+    if args.bench == "restore":
+        from .restore import run
+
+        return run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")

@@ -1,0 +1,70 @@
+"""`zkv-mlx bench restore`: recompute a long conversation (prefill + first token) vs restore its session file
+from disk (read + load into the pool + first token), alternating rounds in one process. Last line:
+{"tokens", "recompute_s", "restore_s", "speedup", "file_bytes", "read_gb_s"} (medians)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from .common import bench_tokens, emit, log, machine, median
+
+
+def _first_token(model, ids) -> float:
+    t0 = time.perf_counter()
+    for ev in model.submit(ids, temperature=0.0, max_tokens=1, ignore_eos=True):
+        if ev.kind == "error":
+            raise ev.error
+    return time.perf_counter() - t0
+
+
+def run(args) -> int:
+    from ..cli import open_model
+    from ..session import Session
+    from ..storage import session_file
+
+    if args.max_context is None:
+        args.max_context = args.tokens + 64
+    log(args, "loading zkv engine...")
+    model = open_model(args)
+    ids = bench_tokens(model.tokenizer, args.tokens)
+    tmp = Path(tempfile.mkdtemp(prefix="zkv-bench-"))
+    f = tmp / "bench.zkvs"
+    rec, res, reads = [], [], []
+    try:
+        _first_token(model, ids[:64])  # warm-up
+        for r in range(args.rounds):
+            model.clear_kv_cache()
+            rec.append(_first_token(model, ids))
+            if r == 0:  # the session file holds exactly what the recompute produced
+                Session(model, "bench", "local", [], ids).save(f)
+            model.clear_kv_cache()
+            t0 = time.perf_counter()
+            session_file.read(f)
+            reads.append(time.perf_counter() - t0)
+            model.clear_kv_cache()
+            t0 = time.perf_counter()
+            restored = model.load_session(str(f))
+            _first_token(model, ids)
+            res.append(time.perf_counter() - t0)
+            model.close_session(restored.name)
+            row = {"round": r, "recompute_s": round(rec[-1], 3), "restore_s": round(res[-1], 3)}
+            emit(row) if args.json else log(args, str(row))
+        size = f.stat().st_size
+    finally:
+        model.close()
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    emit({
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "recompute_s": round(median(rec), 3),
+        "restore_s": round(median(res), 3),
+        "speedup": round(median(rec) / median(res), 1),
+        "file_bytes": size,
+        "read_gb_s": round(size / median(reads) / 1e9, 2),
+        "machine": machine(),
+    })
+    return 0
