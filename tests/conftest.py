@@ -24,12 +24,17 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path_factory, monkeypatch):
-    # Never touch the user's real data/cache dirs from tests.
-    base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("ZKV_DATA_DIR", str(base / "data"))
-    monkeypatch.setenv("ZKV_CACHE_DIR", str(base / "cache"))
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_dirs(tmp_path_factory):
+    # Never touch the user's real data/cache dirs from tests, and give every test module its own (SSD blocks
+    # and sessions of one module must not turn into cache hits in another). Module scope: set before the
+    # modules' own model fixtures start their engines.
+    mp = pytest.MonkeyPatch()
+    base = tmp_path_factory.mktemp("zkv-dirs")
+    mp.setenv("ZKV_DATA_DIR", str(base / "data"))
+    mp.setenv("ZKV_CACHE_DIR", str(base / "cache"))
+    yield base
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

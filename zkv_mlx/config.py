@@ -48,22 +48,37 @@ def parse_size(value: Any, what: str = "size") -> int:
 
 
 KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
+KV_QUANTS = ("none", "int8", "int4", "k8v4")
+KEY_LAYOUTS = ("auto", "channel", "token")
 
 
 @dataclass(slots=True)
 class KVCacheConfig:
     """Paged KV pool settings.
 
-    block_size: tokens per block. memory: bytes, a size string, or "dynamic" (a fraction of the memory left
-    after the weights). dtype: "auto" = the model's activation dtype.
+    block_size: tokens per block (default 16; 32 with per-channel keys). memory: bytes, a size string, or
+    "dynamic" (a fraction of the memory left after the weights). dtype: "auto" = the model's activation dtype.
+    quant: "none" | "int8" | "int4" | "k8v4" (K and V bits). group_size: 32 | 64, per-token group along head_dim
+    (default 64). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
     """
 
-    block_size: int = 16
+    block_size: int | None = None
     memory: int | str = "dynamic"
     dtype: str = "auto"
     dynamic_fraction: float = 0.3
+    quant: str = "none"
+    group_size: int | None = None
+    key_layout: str = "auto"
 
     def __post_init__(self):
+        if self.quant not in KV_QUANTS:
+            raise ConfigError(f"kv.quant: {self.quant!r} is not one of {', '.join(KV_QUANTS)}")
+        if self.group_size is not None and self.group_size not in (32, 64):
+            raise ConfigError(f"kv.group_size: {self.group_size!r} is not supported; use 32 or 64")
+        if self.key_layout not in KEY_LAYOUTS:
+            raise ConfigError(f"kv.key_layout: {self.key_layout!r} is not one of {', '.join(KEY_LAYOUTS)}")
+        if self.block_size is None:
+            self.block_size = 32 if self.channel_keys else 16
         if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"kv.block_size: {self.block_size!r} is not supported; use 8, 16, 32, 64 or 128")
         if isinstance(self.memory, str) and self.memory.strip().lower() == "dynamic":
@@ -74,6 +89,12 @@ class KVCacheConfig:
             raise ConfigError(f"kv.dtype: {self.dtype!r} is not one of {', '.join(KV_DTYPES)}")
         if not (0.0 < float(self.dynamic_fraction) <= 0.9):
             raise ConfigError(f"kv.dynamic_fraction: {self.dynamic_fraction!r} must be in (0, 0.9]")
+
+    @property
+    def channel_keys(self) -> bool:
+        """Keys quantized per channel over a full block (the default for 4-bit keys)."""
+        return self.quant == "int4" and self.key_layout != "token" or (self.quant != "none"
+                                                                         and self.key_layout == "channel")
 
 
 @dataclass(slots=True)
@@ -129,6 +150,31 @@ class PromptCacheConfig:
         self.prefixes = specs
 
 
+@dataclass(slots=True)
+class TierConfig:
+    """The SSD tier under the prompt cache.
+
+    ssd: on/off. dir: where block files go (default: <cache dir>/kv-blocks). size: byte budget, or "auto"
+    (10% of the free disk, between 256 MiB and 64 GiB).
+    """
+
+    ssd: bool = True
+    dir: str | None = None
+    size: int | str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.ssd, str):
+            if self.ssd.lower() not in ("on", "off", "true", "false"):
+                raise ConfigError(f"ssd_cache: {self.ssd!r} must be on or off")
+            self.ssd = self.ssd.lower() in ("on", "true")
+        if not isinstance(self.ssd, bool):
+            raise ConfigError(f"ssd_cache: {self.ssd!r} must be on or off")
+        if not (isinstance(self.size, str) and self.size.strip().lower() == "auto"):
+            self.size = parse_size(self.size, "ssd_cache_size")
+        else:
+            self.size = "auto"
+
+
 WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 
 
@@ -143,8 +189,11 @@ class EngineConfig:
     weights_dtype: str = "auto"
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     def __post_init__(self):
+        if isinstance(self.tiers, dict):
+            self.tiers = _build(TierConfig, self.tiers, "tiers.")
         if isinstance(self.kv, dict):
             self.kv = _build(KVCacheConfig, self.kv, "kv.")
         if isinstance(self.prompt_cache, dict):
@@ -165,12 +214,18 @@ ALIASES = {
     "kv_cache_memory": "kv.memory",
     "kv_cache": "kv.memory",
     "kv_dtype": "kv.dtype",
+    "kv_quant": "kv.quant",
+    "kv_group_size": "kv.group_size",
+    "kv_key_layout": "kv.key_layout",
     "prompt_cache_enabled": "prompt_cache.enabled",
     "prompt_cache_size": "prompt_cache.size",
     "prompt_cache_ttl": "prompt_cache.ttl",
     "prefixes": "prompt_cache.prefixes",
+    "ssd_cache": "tiers.ssd",
+    "ssd_dir": "tiers.dir",
+    "ssd_cache_size": "tiers.size",
 }
-_TABLES = ("kv", "prompt_cache")
+_TABLES = ("kv", "prompt_cache", "tiers")
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -233,4 +288,5 @@ def make_config(toml: dict | None = None, **overrides) -> EngineConfig:
             merged[key] = v
     merged["kv"] = _build(KVCacheConfig, tables["kv"], "kv.")
     merged["prompt_cache"] = _build(PromptCacheConfig, tables["prompt_cache"], "prompt_cache.")
+    merged["tiers"] = _build(TierConfig, tables["tiers"], "tiers.")
     return _build(EngineConfig, merged)

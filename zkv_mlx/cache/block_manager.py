@@ -25,6 +25,9 @@ class BlockManager:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        # A lower tier (the SSD store): object with contains(hash) -> bool and load(hash, token_ids, block_id)
+        # -> bool, which writes the block's K/V into the pool. None: memory only.
+        self.secondary = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -57,6 +60,19 @@ class BlockManager:
             parent = hashes[i - 1] if i else None
             hashes.append(seq.hash_key.block_hash(parent, i, ids[i * bs:(i + 1) * bs], bs))
         return hashes[:n_blocks]
+
+    def _secondary_hits(self, seq, start: int) -> int:
+        # Number of full blocks after `start` found in the lower tier (contiguous run).
+        if self.secondary is None or getattr(seq, "hash_key", None) is None:
+            return 0
+        n_full = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens)) // self.block_size
+        hashes = self._hash_upto(seq, n_full)
+        n = 0
+        for h in hashes[start:]:
+            if not self.secondary.contains(h):
+                break
+            n += 1
+        return n
 
     def match_prefix(self, seq) -> list:
         """Cached blocks holding the longest prefix of the sequence's tokens.
@@ -109,7 +125,7 @@ class BlockManager:
         Returns:
             True if enough free blocks exist for `seq.num_tokens`.
         """
-        hits = self.match_prefix(seq)
+        hits = self.match_prefix(seq)  # lower-tier hits need fresh blocks like misses: no change to the count
         revived = sum(1 for b in hits if b.ref_count == 0)  # taking them removes them from the free queue
         return self.blocks_needed(seq.num_tokens) - len(hits) + revived <= self.pool.num_free_blocks
 
@@ -133,10 +149,21 @@ class BlockManager:
             )
         self.pool.touch(hits)
         seq.block_table.extend(b.block_id for b in hits)
-        seq.block_table.extend(b.block_id for b in self.pool.get_new_blocks(needed))
+        new = self.pool.get_new_blocks(needed)
+        seq.block_table.extend(b.block_id for b in new)
+        # Promote what the lower tier has right after the memory hits (in order; stop at the first failure).
+        n_hit = len(hits)
+        bs = self.block_size
+        for j in range(self._secondary_hits(seq, n_hit)):
+            i = n_hit
+            block, toks = new[j], seq.all_ids[i * bs:(i + 1) * bs]
+            if not self.secondary.load(seq.block_hashes[i], toks, block.block_id):
+                break
+            self.pool.cache_full_block(block, seq.block_hashes[i], toks)
+            n_hit += 1
         if hasattr(seq, "num_registered"):
-            seq.num_registered = len(hits)
-        return len(hits) * self.block_size
+            seq.num_registered = n_hit
+        return n_hit * self.block_size
 
     def can_append(self, seq, n: int = 1) -> bool:
         """Whether `may_append(seq, n)` would succeed now.

@@ -52,6 +52,8 @@ class BlockPool:
         # Cached blocks nobody references, least recently used first (what TTL and the size cap trim).
         self.lru: OrderedDict[int, Block] = OrderedDict()
         self.evictions = 0
+        # Called with a cached block just before its contents are dropped (the SSD tier spills it here).
+        self.on_evict = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -95,6 +97,8 @@ class BlockPool:
         return out
 
     def _evict(self, block: Block) -> None:
+        if self.on_evict is not None:
+            self.on_evict(block)
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
         self.lru.pop(block.block_id, None)

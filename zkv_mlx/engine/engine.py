@@ -3,13 +3,17 @@ all MLX state and serves requests submitted from other threads through a queue."
 
 from __future__ import annotations
 
+import hashlib
 import queue
+import shutil
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
@@ -17,7 +21,8 @@ from ..config import EngineConfig
 from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
 from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
-from .. import sysinfo
+from ..storage.ssd_store import SSDStore
+from .. import paths, sysinfo
 from .runner import ModelRunner
 from .sampler import can_sample_lazily, sample, sample_lazy
 from .scheduler import Scheduler
@@ -78,6 +83,7 @@ class Engine:
         self._listeners: dict[int, callable] = {}
         self.scheduler.on_admit = self._count_admission
         self._init_prefix_cache(kv_dtype)
+        self._init_ssd()
         self._inflight: tuple[list[Sequence], mx.array] | None = None
 
     # -- prefix cache ---------------------------------------------------------------------------------
@@ -100,6 +106,73 @@ class Engine:
             self.prefixes[spec.name] = {"spec": spec, "ids": chat_ids, "pinned_blocks": []}
             if spec.shared:
                 self._shared += [chat_ids, tok.encode(spec.content)]
+
+    # -- SSD tier -------------------------------------------------------------------------------------
+    def _init_ssd(self) -> None:
+        t = self.cfg.tiers
+        self.ssd = None
+        self._staged: list[tuple[int, object, object]] = []
+        if not (t.ssd and self.cfg.prompt_cache.enabled):
+            return
+        base = Path(t.dir) if t.dir else paths.cache_dir() / "kv-blocks"
+        fmt = hashlib.sha256(f"{self.lm.fingerprint}|{self.kv_format}".encode()).hexdigest()[:16]
+        if t.size == "auto":
+            try:
+                base.mkdir(parents=True, exist_ok=True)
+                free = shutil.disk_usage(base).free
+            except OSError:
+                free = 0
+            size = min(max(free // 10, 256 << 20), 64 << 30)
+        else:
+            size = t.size
+        try:
+            self.ssd = SSDStore(base / fmt, size)
+        except OSError as e:
+            raise ConfigError(f"cannot use the SSD cache directory {base}: {e}; pass --ssd-dir or --ssd-cache off")
+        self.blocks.secondary = self
+        self.blocks.pool.on_evict = self._spill
+
+    def contains(self, h: bytes) -> bool:
+        return self.ssd is not None and self.ssd.contains(h)
+
+    def load(self, h: bytes, token_ids, block_id: int) -> bool:
+        """Promotes a block from SSD: its K/V are staged and written into the pool before the next forward."""
+        got = self.ssd.get(h, token_ids)
+        if got is None:
+            return False
+        self._staged.append((block_id, got[0], got[1]))
+        return True
+
+    def _flush_staged(self) -> None:
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, []
+        idx = mx.array([b for b, _, _ in staged], dtype=mx.int32)
+        kvp = self.runner.pool
+        ks = mx.array(np.stack([k for _, k, _ in staged], axis=1))  # [L, n, H, BS, D]
+        vs = mx.array(np.stack([v for _, _, v in staged], axis=1))
+        if kvp.dtype == mx.bfloat16:
+            ks, vs = ks.view(mx.bfloat16), vs.view(mx.bfloat16)
+        for layer in range(kvp.n_layers):
+            kvp.k[layer][idx] = ks[layer].astype(kvp.dtype)
+            kvp.v[layer][idx] = vs[layer].astype(kvp.dtype)
+
+    def _spill(self, block) -> None:
+        # A cached block is about to be reused: copy it to the SSD tier first (once).
+        if self.ssd is None or block.block_hash is None or self.ssd.contains(block.block_hash):
+            return
+        self._flush_staged()
+        ks, vs = self.export_kv([block.block_id])
+        self.ssd.put(block.block_hash, block.token_ids, np.stack([k[0] for k in ks]), np.stack([v[0] for v in vs]))
+
+    def close_tiers(self) -> None:
+        """Spills every cached block not yet on SSD (so the next process finds them) and stops the writer."""
+        if self.ssd is None:
+            return
+        for b in self.blocks.pool.blocks:
+            if b.block_hash is not None:
+                self._spill(b)
+        self.ssd.close()
 
     def hash_key(self, user: str, prompt_ids: list[int]) -> HashKey | None:
         """The hash salts of a request: public for a registered shared prefix at its start, else the user's."""
@@ -238,7 +311,9 @@ class Engine:
         seq = self.add_request(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), user, lambda ev: None)
         logits = None
         while logits is None:
-            for s, start, end in self.scheduler.schedule().prefill:
+            batch = self.scheduler.schedule()
+            self._flush_staged()
+            for s, start, end in batch.prefill:
                 out = self.runner.prefill(s, start, end)
                 mx.eval(out)
                 s.num_computed = end
@@ -291,6 +366,7 @@ class Engine:
         """
         self._trim_cache()
         batch = self.scheduler.schedule()
+        self._flush_staged()
         for seq in batch.finished:
             self._emit_done(seq)
         sampled = 0
@@ -448,6 +524,12 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
             "prompt_cache_enabled": self.cfg.prompt_cache.enabled,
+            "ssd_enabled": self.ssd is not None,
+            "ssd_blocks": len(self.ssd) if self.ssd else 0,
+            "ssd_size": self.ssd.used_bytes if self.ssd else 0,
+            "ssd_capacity": self.ssd.capacity if self.ssd else 0,
+            "ssd_spills": self.ssd.spills if self.ssd else 0,
+            "ssd_promotions": self.ssd.promotions if self.ssd else 0,
             "per_user": {u: dict(v) for u, v in self.per_user.items()},
         }
 
@@ -566,6 +648,8 @@ class EngineThread:
             while cmd is not None:
                 if cmd[0] == "stop":
                     eng.fail_all(ZkvError("the engine was closed"))
+                    eng._resolve()
+                    eng.close_tiers()
                     return
                 self._handle(eng, cmd)
                 try:

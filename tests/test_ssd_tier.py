@@ -1,0 +1,89 @@
+"""The SSD tier: spill on eviction, promote on lookup, survive restarts, validated and capped at start-up."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zkv_mlx.config import make_config
+from zkv_mlx.engine import Engine
+from zkv_mlx.models.loader import load_model
+from zkv_mlx.storage.ssd_store import SSDStore
+
+from test_equivalence import PROMPTS, run_engine
+
+
+def block(i, shape=(2, 2, 4, 8)):
+    return np.full(shape, float(i), np.float32), np.full(shape, -float(i), np.float32)
+
+
+def test_store_roundtrip_lru_cap_and_startup_validation(tmp_path):
+    s = SSDStore(tmp_path, capacity=10 << 20)
+    for i in range(6):
+        s.put(bytes([i]) * 32, [i, i + 1], *block(i))
+    s.flush()
+    assert len(s) == 6
+    k, v = s.get(bytes([3]) * 32, [3, 4])
+    assert np.all(k == 3) and np.all(v == -3)
+    assert s.get(bytes([3]) * 32, [9, 9]) is None  # same hash, other tokens: refused
+    s.close()
+    files = sorted(tmp_path.glob("*.kvb"))
+    size = files[0].stat().st_size
+    # corrupt one file and tear another: both dropped at start-up; an over-full directory is trimmed to the cap
+    files[0].write_bytes(files[0].read_bytes()[:-5])
+    data = bytearray(files[1].read_bytes())
+    data[-1] ^= 0xFF
+    files[1].write_bytes(bytes(data))
+    (tmp_path / ".leftover.kvb.tmp123").write_bytes(b"x")
+    s2 = SSDStore(tmp_path, capacity=2 * size)
+    assert s2.dropped_at_start == 2
+    assert len(s2) == 2 and s2.used_bytes <= 2 * size
+    assert sum(p.stat().st_size for p in tmp_path.glob("*.kvb")) <= 2 * size
+    assert not list(tmp_path.glob(".*tmp*"))
+    s2.close()
+
+
+def test_eviction_spills_and_lookup_promotes_with_identical_tokens(tiny_model_dir, bundled_tokenizer, tmp_path):
+    path = str(tiny_model_dir("llama"))
+    ids = [bundled_tokenizer.encode(p * 4) for p in PROMPTS]
+    lm = load_model(path)
+    from zkv_mlx.storage.kv_pool import KVPool
+
+    per_block = KVPool.bytes_per_block(lm.n_layers, lm.n_kv_heads, 8, lm.head_dim, lm.dtype)
+    # room for about one prompt: every new request evicts (and spills) the previous one's cached blocks
+    cfg = make_config(model=path, block_size=8, kv_cache_memory=per_block * 30, ssd_dir=str(tmp_path / "ssd"))
+    eng = Engine(lm, cfg)
+    first = [run_engine(eng, [x], 16)[0] for x in ids]
+    eng.ssd.flush()
+    assert eng.ssd.spills > 0
+    again = [run_engine(eng, [x], 16)[0] for x in ids]
+    assert again == first
+    assert eng.ssd.promotions > 0 and eng.stats()["ssd_promotions"] == eng.ssd.promotions
+    eng.close_tiers()
+
+
+CHILD = r"""
+import json, sys
+from zkv_mlx import ZKV
+m = ZKV(sys.argv[1], kv_cache_memory="16MB", block_size=8)
+h = m.submit(list(range(1000, 1000 + 200)), temperature=0, max_tokens=4)
+usage = [ev.usage for ev in h if ev.kind == "done"][0]
+print(json.dumps({"cached": usage["cached_tokens"], "stats": m.kv_cache_stats()["ssd_blocks"]}))
+m.close()
+"""
+
+
+def test_second_process_hits_blocks_computed_by_the_first(tiny_model_dir, tmp_path):
+    import json
+
+    env = dict(os.environ, ZKV_CACHE_DIR=str(tmp_path / "cache"), ZKV_DATA_DIR=str(tmp_path / "data"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", CHILD, str(tiny_model_dir("llama"))], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["cached"] == 0
+    assert runs[1]["cached"] == (200 - 1) // 8 * 8  # every full block but the last token's, from disk

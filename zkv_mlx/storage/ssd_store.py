@@ -1,0 +1,182 @@
+"""The SSD tier: content-addressed KV block files with a byte budget and LRU order (design.md §7).
+
+One file per block, named by its chained hash (which carries the user salt): `<hash hex>.kvb` =
+magic | u32 header length | JSON header {tokens, shape, dtype, sha256} | K of every layer | V of every layer.
+Files are written by a background thread (temp file + rename), so the decode path never waits on the disk.
+At start-up every file is validated (torn or corrupt ones are deleted) and the budget is enforced, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"ZKVB\x01\x00\x00\x00"
+SUFFIX = ".kvb"
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}
+
+
+class SSDStore:
+    """Block files for one model + KV format under `directory`.
+
+    Args:
+        directory: where the files go (created). capacity: byte budget (LRU beyond it).
+    """
+
+    def __init__(self, directory: Path, capacity: int):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = int(capacity)
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # hash -> file size, least recently used first
+        self._bytes = 0
+        self._pending: set[bytes] = set()
+        self.dropped_at_start = 0
+        self.spills = 0
+        self.promotions = 0
+        self._load_index()
+        self._queue: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="zkv-ssd-writer", daemon=True)
+        self._writer.start()
+
+    # -- index ----------------------------------------------------------------------------------------
+    def _path(self, h: bytes) -> Path:
+        return self.dir / (h.hex() + SUFFIX)
+
+    def _load_index(self) -> None:
+        entries = []
+        for p in self.dir.iterdir():
+            if p.name.startswith(".") and ".tmp" in p.name:
+                p.unlink(missing_ok=True)  # a write interrupted by a crash
+                continue
+            if not p.name.endswith(SUFFIX):
+                continue
+            try:
+                h = bytes.fromhex(p.name[: -len(SUFFIX)])
+                self._read(p, None)
+                st = p.stat()
+            except (ValueError, OSError):
+                p.unlink(missing_ok=True)
+                self.dropped_at_start += 1
+                continue
+            entries.append((st.st_mtime, h, st.st_size))
+        for _, h, size in sorted(entries):
+            self._index[h] = size
+            self._bytes += size
+        self._enforce_cap()
+
+    def _enforce_cap(self) -> None:
+        while self._bytes > self.capacity and self._index:
+            h, size = self._index.popitem(last=False)
+            self._bytes -= size
+            self._path(h).unlink(missing_ok=True)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def contains(self, h: bytes) -> bool:
+        """Whether a block with this hash is on disk (or being written)."""
+        with self._lock:
+            return h in self._index or h in self._pending
+
+    # -- write ----------------------------------------------------------------------------------------
+    def put(self, h: bytes, token_ids, k: np.ndarray, v: np.ndarray) -> None:
+        """Queues a block for writing (no-op if already stored). k, v: [n_layers, H, BS, D] arrays."""
+        with self._lock:
+            if h in self._index or h in self._pending:
+                return
+            self._pending.add(h)
+        self._queue.put((h, list(token_ids), k, v))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            h, tokens, k, v = item
+            try:
+                payload = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
+                header = json.dumps({"tokens": tokens, "shape": list(k.shape), "dtype": k.dtype.name,
+                                     "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+                path = self._path(h)
+                tmp = self.dir / f".{path.name}.tmp{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
+                os.replace(tmp, path)
+                with self._lock:
+                    size = path.stat().st_size
+                    self._index[h] = size
+                    self._bytes += size
+                    self.spills += 1
+                    self._enforce_cap()
+            except OSError:
+                pass  # a cache: a failed write only costs a recompute later
+            finally:
+                with self._lock:
+                    self._pending.discard(h)
+                self._queue.task_done()
+
+    def flush(self) -> None:
+        """Waits until queued writes are on disk."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join(timeout=30)
+
+    # -- read -----------------------------------------------------------------------------------------
+    def get(self, h: bytes, token_ids) -> tuple[np.ndarray, np.ndarray] | None:
+        """Reads a block; None if absent, corrupt (then deleted) or holding other tokens."""
+        with self._lock:
+            if h not in self._index:
+                return None
+        path = self._path(h)
+        try:
+            k, v = self._read(path, list(token_ids))
+        except (ValueError, OSError):
+            with self._lock:
+                size = self._index.pop(h, 0)
+                self._bytes -= size
+            path.unlink(missing_ok=True)
+            return None
+        with self._lock:
+            if h in self._index:
+                self._index.move_to_end(h)
+        try:
+            os.utime(path)  # LRU order survives restarts
+        except OSError:
+            pass
+        self.promotions += 1
+        return k, v
+
+    @staticmethod
+    def _read(path: Path, token_ids) -> tuple[np.ndarray, np.ndarray]:
+        data = path.read_bytes()
+        if data[:8] != MAGIC or len(data) < 12:
+            raise ValueError("not a block file")
+        (n,) = struct.unpack("<I", data[8:12])
+        header = json.loads(data[12:12 + n])
+        payload = data[12 + n:]
+        shape, dtype = tuple(header["shape"]), np.dtype(_DTYPES[header["dtype"]])
+        if len(shape) != 4 or len(payload) != 2 * int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError("torn block file")
+        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+            raise ValueError("corrupt block file")
+        if token_ids is not None and header["tokens"] != token_ids:
+            raise ValueError("block file holds other tokens")
+        half = len(payload) // 2
+        return (np.frombuffer(payload[:half], dtype).reshape(shape), np.frombuffer(payload[half:], dtype).reshape(shape))
