@@ -197,3 +197,24 @@ def test_kill_9_during_save_keeps_previous_file(tmp_path):
         d = session_file.read(target)  # never torn: the old or a complete new version
         assert d.k[0].shape == (64, 4, 16, 64)
         assert np.all(d.k[0] == d.k[0].flat[0])
+
+
+def test_memory_pressure_releases_least_recently_used_session(tiny_model_dir, tmp_path):
+    with ZKV(str(tiny_model_dir("llama")), kv_cache_memory=64 * 2 * 2 * 2 * 8 * 16 * 4, block_size=8,
+             max_context=1024) as m:
+        total = m.kv_cache_stats()["blocks_total"]
+        assert total == 64
+        a, b = m.create_session("a"), m.create_session("b")
+        long = "word " * 60
+        a.chat(long, temperature=0, max_tokens=8)
+        b.chat(long + "b", temperature=0, max_tokens=8)
+        assert a.info()["tier"] == "memory" and b.info()["tier"] == "memory"
+        # a request needing most of the pool: the least recently used session (a) is released, never a crash
+        big = list(range(1000, 1000 + (total - 12) * 8))
+        h = m.submit(big, temperature=0, max_tokens=2)
+        events = list(h)
+        assert events[-1].kind == "done", events[-1].error
+        assert a.info()["tier"] != "memory"
+        assert m.kv_cache_stats()["sessions_released"] >= 1
+        a.chat("again", temperature=0, max_tokens=4)  # a released session still works (recomputed or from SSD)
+        assert a.info()["tier"] == "memory"

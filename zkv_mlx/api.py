@@ -200,9 +200,8 @@ class ZKV:
         if not keep_file and session_path(user, name).exists():
             raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
         ids = meta["token_ids"]
-        pinned = self._thread.call(lambda e: e.import_kv(user, ids, data.k, data.v))
         s = Session(self, name, user, meta["messages"], ids, meta.get("created_at"), meta.get("updated_at"))
-        s._pinned = pinned
+        self._thread.call(lambda e: e.set_pins((user, name), e.import_kv(user, ids, data.k, data.v)))
         s._dirty = not keep_file
         self._sessions[key] = s
         return s

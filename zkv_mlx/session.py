@@ -36,7 +36,6 @@ class Session:
         self.token_ids: list[int] = list(token_ids or [])  # conversation tokens whose K/V are computed
         self.created_at = created_at or time.time()
         self.updated_at = updated_at or self.created_at
-        self._pinned: list[int] = []
         self._dirty = True
 
     # -- conversation -----------------------------------------------------------------------------------
@@ -73,16 +72,22 @@ class Session:
         self._dirty = True
         self._repin()
 
+    @property
+    def _key(self):
+        return (self.user, self.name)
+
     def _repin(self) -> None:
-        eng = self._model._thread
-        old, self._pinned = self._pinned, eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
-        eng.call(lambda e: (e.pin(self._pinned), e.unpin(old)))
+        key, ids = self._key, self.token_ids
+        self._model._thread.call(lambda e: e.set_pins(key, e.full_blocks(self.user, ids)))
+
+    @property
+    def _pinned(self) -> list[int]:
+        return self._model.engine.session_pins.get(self._key, [])
 
     def release(self) -> None:
-        """Lets the session's blocks be evicted (they stay cached until reused)."""
-        if self._pinned:
-            old, self._pinned = self._pinned, []
-            self._model._thread.call(lambda e: e.unpin(old))
+        """Lets the session's blocks be evicted (they stay cached, and spill to SSD when reused)."""
+        key = self._key
+        self._model._thread.call(lambda e: e.drop_pins(key))
 
     def clear(self) -> None:
         """Forgets the conversation (messages and cached tokens)."""
@@ -101,7 +106,8 @@ class Session:
             "cache_size_bytes": len(self._pinned) * per_block,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
-            "tier": "memory" if self._pinned else ("disk" if self.path.exists() else "none"),
+            "tier": "memory" if self._pinned else ("ssd" if self._model.engine.ssd is not None and self.token_ids
+                                                   else "disk" if self.path.exists() else "none"),
             "messages": len(self.messages),
         }
 

@@ -82,6 +82,9 @@ class Engine:
         self.eos = set(lm.tokenizer.eos_token_ids)
         self._listeners: dict[int, callable] = {}
         self.scheduler.on_admit = self._count_admission
+        self.scheduler.on_pressure = self._relieve_pressure
+        self.session_pins: dict = {}  # (user, name) -> pinned block ids, least recently used first
+        self.sessions_released = 0
         self._init_prefix_cache(kv_dtype)
         self._init_ssd()
         self._inflight: tuple[list[Sequence], mx.array] | None = None
@@ -235,6 +238,26 @@ class Engine:
             return []
         return [b.block_id for b in self.blocks.match_prefix(probe)]
 
+    def set_pins(self, key, block_ids: list[int]) -> None:
+        """Makes `block_ids` the resident blocks of session `key` (most recently used now)."""
+        old = self.session_pins.pop(key, [])
+        self.pin(block_ids)
+        self.unpin(old)
+        self.session_pins[key] = list(block_ids)
+
+    def drop_pins(self, key) -> None:
+        """Releases a session's resident blocks (they stay cached, and spill to SSD when reused)."""
+        self.unpin(self.session_pins.pop(key, []))
+
+    def _relieve_pressure(self) -> bool:
+        # Out of blocks: release the least recently used session (its blocks spill to SSD as they are reused).
+        if not self.session_pins:
+            return False
+        key = next(iter(self.session_pins))
+        self.drop_pins(key)
+        self.sessions_released += 1
+        return True
+
     def pin(self, block_ids: list[int]) -> None:
         """Holds a reference on blocks (a session keeps its conversation resident)."""
         self.blocks.pool.touch([self.blocks.pool.blocks[i] for i in block_ids])
@@ -260,10 +283,11 @@ class Engine:
         return ks, vs
 
     def import_kv(self, user: str, token_ids: list[int], ks: list, vs: list) -> list[int]:
-        """Writes restored K/V blocks into the pool, publishes them to the prefix cache and pins them.
+        """Writes restored K/V blocks into the pool and publishes them to the prefix cache (cached, unpinned).
 
         Returns:
-            The pinned block ids (in order). Raises OutOfKVMemory when the pool cannot hold them.
+            The block ids holding them, in order (pin them with `set_pins`). Raises OutOfKVMemory when the pool
+            cannot hold them.
         """
         n = ks[0].shape[0] if ks else 0
         if n == 0:
@@ -293,11 +317,12 @@ class Engine:
             existing = pool.get_cached_block(h, toks)
             if existing is None:
                 pool.cache_full_block(b, h, toks)
-        # Keep exactly one pinned block per position: where the cache already had a block, pin that one.
-        pinned = self.full_blocks(user, token_ids[: n * bs])
-        self.pin(pinned)
+        # One block per position: where the cache already had a block for a position, that one is used.
+        held = self.full_blocks(user, token_ids[: n * bs])
+        self.pin(held)
         pool.free_blocks(list(reversed(blocks)))  # our temporary references (duplicates fall back to free)
-        return pinned
+        self.unpin(held)
+        return held
 
     def next_token_logits(self, prompt_ids: list[int], user: str = "local"):
         """Logits [vocab] (float32 numpy) for the token after `prompt_ids`, through the normal cached path.
@@ -523,6 +548,8 @@ class Engine:
             "running": len(running),
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
+            "sessions_resident": len(self.session_pins),
+            "sessions_released": self.sessions_released,
             "prompt_cache_enabled": self.cfg.prompt_cache.enabled,
             "ssd_enabled": self.ssd is not None,
             "ssd_blocks": len(self.ssd) if self.ssd else 0,

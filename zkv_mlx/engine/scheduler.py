@@ -39,6 +39,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.on_admit = lambda seq: None  # the engine counts prefix-cache hits here
+        self.on_pressure = lambda: False  # the engine may free blocks (release idle sessions); True if it did
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -64,6 +65,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
+                if self.on_pressure():
+                    continue
                 break
             self.waiting.popleft()
             first = seq.prefill_len == 0
