@@ -19,6 +19,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help='KV pool size: "4GB", "512MiB", bytes, or "dynamic" (default)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--kv-dtype", default=None, choices=["auto", "float16", "bfloat16", "float32"])
+    g.add_argument("--kv-quant", default=None, choices=["none", "int8", "int4", "k8v4"],
+                   help="quantized KV cache: K and V bits (int4 keeps keys per channel; see docs/benchmarks.md)")
+    g.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64],
+                   help="quantization group along head_dim (default 64)")
     g.add_argument("--weights-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "quantized"],
                    help="auto: float32 on the CPU backend when memory allows, as stored on Metal")
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")
@@ -27,6 +31,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="turn automatic prefix caching off")
     g.add_argument("--prompt-cache-size", default=None, help='bytes of idle cached prefixes kept, e.g. "1GB"')
     g.add_argument("--prompt-cache-ttl", type=float, default=None, help="seconds an idle cached prefix is kept")
+    g.add_argument("--ssd-cache", default=None, choices=["on", "off"], help="spill idle cached blocks to disk")
+    g.add_argument("--ssd-dir", default=None, help="where SSD-tier block files go (default: the cache dir)")
+    g.add_argument("--ssd-cache-size", default=None, help='SSD tier budget, e.g. "8GB" (default: 10%% of free disk)')
 
 
 def engine_kwargs(args) -> dict:
@@ -35,11 +42,16 @@ def engine_kwargs(args) -> dict:
         "kv_cache_memory": args.kv_cache_memory,
         "block_size": args.block_size,
         "kv_dtype": args.kv_dtype,
+        "kv_quant": args.kv_quant,
+        "kv_group_size": args.kv_group_size,
         "weights_dtype": args.weights_dtype,
         "max_num_seqs": args.max_num_seqs,
         "prompt_cache": args.prompt_cache,
         "prompt_cache_size": args.prompt_cache_size,
         "prompt_cache_ttl": args.prompt_cache_ttl,
+        "ssd_cache": args.ssd_cache,
+        "ssd_dir": args.ssd_dir,
+        "ssd_cache_size": args.ssd_cache_size,
     }
 
 
@@ -216,6 +228,44 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_kvmem(args) -> int:
+    from .bench.kvmem import run
+
+    return run(args)
+
+
+def cmd_eval_ppl(args) -> int:
+    from .eval.ppl import run
+
+    return run(args)
+
+
+def add_kv_quality_commands(sub, bsub) -> None:
+    """`eval ppl` and `bench kvmem` (quantized KV cache)."""
+    b = bsub.add_parser("kvmem", help="KV bytes per token (all layers, scales included) per format vs fp16")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--model", "-m", default=None)
+    b.add_argument("--block-size", type=int, default=None)
+    b.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
+    b.set_defaults(func=cmd_kvmem)
+    p = sub.add_parser("eval", help="quality evaluations")
+    esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
+    e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache vs full precision")
+    e.add_argument("--kv-quant", default="int4", choices=["none", "int8", "int4", "k8v4"])
+    e.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
+    e.add_argument("--kv-key-layout", default="auto", choices=["auto", "channel", "token"])
+    e.add_argument("--block-size", type=int, default=None)
+    e.add_argument("--text", default=None, help="UTF-8 text file (default: the standard library's pydoc topics)")
+    e.add_argument("--context", type=int, default=1024, help="tokens per window")
+    e.add_argument("--windows", type=int, default=4, help="windows evaluated (from the start of the text)")
+    e.add_argument("--chunk", type=int, default=128, help="prefill chunk: later chunks read the stored pages")
+    e.add_argument("--vs-mlx-lm", action="store_true", help="also mlx-lm's QuantizedKVCache at the same bits/group")
+    e.add_argument("--model", "-m", default=None)
+    e.add_argument("--weights-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "quantized"])
+    e.add_argument("--json", action="store_true", help="print only the JSON result line")
+    e.set_defaults(func=cmd_eval_ppl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zkv-mlx", description="Local LLM inference with a smart paged KV cache.")
     parser.add_argument("--version", action="version", version=f"zkv-mlx {__version__}")
@@ -269,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check the installation: backend, BLAS speed, kernels, model, directories")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--kernels", action="store_true",
+                   help="on a Mac: run every Metal kernel variant against the reference (pass/fail, GB/s)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
@@ -301,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3)
     add_engine_flags(b)
     b.set_defaults(func=cmd_bench)
+    add_kv_quality_commands(sub, bsub)
     return parser
 
 

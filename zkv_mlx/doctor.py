@@ -48,6 +48,10 @@ def report() -> dict:
 
 
 def run_doctor(args) -> int:
+    if getattr(args, "kernels", False):
+        from .kernel_check import run
+
+        return run(args.json)
     r = report()
     if args.json:
         print(json.dumps(r))
