@@ -170,12 +170,19 @@ class ZKV:
         """Opens a saved session by name (in the user's data dir) or from a session file path, restoring its
         K/V without recomputing."""
         user = user or "local"
-        p = Path(path_or_name)
-        if not (p.suffix == SUFFIX or p.exists()):
+        # A session name first (open, then saved in the user's data dir), else a file path.
+        try:
             key = (user, check_name(path_or_name))
+        except SessionError:
+            key = None
+        if key is not None:
             if key in self._sessions:
                 return self._sessions[key]
-            p = session_path(user, path_or_name)
+            if session_path(user, path_or_name).exists():
+                return self._restore(session_path(user, path_or_name), user, name=None, keep_file=True)
+        p = Path(path_or_name)
+        if not p.exists():
+            raise SessionError(f"no session named {path_or_name!r} for user {user!r} and no such file")
         return self._restore(p, user, name=None, keep_file=True)
 
     def import_session(self, path: str, name: str | None = None, user: str | None = None) -> Session:

@@ -358,6 +358,11 @@ class Engine:
         """Queues a request; `listener(event)` is called on this thread for every event."""
         if not prompt_ids:
             raise ConfigError("the prompt is empty; pass at least one token of text")
+        vocab = self.lm.model.model.embed_tokens.weight.shape[0]
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ConfigError(f"token id {bad!r} is outside the vocabulary (0..{vocab - 1}); pass ids from this "
+                              "model's tokenizer")
         if len(prompt_ids) >= self.max_context:
             raise PromptTooLong(
                 f"the prompt has {len(prompt_ids)} tokens but max context is {self.max_context}; "

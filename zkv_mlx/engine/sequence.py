@@ -35,7 +35,8 @@ class SamplingParams:
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
             (0.0 <= float(self.min_p) < 1.0, "min_p", "in [0, 1)"),
             (float(self.repetition_penalty) > 0.0, "repetition_penalty", "> 0 (1.0 = off)"),
-            (self.seed is None or isinstance(self.seed, int), "seed", "an integer"),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and 0 <= self.seed < 2**64), "seed", "an integer in [0, 2**64)"),
         ]
         for ok, name, want in checks:
             if not ok:

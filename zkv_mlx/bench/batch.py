@@ -1,0 +1,86 @@
+"""`zkv-mlx bench batch`: continuous batching. Tokens/s of one greedy stream alone vs the total tokens/s of N
+concurrent greedy streams of the same length, each submitted from its own thread (as the server does).
+
+Rounds alternate single and batched in one process; every stream of every round has its own prompt (distinct
+windows of the bench text), so no prefix-cache hit helps either side. Times run from submission to the last
+token (prefill included). Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup"} (medians).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .common import bench_tokens, emit, log, machine, median
+
+
+def _stream(model, prompt: list[int], tokens: int, start: threading.Barrier | None, out: list, i: int) -> None:
+    if start is not None:
+        start.wait()
+    n = 0
+    for ev in model.submit(prompt, temperature=0.0, max_tokens=tokens, ignore_eos=True):
+        if ev.kind == "error":
+            out[i] = ev.error
+            return
+        if ev.kind == "done":
+            n = ev.usage.get("completion_tokens", 0)
+    out[i] = (n, time.perf_counter())
+
+
+def _round(model, prompts: list[list[int]], tokens: int) -> float:
+    """Total generated tokens/s of `prompts` run concurrently (one thread each)."""
+    out: list = [None] * len(prompts)
+    start = threading.Barrier(len(prompts) + 1)
+    threads = [threading.Thread(target=_stream, args=(model, p, tokens, start, out, i))
+               for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return sum(n for n, _ in out) / (max(t for _, t in out) - t0)
+
+
+def run(args) -> int:
+    from ..cli import open_model
+
+    streams, plen = args.streams, args.prompt_tokens
+    if streams < 1 or args.tokens < 1 or plen < 1 or args.rounds < 1:
+        raise SystemExit("--streams, --tokens, --prompt-tokens and --rounds must be >= 1")
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(streams, 16)
+    if args.max_context is None:
+        args.max_context = plen + args.tokens + 16
+    log(args, "loading zkv engine...")
+    model = open_model(args)
+    # One distinct prompt per stream per round (+1 for the single stream, +1 round for the warm-up).
+    per_round = streams + 1
+    text = bench_tokens(model.tokenizer, plen * per_round * (args.rounds + 1))
+    windows = [text[i * plen:(i + 1) * plen] for i in range(per_round * (args.rounds + 1))]
+    _round(model, windows[:streams], min(args.tokens, 8))  # warm-up: kernels, allocator, batch shapes
+    singles, batched = [], []
+    for r in range(args.rounds):
+        w = windows[per_round * (r + 1): per_round * (r + 2)]
+        singles.append(_round(model, w[:1], args.tokens))
+        batched.append(_round(model, w[1:], args.tokens))
+        row = {"round": r, "single_tok_s": round(singles[-1], 2), "batched_tok_s": round(batched[-1], 2)}
+        emit(row) if args.json else log(args, str(row))
+    weights = model.info["weights"]
+    model.close()
+    single, batch = median(singles), median(batched)
+    emit({
+        "streams": streams,
+        "single_tok_s": round(single, 2),
+        "batched_tok_s": round(batch, 2),
+        "speedup": round(batch / single, 2),
+        "tokens": args.tokens,
+        "prompt_tokens": plen,
+        "rounds": args.rounds,
+        "weights": weights,
+        "machine": machine(),
+    })
+    return 0

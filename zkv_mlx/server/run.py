@@ -1,0 +1,35 @@
+"""`zkv-mlx serve`: load the model, build the app, run uvicorn until Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import ConfigError
+
+
+def serve(args) -> int:
+    """Runs the server for parsed `zkv-mlx serve` arguments (see cli.py)."""
+    import uvicorn
+
+    from ..cli import open_model
+    from .app import create_app
+    from .auth import load_api_keys
+
+    if args.require_key and not args.api_keys:
+        raise ConfigError("--require-key needs --api-keys FILE (no key could ever be accepted)")
+    if args.max_queue < 1:
+        raise ConfigError(f"--max-queue {args.max_queue}: must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be in 0..65535")
+    keys = load_api_keys(args.api_keys) if args.api_keys else None  # before the (slow) model load
+    model = open_model(args)
+    try:
+        app = create_app(model, api_keys=keys, require_key=args.require_key, max_queue=args.max_queue)
+        auth = f"{len(keys)} API key(s){', required' if args.require_key else ''}" if keys else "no API keys"
+        print(f"zkv-mlx: serving {model.info['model']} on http://{args.host}:{args.port}/v1 ({auth})",
+              file=sys.stderr, flush=True)
+        # On Ctrl-C, streams still open get a few seconds, then the engine stops and ends them.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        model.close()
+    return 0
