@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup openblas chat test bench doctor clean
+.PHONY: setup openblas tmux chat test bench doctor clean
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,19 @@ openblas:
 	  else echo "note: 'sudo apt-get install libopenblas0-pthread' makes CPU inference much faster"; fi; \
 	fi
 
+# tmux drives the real-terminal smoke test of `zkv-mlx chat` (tests/test_tui_tmux.py). Installed when root.
+tmux:
+	@if ! command -v tmux >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing tmux"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null; \
+	  else echo "note: install tmux to run the terminal smoke test"; fi; \
+	fi
+
 chat: setup openblas
 	$(VENV)/bin/zkv-mlx chat
 
-test: setup openblas
+test: setup openblas tmux
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
 

@@ -125,11 +125,16 @@ class ZKV:
     def clear_kv_cache(self, session=None) -> int:
         """Forgets cached prompt prefixes that no request is using (pinned prefixes stay).
 
+        Args:
+            session: a Session (or the name of one of the "local" user's): release and forget only its blocks
+                (its next turn recomputes, or promotes them from SSD).
+
         Returns:
             The number of blocks dropped.
         """
         if session is not None:
-            raise NotImplementedError("clearing one session's cache arrives with sessions")
+            key = (session.user, session.name) if isinstance(session, Session) else ("local", check_name(session))
+            return self._thread.call(lambda eng: eng.clear_cache(key))
         return self._thread.call(lambda eng: eng.clear_cache())
 
     @property

@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with the model in the terminal")
     p.add_argument("--user", default=None)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--session", default=None, help="open (or create) this named session")
     p.add_argument("--plain", action="store_true",
                    help="line-based chat instead of the terminal app (also used when stdin/stdout is not a TTY)")
     add_engine_flags(p)

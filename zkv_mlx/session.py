@@ -54,9 +54,11 @@ class Session:
 
     def _turn(self, handle, new_messages, ids):
         reply_ids, chunks = [], []
+        failed = False
         try:
             for ev in handle:
                 if ev.kind == "error":
+                    failed = True
                     raise ev.error
                 if ev.token_id is not None:
                     reply_ids.append(ev.token_id)
@@ -64,13 +66,14 @@ class Session:
                     chunks.append(ev.text)
                     yield ev.text
         finally:
-            if not handle.done:
+            if not handle.done:  # the caller stopped early (e.g. Esc in the TUI): stop generating
                 handle.cancel()
-        self.messages = new_messages + [{"role": "assistant", "content": "".join(chunks)}]
-        self.token_ids = ids + reply_ids
-        self.updated_at = time.time()
-        self._dirty = True
-        self._repin()
+            if not failed:  # a finished or stopped turn is part of the conversation, partial reply included
+                self.messages = new_messages + [{"role": "assistant", "content": "".join(chunks)}]
+                self.token_ids = ids + reply_ids
+                self.updated_at = time.time()
+                self._dirty = True
+                self._repin()
 
     @property
     def _key(self):

@@ -2,8 +2,10 @@
 concurrent greedy streams of the same length, each submitted from its own thread (as the server does).
 
 Rounds alternate single and batched in one process; every stream of every round has its own prompt (distinct
-windows of the bench text), so no prefix-cache hit helps either side. Times run from submission to the last
-token (prefill included). Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup"} (medians).
+windows of the bench text), so no prefix-cache hit helps either side. `*_tok_s` is decode throughput while every
+stream is generating (from the last stream's first token to the first stream's last token: the steady state that
+continuous batching speeds up); `*_e2e_tok_s` runs from submission to the last token, prefills included.
+Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup", ...} (medians).
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ from .common import bench_tokens, emit, log, machine, median
 def _stream(model, prompt: list[int], tokens: int, start: threading.Barrier | None, out: list, i: int) -> None:
     if start is not None:
         start.wait()
-    n = 0
+    stamps = []
     for ev in model.submit(prompt, temperature=0.0, max_tokens=tokens, ignore_eos=True):
         if ev.kind == "error":
             out[i] = ev.error
             return
-        if ev.kind == "done":
-            n = ev.usage.get("completion_tokens", 0)
-    out[i] = (n, time.perf_counter())
+        if ev.token_id is not None:
+            stamps.append(time.perf_counter())
+    out[i] = stamps
 
 
-def _round(model, prompts: list[list[int]], tokens: int) -> float:
-    """Total generated tokens/s of `prompts` run concurrently (one thread each)."""
+def _round(model, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
+    """(steady-state decode tokens/s, end-to-end tokens/s) of `prompts` run concurrently (one thread each)."""
     out: list = [None] * len(prompts)
     start = threading.Barrier(len(prompts) + 1)
     threads = [threading.Thread(target=_stream, args=(model, p, tokens, start, out, i))
@@ -42,7 +44,10 @@ def _round(model, prompts: list[list[int]], tokens: int) -> float:
     for r in out:
         if isinstance(r, BaseException):
             raise r
-    return sum(n for n, _ in out) / (max(t for _, t in out) - t0)
+    e2e = sum(len(st) for st in out) / (max(st[-1] for st in out) - t0)
+    start, end = max(st[0] for st in out), min(st[-1] for st in out)
+    n = sum(1 for st in out for t in st if start < t <= end)
+    return (n / (end - start) if end > start else float("nan")), e2e
 
 
 def run(args) -> int:
@@ -62,12 +67,17 @@ def run(args) -> int:
     text = bench_tokens(model.tokenizer, plen * per_round * (args.rounds + 1))
     windows = [text[i * plen:(i + 1) * plen] for i in range(per_round * (args.rounds + 1))]
     _round(model, windows[:streams], min(args.tokens, 8))  # warm-up: kernels, allocator, batch shapes
-    singles, batched = [], []
+    singles, batched, singles_e2e, batched_e2e = [], [], [], []
     for r in range(args.rounds):
         w = windows[per_round * (r + 1): per_round * (r + 2)]
-        singles.append(_round(model, w[:1], args.tokens))
-        batched.append(_round(model, w[1:], args.tokens))
-        row = {"round": r, "single_tok_s": round(singles[-1], 2), "batched_tok_s": round(batched[-1], 2)}
+        d, e = _round(model, w[:1], args.tokens)
+        singles.append(d)
+        singles_e2e.append(e)
+        d, e = _round(model, w[1:], args.tokens)
+        batched.append(d)
+        batched_e2e.append(e)
+        row = {"round": r, "single_tok_s": round(singles[-1], 2), "batched_tok_s": round(batched[-1], 2),
+               "single_e2e_tok_s": round(singles_e2e[-1], 2), "batched_e2e_tok_s": round(batched_e2e[-1], 2)}
         emit(row) if args.json else log(args, str(row))
     weights = model.info["weights"]
     model.close()
@@ -77,6 +87,9 @@ def run(args) -> int:
         "single_tok_s": round(single, 2),
         "batched_tok_s": round(batch, 2),
         "speedup": round(batch / single, 2),
+        "single_e2e_tok_s": round(median(singles_e2e), 2),
+        "batched_e2e_tok_s": round(median(batched_e2e), 2),
+        "e2e_speedup": round(median(batched_e2e) / median(singles_e2e), 2),
         "tokens": args.tokens,
         "prompt_tokens": plen,
         "rounds": args.rounds,

@@ -349,9 +349,24 @@ class Engine:
         self._listeners.pop(seq.seq_id, None)
         return logits
 
-    def clear_cache(self) -> int:
-        """Forgets every unreferenced cached block (pinned prefixes stay); returns how many."""
-        return self.blocks.pool.clear_cached()
+    def clear_cache(self, session_key=None) -> int:
+        """Forgets unreferenced cached blocks (pinned prefixes stay); returns how many.
+
+        Args:
+            session_key: (user, name): release that session's blocks and forget only those.
+        """
+        if session_key is None:
+            return self.blocks.pool.clear_cached()
+        ids = self.session_pins.get(session_key, [])
+        self.drop_pins(session_key)
+        pool = self.blocks.pool
+        n = 0
+        for i in ids:
+            b = pool.blocks[i]
+            if b.ref_count == 0 and b.block_hash is not None:
+                pool.drop_cached(b)
+                n += 1
+        return n
 
     # -- requests -------------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener) -> Sequence:
@@ -546,6 +561,7 @@ class Engine:
             "blocks_cached": pool.num_cached_free_blocks,
             "blocks_free": pool.num_free_blocks,
             "blocks_pinned": sum(1 for b in pool.blocks if b.pinned),
+            "blocks_session": len({i for ids in self.session_pins.values() for i in ids}),
             **c,
             "hit_rate": (c["hit_tokens"] / looked_up) if looked_up else 0.0,
             "evictions": pool.evictions,
@@ -568,8 +584,9 @@ class Engine:
     def block_map(self) -> list[str]:
         """State of every block: free, used, shared (several users of one block), cached, pinned."""
         out = []
+        held = {i for ids in self.session_pins.values() for i in ids}
         for b in self.blocks.pool.blocks:
-            if b.pinned:
+            if b.pinned or b.block_id in held:
                 out.append("pinned")
             elif b.ref_count > 1:
                 out.append("shared")
