@@ -108,7 +108,7 @@ def _valid_file(tmp_path, n_blocks=3, seed=0):
     shape = (n_blocks, 2, 4, 8)
     meta = {"name": "fz", "user": "local", "model_fingerprint": "f" * 32, "model_name": "x", "kv_format": "float32",
             "dtype": "float32", "n_layers": 2, "n_kv_heads": 2, "block_size": 4, "head_dim": 8,
-            "n_blocks": n_blocks, "token_ids": list(range(n_blocks * 4 + 1)), "messages": [{"role": "user",
+            "n_blocks": n_blocks, "block_shape": [2, 4, 8], "token_ids": list(range(n_blocks * 4 + 1)), "messages": [{"role": "user",
             "content": "hi"}]}
     ks = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
     vs = [rng.standard_normal(shape).astype(np.float32) for _ in range(2)]
@@ -176,6 +176,7 @@ from zkv_mlx.storage import session_file
 p = sys.argv[1]
 meta = {"name": "k", "user": "local", "model_fingerprint": "f", "model_name": "x", "kv_format": "float32",
         "dtype": "float32", "n_layers": 2, "n_kv_heads": 4, "block_size": 16, "head_dim": 64, "n_blocks": 64,
+        "block_shape": [4, 16, 64],
         "token_ids": list(range(64 * 16)), "messages": []}
 i = 0
 while True:
@@ -218,3 +219,24 @@ def test_memory_pressure_releases_least_recently_used_session(tiny_model_dir, tm
         assert m.kv_cache_stats()["sessions_released"] >= 1
         a.chat("again", temperature=0, max_tokens=4)  # a released session still works (recomputed or from SSD)
         assert a.info()["tier"] == "memory"
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_quantized_session_roundtrip_and_size(quant, tiny_model_dir, tmp_path):
+    path = str(tiny_model_dir("llama"))
+    prompt = "The history of paged memory: " * 12
+    sizes = {}
+    for fmt in ("none", quant):
+        with ZKV(path, kv_cache_memory="32MB", kv_quant=fmt, block_size=32, ssd_cache="off") as m:
+            s = m.create_session(f"q-{fmt}")
+            s.chat(prompt, temperature=0, max_tokens=8)
+            f = s.export(tmp_path / f"{fmt}.zkvs")
+            sizes[fmt] = f.stat().st_size
+            follow = m.tokenizer.encode_chat(s.messages + [{"role": "user", "content": "more"}])
+            want = m.next_token_logits(follow)
+            m.delete_session(f"q-{fmt}")
+        with ZKV(path, kv_cache_memory="32MB", kv_quant=fmt, block_size=32, ssd_cache="off") as m2:
+            r = m2.import_session(str(f), name=f"back-{quant}-{fmt}")
+            assert r.token_ids and np.array_equal(m2.next_token_logits(follow), want)
+    if quant == "int4":
+        assert sizes["int4"] < 0.4 * sizes["none"]

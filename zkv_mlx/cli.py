@@ -254,6 +254,7 @@ def add_kv_quality_commands(sub, bsub) -> None:
     e.add_argument("--kv-quant", default="int4", choices=["none", "int8", "int4", "k8v4"])
     e.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
     e.add_argument("--kv-key-layout", default="auto", choices=["auto", "channel", "token"])
+    e.add_argument("--kv-sinks", type=int, default=4, help="full-precision keys of the first positions (int4)")
     e.add_argument("--block-size", type=int, default=None)
     e.add_argument("--text", default=None, help="UTF-8 text file (default: the standard library's pydoc topics)")
     e.add_argument("--context", type=int, default=1024, help="tokens per window")

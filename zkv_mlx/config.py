@@ -56,19 +56,21 @@ KEY_LAYOUTS = ("auto", "channel", "token")
 class KVCacheConfig:
     """Paged KV pool settings.
 
-    block_size: tokens per block (default 16; 32 with per-channel keys). memory: bytes, a size string, or
+    block_size: tokens per block ("auto": 16, or 32 with per-channel keys). memory: bytes, a size string, or
     "dynamic" (a fraction of the memory left after the weights). dtype: "auto" = the model's activation dtype.
     quant: "none" | "int8" | "int4" | "k8v4" (K and V bits). group_size: 32 | 64, per-token group along head_dim
     (default 64). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
+    sinks: with per-channel keys, keys of each sequence's first `sinks` positions stay in full precision.
     """
 
-    block_size: int | None = None
+    block_size: int | str = "auto"
     memory: int | str = "dynamic"
     dtype: str = "auto"
     dynamic_fraction: float = 0.3
     quant: str = "none"
     group_size: int | None = None
     key_layout: str = "auto"
+    sinks: int = 4
 
     def __post_init__(self):
         if self.quant not in KV_QUANTS:
@@ -77,7 +79,9 @@ class KVCacheConfig:
             raise ConfigError(f"kv.group_size: {self.group_size!r} is not supported; use 32 or 64")
         if self.key_layout not in KEY_LAYOUTS:
             raise ConfigError(f"kv.key_layout: {self.key_layout!r} is not one of {', '.join(KEY_LAYOUTS)}")
-        if self.block_size is None:
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or not 0 <= self.sinks <= 8:
+            raise ConfigError(f"kv.sinks: {self.sinks!r} must be an integer in 0..8")
+        if self.block_size == "auto":
             self.block_size = 32 if self.channel_keys else 16
         if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"kv.block_size: {self.block_size!r} is not supported; use 8, 16, 32, 64 or 128")
@@ -217,6 +221,7 @@ ALIASES = {
     "kv_quant": "kv.quant",
     "kv_group_size": "kv.group_size",
     "kv_key_layout": "kv.key_layout",
+    "kv_sinks": "kv.sinks",
     "prompt_cache_enabled": "prompt_cache.enabled",
     "prompt_cache_size": "prompt_cache.size",
     "prompt_cache_ttl": "prompt_cache.ttl",

@@ -135,7 +135,9 @@ class Session:
         e = self._model.engine
         meta = {
             "name": self.name, "user": self.user, "model_fingerprint": e.lm.fingerprint, "model_name": e.lm.name,
-            "kv_format": e.kv_format, "dtype": str(e.runner.pool.dtype).split(".")[-1],
+            "kv_format": e.kv_format, "dtype": ks[0].dtype.name if ks else "float32",
+            "block_shape": list(ks[0].shape[1:]) if ks else [1],
+            "v_block_shape": list(vs[0].shape[1:]) if vs else [1],
             "n_layers": e.runner.pool.n_layers, "n_kv_heads": e.runner.pool.n_kv_heads,
             "block_size": bs, "head_dim": e.runner.pool.head_dim, "n_blocks": len(pinned),
             "token_ids": self.token_ids, "messages": self.messages,

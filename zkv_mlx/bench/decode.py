@@ -1,7 +1,9 @@
 """`zkv-mlx bench decode`: zkv's engine vs mlx-lm's `generate_step` on the same weights and dtype.
 
 Both run in this process, alternating rounds; the result line reports medians:
-{"context", "zkv_tok_s", "mlx_lm_tok_s", "ratio", "prefill_zkv_tok_s", "prefill_mlx_lm_tok_s"}.
+{"context", "zkv_tok_s", "mlx_lm_tok_s", "ratio", "prefill_zkv_tok_s", "prefill_mlx_lm_tok_s"}; with
+--kv-quant also "ratio_vs_fp16" (decode speed over the same engine with an unquantized cache) and the peak
+memory of both prefills above the memory in use before them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import time
 from .common import bench_tokens, emit, log, machine, median
 
 
-def _zkv_round(model, prompt: list[int], tokens: int) -> tuple[float, float]:
+def _zkv_round(model, prompt: list[int], tokens: int, peaks: list | None = None) -> tuple[float, float]:
+    import mlx.core as mx
+
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
     t0 = time.perf_counter()
     times = []
     handle = model.submit(prompt, temperature=0.0, max_tokens=tokens, ignore_eos=True)
@@ -20,6 +26,8 @@ def _zkv_round(model, prompt: list[int], tokens: int) -> tuple[float, float]:
             raise ev.error
         if ev.kind == "token":
             times.append(time.perf_counter())
+            if peaks is not None and len(times) == 1:
+                peaks.append(mx.get_peak_memory() - base)  # the prefill's transient memory above the pool
     prefill = len(prompt) / (times[0] - t0)
     decode = (len(times) - 1) / (times[-1] - times[0])
     return prefill, decode
@@ -50,14 +58,29 @@ def run(args) -> int:
     log(args, "loading mlx-lm reference model (same weights and dtype)...")
     ref = load_model(args.model, model.config.weights_dtype).model
     prompt = bench_tokens(model.tokenizer, args.context)
+    quant = getattr(args, "kv_quant", None) not in (None, "none")
+    fp16 = None
+    if quant:
+        # The same engine with an unquantized KV cache, for "ratio_vs_fp16" and the prefill peak memory.
+        if model.engine.runner.pool.quant is None:
+            log(args, "warning: the engine ignored --kv-quant (its runner was built without the KV config)")
+        log(args, "loading the unquantized-KV engine...")
+        kw = dict(engine_kwargs(args), kv_quant="none", kv_group_size=None)
+        from ..api import ZKV
+
+        fp16 = ZKV(args.model, config=args.config, **kw)
+        _zkv_round(fp16, prompt[:64], 4)
+    f_dec, q_peak, f_peak = [], [], []
     # Warm-up both (kernels, allocator) on a short prompt.
     _zkv_round(model, prompt[:64], 4)
     _mlx_lm_round(ref, prompt[:64], 4)
     z_pre, z_dec, m_pre, m_dec = [], [], [], []
     for r in range(args.rounds):
-        p, d = _zkv_round(model, prompt, args.tokens)
+        p, d = _zkv_round(model, prompt, args.tokens, q_peak)
         z_pre.append(p)
         z_dec.append(d)
+        if fp16 is not None:
+            f_dec.append(_zkv_round(fp16, prompt, args.tokens, f_peak)[1])
         p, d = _mlx_lm_round(ref, prompt, args.tokens)
         m_pre.append(p)
         m_dec.append(d)
@@ -68,6 +91,12 @@ def run(args) -> int:
         else:
             log(args, str(row))
     model.close()
+    extra = {}
+    if fp16 is not None:
+        fp16.close()
+        extra = {"kv_quant": args.kv_quant, "kv_format": model.engine.runner.pool.format_name,
+                 "fp16_tok_s": round(median(f_dec), 2), "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
+                 "prefill_peak_bytes": max(q_peak), "prefill_peak_bytes_fp16": max(f_peak)}
     result = {
         "context": args.context,
         "tokens": args.tokens,
@@ -77,6 +106,7 @@ def run(args) -> int:
         "ratio": round(median(z_dec) / median(m_dec), 3),
         "prefill_zkv_tok_s": round(median(z_pre), 1),
         "prefill_mlx_lm_tok_s": round(median(m_pre), 1),
+        **extra,
         "weights": model.info["weights"],
         "machine": machine(),
     }

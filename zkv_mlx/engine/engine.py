@@ -19,6 +19,7 @@ from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
 from ..config import EngineConfig
 from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
+from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
 from ..storage.ssd_store import SSDStore
@@ -52,7 +53,8 @@ def plan_pool(cfg: EngineConfig, lm: LoadedModel, max_context: int) -> tuple[int
     """
     kv = cfg.kv
     dtype = lm.dtype if kv.dtype == "auto" else getattr(mx, kv.dtype)
-    per_block = KVPool.bytes_per_block(lm.n_layers, lm.n_kv_heads, kv.block_size, lm.head_dim, dtype)
+    per_block = KVPool.bytes_per_block(lm.n_layers, lm.n_kv_heads, kv.block_size, lm.head_dim, dtype,
+                                       QuantSpec.from_config(kv))
     blocks_per_ctx = -(-max_context // kv.block_size) + 1
     if kv.memory == "dynamic":
         budget = int(sysinfo.available_memory() * kv.dynamic_fraction)
@@ -76,7 +78,7 @@ class Engine:
         self.cfg = cfg
         self.max_context = cfg.max_context or lm.max_context
         num_blocks, kv_dtype = plan_pool(cfg, lm, self.max_context)
-        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype)
+        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk)
         self.eos = set(lm.tokenizer.eos_token_ids)
@@ -92,7 +94,7 @@ class Engine:
     # -- prefix cache ---------------------------------------------------------------------------------
     def _init_prefix_cache(self, kv_dtype) -> None:
         pc = self.cfg.prompt_cache
-        self.kv_format = f"{str(kv_dtype).split('.')[-1]};block={self.cfg.kv.block_size}"
+        self.kv_format = self.runner.pool.format_name
         fp = self.lm.fingerprint
         self._public_root = root_hash(fp, self.kv_format, "public")
         self._user_roots: dict[str, bytes] = {}
@@ -150,15 +152,10 @@ class Engine:
         if not self._staged:
             return
         staged, self._staged = self._staged, []
-        idx = mx.array([b for b, _, _ in staged], dtype=mx.int32)
         kvp = self.runner.pool
-        ks = mx.array(np.stack([k for _, k, _ in staged], axis=1))  # [L, n, H, BS, D]
-        vs = mx.array(np.stack([v for _, _, v in staged], axis=1))
-        if kvp.dtype == mx.bfloat16:
-            ks, vs = ks.view(mx.bfloat16), vs.view(mx.bfloat16)
-        for layer in range(kvp.n_layers):
-            kvp.k[layer][idx] = ks[layer].astype(kvp.dtype)
-            kvp.v[layer][idx] = vs[layer].astype(kvp.dtype)
+        kvp.import_blocks([b for b, _, _ in staged],
+                          [np.stack([k[layer] for _, k, _ in staged]) for layer in range(kvp.n_layers)],
+                          [np.stack([v[layer] for _, _, v in staged]) for layer in range(kvp.n_layers)])
 
     def _spill(self, block) -> None:
         # A cached block is about to be reused: copy it to the SSD tier first (once).
@@ -267,20 +264,9 @@ class Engine:
         self.blocks.pool.free_blocks([self.blocks.pool.blocks[i] for i in reversed(block_ids)])
 
     def export_kv(self, block_ids: list[int]) -> tuple[list, list]:
-        """Copies the K/V of blocks out of the pool: per layer numpy [n, H, BS, D] (bfloat16 as raw uint16)."""
-        import numpy as np
-
-        idx = mx.array(block_ids, dtype=mx.int32)
-        pool = self.runner.pool
-        ks, vs = [], []
-        for layer in range(pool.n_layers):
-            k, v = pool.k[layer][idx], pool.v[layer][idx]
-            if k.dtype == mx.bfloat16:
-                k, v = k.view(mx.uint16), v.view(mx.uint16)
-            mx.eval(k, v)
-            ks.append(np.array(k))
-            vs.append(np.array(v))
-        return ks, vs
+        """Copies the stored bytes of blocks out of the pool: per layer numpy arrays, block axis first."""
+        self._flush_staged()
+        return self.runner.pool.export_blocks(block_ids)
 
     def import_kv(self, user: str, token_ids: list[int], ks: list, vs: list) -> list[int]:
         """Writes restored K/V blocks into the pool and publishes them to the prefix cache (cached, unpinned).
@@ -298,15 +284,8 @@ class Engine:
                                 "raise --kv-cache-memory or close other sessions")
         blocks = pool.get_new_blocks(n)
         ids = [b.block_id for b in blocks]
-        idx = mx.array(ids, dtype=mx.int32)
-        kvp = self.runner.pool
-        for layer in range(kvp.n_layers):
-            k, v = mx.array(ks[layer]), mx.array(vs[layer])
-            if kvp.dtype == mx.bfloat16:
-                k, v = k.view(mx.bfloat16), v.view(mx.bfloat16)
-            kvp.k[layer][idx] = k.astype(kvp.dtype)
-            kvp.v[layer][idx] = v.astype(kvp.dtype)
-        mx.eval(kvp.k, kvp.v)
+        self.runner.pool.import_blocks(ids, ks, vs)
+        mx.eval(self.runner.pool.k, self.runner.pool.v)
         key = self.hash_key(user, token_ids)
         bs = self.blocks.block_size
         parent = None

@@ -23,13 +23,14 @@ class AttnContext:
 
     Prefill (B=1, L new tokens): `offset` int, `block_table` [nb] of the sequence, `kv_len` = offset + L.
     Decode (B sequences, 1 token each): `offset` [B] positions, `block_tables` [B, nb], `context_lens` [B].
-    Both: `write_blocks`/`write_offsets` [N] where the N new rows go.
+    Both: `write_blocks`/`write_offsets` [N] where the N new rows go, or `write_plan` (quantized pools).
     """
 
     pool: KVPool
     offset: int | mx.array
-    write_blocks: mx.array
-    write_offsets: mx.array
+    write_blocks: mx.array | None = None
+    write_offsets: mx.array | None = None
+    write_plan: object = None  # storage.kv_pool.WritePlan
     block_table: mx.array | None = None
     kv_len: int = 0
     block_tables: mx.array | None = None
@@ -76,10 +77,20 @@ class PagedAttention(nn.Module):
         # rows to store: [B*L, H, D] in token order
         k_rows = k.transpose(0, 2, 1, 3).reshape(B * L, self.n_kv_heads, -1)
         v_rows = v.reshape(B * L, self.n_kv_heads, -1)
-        ctx.pool.write(self.layer_idx, k_rows, v_rows, ctx.write_blocks, ctx.write_offsets)
+        if ctx.write_plan is not None:
+            ctx.pool.write(self.layer_idx, k_rows, v_rows, ctx.write_plan)
+        else:
+            ctx.pool.write(self.layer_idx, k_rows, v_rows, ctx.write_blocks, ctx.write_offsets)
         if ctx.is_prefill:
             keys, values = ctx.pool.gather(self.layer_idx, ctx.block_table, ctx.kv_len)
             out = prefill_attention_reference(q, keys, values, self.scale)
+        elif ctx.tables is not None and ctx.pool.quant is not None:
+            # Quantized reference path: dequantize each sequence's own blocks only.
+            outs = []
+            for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens)):
+                keys, values = ctx.pool.gather(self.layer_idx, t, n)
+                outs.append(prefill_attention_reference(q[i : i + 1], keys, values, self.scale))
+            out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         elif ctx.tables is not None:
             # Reference path: each sequence attends alone, so batched decode is bitwise equal to solo decode.
             kp, vp = ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx]
@@ -87,8 +98,8 @@ class PagedAttention(nn.Module):
                     for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens))]
             out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         else:
-            out = paged_attention(q, ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx], ctx.block_tables,
-                                  ctx.context_lens, self.scale, ctx.max_len)
+            out = paged_attention(q, ctx.pool.k_pool(self.layer_idx), ctx.pool.v_pool(self.layer_idx),
+                                  ctx.block_tables, ctx.context_lens, self.scale, ctx.max_len)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
         return self.o_proj(out)
 

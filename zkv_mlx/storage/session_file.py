@@ -1,7 +1,7 @@
 """Session files: one self-describing safetensors file per conversation (see docs/session-format.md).
 
-Tensors `k.{layer}` / `v.{layer}` hold the K/V of the session's full blocks, [n_blocks, n_kv_heads, block_size,
-head_dim]; the safetensors metadata holds one JSON document under "zkv" (format version, model fingerprint, KV
+Tensors `k.{layer}` / `v.{layer}` hold the stored bytes of the session's full blocks, block axis first (float pools:
+[n_blocks, n_kv_heads, block_size, head_dim]; quantized pools: uint8 [n_blocks, bytes per block]); the safetensors metadata holds one JSON document under "zkv" (format version, model fingerprint, KV
 format, geometry, token ids, messages, per-tensor sha256). Writes are atomic (temp file, fsync, rename, mode
 0600); reads validate everything before anything is returned, so an import is all or nothing.
 """
@@ -24,7 +24,8 @@ FORMAT = "zkv-session"
 VERSION = 1
 SUFFIX = ".zkvs"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw 16-bit words
+# Element types of the stored arrays: float pools as is (bfloat16 as raw 16-bit words), quantized pools as bytes.
+_DTYPES = {"float32": np.float32, "float16": np.float16, "uint16": np.uint16, "uint8": np.uint8}
 _MAX_HEADER = 64 << 20
 
 
@@ -108,12 +109,13 @@ def read(path: Path) -> SessionData:
         header, header_len = _header(f, size, path)
         meta = _meta(header, path)
         base = 8 + header_len
-        n_layers, shape = meta["n_layers"], _shape(meta)
+        n_layers = meta["n_layers"]
         dtype = np.dtype(_DTYPES[meta["dtype"]])
-        nbytes = int(np.prod(shape)) * dtype.itemsize
         data = SessionData(meta=meta)
         for i in range(n_layers):
             for kind, out in (("k", data.k), ("v", data.v)):
+                shape = _shape(meta, kind)
+                nbytes = int(np.prod(shape)) * dtype.itemsize
                 name = f"{kind}.{i}"
                 info = header.get(name)
                 if not isinstance(info, dict):
@@ -174,6 +176,11 @@ def _meta(header: dict, path: Path) -> dict:
             f"{VERSION}); upgrade zkv-mlx"
         )
     ints = ("n_layers", "n_kv_heads", "block_size", "head_dim", "n_blocks")
+    for key in ("block_shape", "v_block_shape"):
+        shape = meta.get(key, meta.get("block_shape"))
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 4
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1 << 24 for x in shape)):
+            raise SessionFormatError(f"{path}: session metadata has no valid {key}")
     strs = ("model_fingerprint", "kv_format", "dtype", "name", "user")
     ok = all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) and 0 <= meta[k] < 1 << 20
              for k in ints)
@@ -187,8 +194,9 @@ def _meta(header: dict, path: Path) -> dict:
     return meta
 
 
-def _shape(meta: dict) -> tuple[int, int, int, int]:
-    return (meta["n_blocks"], meta["n_kv_heads"], meta["block_size"], meta["head_dim"])
+def _shape(meta: dict, kind: str) -> tuple[int, ...]:
+    # V may have its own layout (quantized KV: keys per channel, values per token)
+    return (meta["n_blocks"], *(meta.get("v_block_shape", meta["block_shape"]) if kind == "v" else meta["block_shape"]))
 
 
 def _offsets(info: dict, name: str, path: Path) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import numpy as np
 
 MAGIC = b"ZKVB\x01\x00\x00\x00"
 SUFFIX = ".kvb"
-_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint32": np.uint32}
+_DTYPES = {"float32": np.float32, "float16": np.float16, "uint16": np.uint16, "uint8": np.uint8}
 
 
 class SSDStore:
@@ -172,7 +172,7 @@ class SSDStore:
         header = json.loads(data[12:12 + n])
         payload = data[12 + n:]
         shape, dtype = tuple(header["shape"]), np.dtype(_DTYPES[header["dtype"]])
-        if len(shape) != 4 or len(payload) != 2 * int(np.prod(shape)) * dtype.itemsize:
+        if not 2 <= len(shape) <= 5 or len(payload) != 2 * int(np.prod(shape)) * dtype.itemsize:
             raise ValueError("torn block file")
         if hashlib.sha256(payload).hexdigest() != header["sha256"]:
             raise ValueError("corrupt block file")

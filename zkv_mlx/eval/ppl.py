@@ -1,0 +1,143 @@
+"""`zkv-mlx eval ppl`: perplexity and mean KL divergence of a quantized KV cache against the full-precision one.
+
+Both caches run through the real paged path (ModelRunner.prefill in chunks, so attention reads the stored,
+quantized pages), side by side on the same windows of `--context` tokens. The last output line is JSON:
+{"format", "ppl_ref", "ppl", "delta_pct", "kl_mean", "tokens", ...}; `--vs-mlx-lm` adds the same figures for
+mlx-lm's `QuantizedKVCache` (its own model forward) at the same bits and group size under "mlx_lm".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import mlx.core as mx
+
+from ..config import KVCacheConfig
+
+
+def default_text() -> str:
+    """English text present on every machine offline: the standard library's pydoc topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+class _Score:
+    """Accumulates next-token NLL of a reference and a candidate, and KL(reference || candidate)."""
+
+    def __init__(self):
+        self.nll_ref = self.nll = self.kl = 0.0
+        self.n = 0
+
+    def add(self, logits_ref: mx.array, logits: mx.array, targets: mx.array) -> None:
+        # logits: [n, vocab] for positions whose next tokens are `targets` [n]
+        lr = logits_ref.astype(mx.float32)
+        lq = logits.astype(mx.float32)
+        lr = lr - mx.logsumexp(lr, axis=-1, keepdims=True)
+        lq = lq - mx.logsumexp(lq, axis=-1, keepdims=True)
+        t = targets[:, None]
+        nr = -mx.take_along_axis(lr, t, axis=-1).sum()
+        nq = -mx.take_along_axis(lq, t, axis=-1).sum()
+        kl = (mx.exp(lr) * (lr - lq)).sum()
+        mx.eval(nr, nq, kl)
+        self.nll_ref += nr.item()
+        self.nll += nq.item()
+        self.kl += kl.item()
+        self.n += targets.shape[0]
+
+    def result(self) -> dict:
+        ppl_ref, ppl = math.exp(self.nll_ref / self.n), math.exp(self.nll / self.n)
+        return {"ppl_ref": round(ppl_ref, 4), "ppl": round(ppl, 4),
+                "delta_pct": round(100 * (ppl / ppl_ref - 1), 3), "kl_mean": round(self.kl / self.n, 5),
+                "tokens": self.n}
+
+
+def windows(ids: list[int], context: int, n: int) -> list[list[int]]:
+    """The first n non-overlapping windows of `context` tokens (fewer if the text is short)."""
+    out = [ids[i:i + context] for i in range(0, len(ids) - context + 1, context)]
+    return out[:n]
+
+
+def eval_zkv(lm, wins: list[list[int]], kv: KVCacheConfig, chunk: int) -> tuple[dict, str]:
+    """Perplexity/KL of the `kv` format vs float storage (the model's dtype) through ModelRunner."""
+    from ..engine.runner import ModelRunner
+    from ..engine.sequence import SamplingParams, Sequence
+
+    context = max(len(w) for w in wins)
+    bs = kv.block_size
+    nb = -(-context // bs) + 1
+    ref = ModelRunner(lm, nb, bs, lm.dtype)
+    cand = ModelRunner(lm, nb, bs, lm.dtype, kv=kv)
+    score = _Score()
+    for w in wins:
+        seqs = []
+        for _ in range(2):
+            s = Sequence(prompt_ids=list(w), params=SamplingParams(max_tokens=1))
+            s.block_table = list(range(nb))
+            seqs.append(s)
+        targets = mx.array(w[1:], dtype=mx.int32)
+        for start in range(0, len(w), chunk):
+            end = min(len(w), start + chunk)
+            a = ref.prefill(seqs[0], start, end, all_logits=True)
+            b = cand.prefill(seqs[1], start, end, all_logits=True)
+            n = min(end, len(w) - 1) - start  # the last position of the window has no target
+            score.add(a[:n], b[:n], targets[start:start + n])
+    return score.result(), cand.pool.format_name
+
+
+def eval_mlx_lm(model, wins: list[list[int]], bits: int, group_size: int, chunk: int) -> dict:
+    """The same figures for mlx-lm's QuantizedKVCache vs its KVCache, with mlx-lm's own forward."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+    n_layers = len(model.layers)
+    score = _Score()
+    for w in wins:
+        c_ref = [KVCache() for _ in range(n_layers)]
+        c_q = [QuantizedKVCache(group_size=group_size, bits=bits) for _ in range(n_layers)]
+        targets = mx.array(w[1:], dtype=mx.int32)
+        for start in range(0, len(w), chunk):
+            end = min(len(w), start + chunk)
+            toks = mx.array(w[start:end], dtype=mx.int32)[None]
+            a, b = model(toks, cache=c_ref)[0], model(toks, cache=c_q)[0]
+            n = min(end, len(w) - 1) - start
+            score.add(a[:n], b[:n], targets[start:start + n])
+    return score.result()
+
+
+def run(args) -> int:
+    from ..models.loader import load_model
+
+    t0 = time.perf_counter()
+    kv = KVCacheConfig(quant=args.kv_quant, group_size=args.kv_group_size, block_size=args.block_size or "auto",
+                       key_layout=args.kv_key_layout, sinks=args.kv_sinks)
+    text = open(args.text, encoding="utf-8").read() if args.text else default_text()
+    lm = load_model(args.model, args.weights_dtype or "auto")
+    wins = windows(lm.tokenizer.encode(text), args.context, args.windows)
+    if not wins:
+        raise SystemExit(f"the text has fewer than --context {args.context} tokens")
+    res, fmt = eval_zkv(lm, wins, kv, args.chunk)
+    out = {"format": args.kv_quant, "kv_format": fmt, **res}
+    _log(args, f"zkv {fmt}: {res}")
+    if args.vs_mlx_lm:
+        spec_bits = {"int8": 8, "int4": 4}.get(args.kv_quant)
+        if spec_bits is None:
+            out["mlx_lm"] = None  # mlx-lm's cache has one bit width for K and V
+        else:
+            ref_model = load_model(args.model, args.weights_dtype or "auto").model
+            out["mlx_lm"] = eval_mlx_lm(ref_model, wins, spec_bits, kv.group_size or 64, args.chunk)
+            out["mlx_lm"]["group_size"] = kv.group_size or 64
+            d = out["mlx_lm"]["delta_pct"]
+            out["delta_fraction_of_mlx_lm"] = round(out["delta_pct"] / d, 4) if d else None
+            _log(args, f"mlx-lm QuantizedKVCache: {out['mlx_lm']}")
+    out.update({"context": args.context, "windows": len(wins), "chunk": args.chunk,
+                "seconds": round(time.perf_counter() - t0, 1)})
+    print(json.dumps(out))
+    return 0
+
+
+def _log(args, msg: str) -> None:
+    if not args.json:
+        print(msg, file=sys.stderr)
