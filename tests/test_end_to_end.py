@@ -150,3 +150,24 @@ def test_cli_generate_with_chatml_prompt(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert "Paris" in r.stdout
+
+
+def test_cli_generate_plain_question_uses_the_chat_template(tmp_path):
+    # The issue's own command: a chat model answers a plain question (the chat template is applied, as in
+    # mlx-lm's generate); --raw continues the text instead.
+    env = dict(os.environ, ZKV_CACHE_DIR=str(tmp_path / "cache"), ZKV_DATA_DIR=str(tmp_path / "data"))
+    env.pop("ZKV_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "zkv_mlx.cli", "generate", "--prompt", "What is the capital of France?",
+         "--temp", "0", "--max-tokens", "24", "--kv-cache-memory", "256MB"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "zkv_mlx.cli", "generate", "--raw", "--prompt", "The capital of France is",
+         "--temp", "0", "--max-tokens", "4", "--kv-cache-memory", "256MB"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.lstrip().startswith("Paris")

@@ -84,7 +84,14 @@ def sampling_kwargs(args) -> dict:
 def cmd_generate(args) -> int:
     model = open_model(args)
     try:
-        for chunk in model.generate(args.prompt, stream=True, user=args.user, **sampling_kwargs(args)):
+        tok = model.tokenizer
+        # Like mlx-lm's generate: a chat model gets its chat template unless --raw, or unless the prompt already
+        # spells out special tokens (then it is taken as written).
+        specials = [str(a.content) for a in tok.backend.get_added_tokens_decoder().values() if a.special]
+        has_special = any(sp and sp in args.prompt for sp in specials)
+        templated = tok.chat_template and not args.raw and not has_special
+        run = model.chat if templated else model.generate
+        for chunk in run(args.prompt, stream=True, user=args.user, **sampling_kwargs(args)):
             sys.stdout.write(chunk)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -272,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zkv-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="continue a prompt and stream the text to stdout")
+    p = sub.add_parser("generate", help="answer (chat models) or continue (--raw) a prompt, streaming to stdout")
     p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
     p.add_argument("--user", default=None)
     add_engine_flags(p)
     add_sampling_flags(p)
