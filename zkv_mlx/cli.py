@@ -335,34 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    b = bsub.add_parser("decode", help="decode speed: zkv vs mlx-lm generate_step on the same weights")
-    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
-    b.add_argument("--context", type=int, default=2048)
-    b.add_argument("--tokens", type=int, default=64)
-    b.add_argument("--rounds", type=int, default=3)
-    add_engine_flags(b)
-    b.set_defaults(func=cmd_bench)
-    b = bsub.add_parser("batch", help="continuous batching: tokens/s of one stream vs N concurrent streams")
-    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
-    b.add_argument("--streams", type=int, default=8)
-    b.add_argument("--tokens", type=int, default=64, help="tokens generated per stream")
-    b.add_argument("--prompt-tokens", type=int, default=32, help="prompt length of each stream")
-    b.add_argument("--rounds", type=int, default=3)
-    add_engine_flags(b)
-    b.set_defaults(func=cmd_bench)
-    b = bsub.add_parser("restore", help="recompute a long conversation vs restore its session file")
-    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
-    b.add_argument("--tokens", type=int, default=4096)
-    b.add_argument("--rounds", type=int, default=3)
-    add_engine_flags(b)
-    b.set_defaults(func=cmd_bench)
-    b = bsub.add_parser("prefix", help="time to first token: cold prompt vs one sharing a cached prefix")
-    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
-    b.add_argument("--prefix-tokens", type=int, default=2048)
-    b.add_argument("--suffix-tokens", type=int, default=32)
-    b.add_argument("--rounds", type=int, default=3)
-    add_engine_flags(b)
-    b.set_defaults(func=cmd_bench)
+
+    def bench(name: str, help: str, rounds: int = 3, **options):
+        # Every benchmark: JSON lines (the last is the result), A/B rounds, engine flags, its own options.
+        b = bsub.add_parser(name, help=help)
+        b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+        b.add_argument("--rounds", type=int, default=rounds)
+        for flag, (default, text) in options.items():
+            b.add_argument("--" + flag.replace("_", "-"), type=int, default=default, help=text)
+        add_engine_flags(b)
+        b.set_defaults(func=cmd_bench)
+
+    bench("decode", "decode speed: zkv vs mlx-lm generate_step on the same weights",
+          context=(2048, "prompt tokens before decoding"), tokens=(64, "tokens decoded"))
+    bench("batch", "continuous batching: tokens/s of one stream vs N concurrent streams",
+          streams=(8, "concurrent streams"), tokens=(64, "tokens generated per stream"),
+          prompt_tokens=(32, "prompt length of each stream"))
+    bench("restore", "recompute a long conversation vs restore its session file", tokens=(4096, "conversation tokens"))
+    bench("prefix", "time to first token: cold prompt vs one sharing a cached prefix",
+          prefix_tokens=(2048, "shared prefix tokens"), suffix_tokens=(32, "distinct suffix tokens"))
     add_kv_quality_commands(sub, bsub)
     return parser
 

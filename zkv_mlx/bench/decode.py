@@ -53,6 +53,9 @@ def run(args) -> int:
     kw = engine_kwargs(args)
     if kw.get("max_context") is None:
         args.max_context = max(args.context + args.tokens + 16, 256)
+    # Every round prefills the same prompt: with the prefix cache (or the SSD tier) on, rounds after the first
+    # would be cache hits and the prefill figure meaningless. This bench measures the engine without them.
+    args.prompt_cache, args.ssd_cache = False, "off"
     log(args, "loading zkv engine...")
     model = open_model(args)
     log(args, "loading mlx-lm reference model (same weights and dtype)...")

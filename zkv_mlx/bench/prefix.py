@@ -31,6 +31,9 @@ def run(args) -> int:
 
     if args.max_context is None:
         args.max_context = args.prefix_tokens + 2 * args.suffix_tokens + 64
+    # Cold figures must be cold: the SSD tier would serve the "cleared" blocks back from disk.
+    if args.ssd_cache is None:
+        args.ssd_cache = "off"
     log(args, "loading zkv engine...")
     model = open_model(args)
     text = bench_tokens(model.tokenizer, args.prefix_tokens + 2 * args.suffix_tokens)

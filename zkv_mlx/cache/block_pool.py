@@ -182,11 +182,21 @@ class BlockPool:
             return None
         return block
 
-    def drop_cached(self, block: Block) -> None:
-        """Forgets an unreferenced block's cached contents (TTL, size cap, clear); it becomes reused first."""
+    def drop_cached(self, block: Block, spill: bool = True) -> None:
+        """Forgets an unreferenced block's cached contents (TTL, size cap, clear); it becomes reused first.
+
+        Args:
+            spill: let `on_evict` copy it to a lower tier first (eviction); False when the user clears the cache.
+        """
         if block.block_hash is None or block.ref_count != 0:
             return
-        self._evict(block)
+        hook = self.on_evict
+        if not spill:
+            self.on_evict = None
+        try:
+            self._evict(block)
+        finally:
+            self.on_evict = hook
         self.free_queue.remove(block)
         self.free_queue.appendleft(block)
 
@@ -213,5 +223,5 @@ class BlockPool:
         """Drops every unreferenced cached block (pinned blocks hold a reference and stay)."""
         n = len(self.lru)
         for block in list(self.lru.values()):
-            self.drop_cached(block)
+            self.drop_cached(block, spill=False)
         return n

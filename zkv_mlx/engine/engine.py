@@ -343,7 +343,7 @@ class Engine:
         for i in ids:
             b = pool.blocks[i]
             if b.ref_count == 0 and b.block_hash is not None:
-                pool.drop_cached(b)
+                pool.drop_cached(b, spill=False)
                 n += 1
         return n
 

@@ -83,7 +83,8 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     instead of copying K/V into [H_kv, L, D] this computes q against every row of the sequence's blocks in one
     GEMM (all heads: cheap here, the GEMM is bound by reading K), keeps each query head's own kv head (the
     block diagonal) before the softmax (exp is the costly op on the CPU), and multiplies V by the block-diagonal
-    probabilities. When the block ids are one ascending run the blocks are a slice of the pool: no copy at all.
+    probabilities. Contiguous runs of block ids are slices of the pool, so K/V are never copied (only the small
+    score rows are concatenated across runs); many scattered blocks are gathered instead.
 
     Args:
         q: [1, n_heads, 1, D]; k_pool, v_pool: the layer's pool arrays.
@@ -95,26 +96,56 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     n_heads = q.shape[1]
     rep = n_heads // h_kv
     nb = -(-length // bs)
-    ids = block_table[:nb]
-    if ids[-1] - ids[0] == nb - 1 and all(b - a == 1 for a, b in zip(ids, ids[1:])):
-        k, v = k_pool[ids[0] : ids[0] + nb], v_pool[ids[0] : ids[0] + nb]
-    else:
-        idx = mx.array(ids, dtype=mx.int32)
-        k, v = k_pool[idx], v_pool[idx]
-    k2 = k.reshape(nb * h_kv * bs, d).astype(q.dtype)  # rows ordered (block, head, slot)
-    v2 = v.reshape(nb * h_kv * bs, d).astype(q.dtype)
+    runs = _runs(block_table[:nb])
+    if len(runs) > _MAX_RUNS:  # scattered blocks: one gather beats many small slices
+        idx = mx.array(block_table[:nb], dtype=mx.int32)
+        parts = [(k_pool[idx], v_pool[idx], nb)]
+    else:  # slices of the pool: no copy of K/V
+        parts = [(k_pool[a:a + n], v_pool[a:a + n], n) for a, n in runs]
     q2 = q.reshape(n_heads, d) * scale
-    # scores of every query head against every row: [H_kv, rep, nb, H_kv, BS]; keep the diagonal heads
-    s = (q2 @ k2.T).reshape(h_kv, rep, nb, h_kv, bs)
-    s = mx.diagonal(s, 0, 0, 3).reshape(rep, nb * bs, h_kv)  # [rep, positions, H_kv]
+    scores = []
+    for k, _, n in parts:
+        # every query head against every row of the run: [H_kv, rep, n, H_kv, BS]; keep the diagonal heads
+        s = (q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
+        scores.append(mx.diagonal(s, 0, 0, 3))  # [rep, n, BS, H_kv]
+    s = (scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=1)).reshape(rep, nb * bs, h_kv)
     if length < nb * bs:
         s = mx.where((mx.arange(nb * bs) < length)[None, :, None], s, -float("inf"))
-    p = softmax(s, axis=1).astype(q.dtype)
-    # back to [H_kv, rep, nb, 1, BS] and spread over the block diagonal: [H_q, nb * H_kv * BS]
-    p = p.reshape(rep, nb, bs, h_kv).transpose(3, 0, 1, 2)[:, :, :, None, :]
-    eye = (mx.arange(h_kv)[:, None] == mx.arange(h_kv)[None, :]).astype(q.dtype).reshape(h_kv, 1, 1, h_kv, 1)
-    p = (p * eye).reshape(n_heads, nb * h_kv * bs)
-    return (p @ v2).reshape(1, n_heads, 1, d)
+    p = softmax(s, axis=1).astype(q.dtype).reshape(rep, nb, bs, h_kv)
+    eye = _eye(h_kv, q.dtype)
+    out, start = None, 0
+    for _, v, n in parts:
+        # back to [H_kv, rep, n, 1, BS], spread over the block diagonal: [H_q, n * H_kv * BS]
+        pr = p[:, start:start + n].transpose(3, 0, 1, 2)[:, :, :, None, :]
+        pr = (pr * eye).reshape(n_heads, n * h_kv * bs)
+        o = pr @ v.reshape(n * h_kv * bs, d).astype(q.dtype)
+        out = o if out is None else out + o
+        start += n
+    return out.reshape(1, n_heads, 1, d)
+
+
+_MAX_RUNS = 8
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Splits block ids into ascending contiguous runs: [(first id, count), ...]."""
+    runs = []
+    for b in ids:
+        if runs and b == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return [(a, n) for a, n in runs]
+
+
+_EYES: dict = {}
+
+
+def _eye(h: int, dtype) -> mx.array:
+    key = (h, dtype)
+    if key not in _EYES:
+        _EYES[key] = (mx.arange(h)[:, None] == mx.arange(h)[None, :]).astype(dtype).reshape(h, 1, 1, h, 1)
+    return _EYES[key]
 
 
 def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
