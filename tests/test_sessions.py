@@ -239,4 +239,5 @@ def test_quantized_session_roundtrip_and_size(quant, tiny_model_dir, tmp_path):
             r = m2.import_session(str(f), name=f"back-{quant}-{fmt}")
             assert r.token_ids and np.array_equal(m2.next_token_logits(follow), want)
     if quant == "int4":
-        assert sizes["int4"] < 0.4 * sizes["none"]
+        # tiny model (head_dim 16, 2 blocks): the JSON header weighs in; the bundled model's int4 file is 0.30x fp16
+        assert sizes["int4"] < 0.3 * sizes["none"]  # none = float32 KV here

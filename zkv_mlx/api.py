@@ -213,7 +213,8 @@ class ZKV:
             raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
         ids = meta["token_ids"]
         s = Session(self, name, user, meta["messages"], ids, meta.get("created_at"), meta.get("updated_at"))
-        self._thread.call(lambda e: e.set_pins((user, name), e.import_kv(user, ids, data.k, data.v)))
+        ks, vs = session_file.join_sinks(data)
+        self._thread.call(lambda e: e.set_pins((user, name), e.import_kv(user, ids, ks, vs)))
         s._dirty = not keep_file
         self._sessions[key] = s
         return s

@@ -8,6 +8,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import paths
 from .errors import SessionError
 from .storage import session_file
@@ -143,7 +145,17 @@ class Session:
             "token_ids": self.token_ids, "messages": self.messages,
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
-        session_file.write(target, session_file.SessionData(meta=meta, k=ks, v=vs))
+        data = session_file.SessionData(meta=meta, k=ks, v=vs)
+        sec = getattr(e.runner.pool, "sink_section_bytes", 0)
+        if sec and ks and ks[0].dtype == np.uint8:
+            # Sink keys exist only in a sequence's first block: store those sections once, not per block.
+            flags = np.ascontiguousarray(ks[0][:, -sec:-sec + 4]).view(np.uint32)[:, 0]
+            first = [int(i) for i in np.nonzero(flags)[0]]
+            data.sinks = [np.ascontiguousarray(k[first, -sec:]) for k in ks]
+            data.k = [np.ascontiguousarray(k[:, :-sec]) for k in ks]
+            meta["block_shape"] = list(data.k[0].shape[1:])
+            meta["sink_section"] = {"bytes": sec, "blocks": first}
+        session_file.write(target, data)
         if path is None:
             self._dirty = False
         return target

@@ -320,6 +320,13 @@ class KVPool:
         return [(tuple(a[idx] for a in self.k[i]), tuple(a[idx] for a in self.v[i])) for i in range(self.n_layers)]
 
     # -- export / import of full blocks (SSD tier, session files) --------------------------------------
+    @property
+    def sink_section_bytes(self) -> int:
+        """Bytes at the end of each exported K row holding the sink flag and sink keys (0 without sinks)."""
+        if self.quant is None or not self.quant.sinks:
+            return 0
+        return 4 + self.n_kv_heads * self.quant.sinks * self.head_dim * self.dtype.size
+
     def export_blocks(self, block_ids: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Stored bytes of full blocks, per layer: K and V numpy arrays with the block axis first.
 

@@ -45,6 +45,7 @@ class SessionData:
     meta: dict
     k: list = field(default_factory=list)  # per layer numpy [n_blocks, H, BS, D]
     v: list = field(default_factory=list)
+    sinks: list = field(default_factory=list)  # per layer: the sink sections of the blocks in meta["sink_section"]
 
     @property
     def token_ids(self) -> list[int]:
@@ -67,6 +68,8 @@ def write(path: Path, data: SessionData) -> int:
     for i, (k, v) in enumerate(zip(data.k, data.v)):
         tensors[f"k.{i}"] = np.ascontiguousarray(k)
         tensors[f"v.{i}"] = np.ascontiguousarray(v)
+    for i, sk in enumerate(data.sinks):
+        tensors[f"ks.{i}"] = np.ascontiguousarray(sk)
     meta = dict(data.meta, format=FORMAT, version=VERSION,
                 checksums={name: _sha(t) for name, t in tensors.items()})
     blob = save(tensors, metadata={"zkv": json.dumps(meta)})
@@ -112,8 +115,9 @@ def read(path: Path) -> SessionData:
         n_layers = meta["n_layers"]
         dtype = np.dtype(_DTYPES[meta["dtype"]])
         data = SessionData(meta=meta)
+        kinds = [("k", data.k), ("v", data.v)] + ([("ks", data.sinks)] if "sink_section" in meta else [])
         for i in range(n_layers):
-            for kind, out in (("k", data.k), ("v", data.v)):
+            for kind, out in kinds:
                 shape = _shape(meta, kind)
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 name = f"{kind}.{i}"
@@ -133,6 +137,20 @@ def read(path: Path) -> SessionData:
                     raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
                 out.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
     return data
+
+
+def join_sinks(data: SessionData) -> tuple[list, list]:
+    """K rows with their sink sections put back (zeros, flag 0, for blocks without sinks), and V rows."""
+    sec = data.meta.get("sink_section")
+    if not sec:
+        return data.k, data.v
+    out = []
+    for k, sk in zip(data.k, data.sinks):
+        full = np.zeros((k.shape[0], k.shape[1] + sec["bytes"]), dtype=k.dtype)
+        full[:, : k.shape[1]] = k
+        full[sec["blocks"], k.shape[1]:] = sk
+        out.append(full)
+    return out, data.v
 
 
 def _open(path: Path):
@@ -189,12 +207,21 @@ def _meta(header: dict, path: Path) -> dict:
         isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in meta["token_ids"])
     ok = ok and isinstance(meta.get("messages"), list) and isinstance(meta.get("checksums"), dict)
     ok = ok and meta.get("n_blocks", -1) * meta.get("block_size", 0) <= len(meta.get("token_ids") or [])
+    sec = meta.get("sink_section")
+    if sec is not None:
+        ok = ok and isinstance(sec, dict) and isinstance(sec.get("bytes"), int) and 4 < sec["bytes"] < 1 << 24
+        blocks = sec.get("blocks") if isinstance(sec, dict) else None
+        ok = ok and isinstance(blocks, list) and len(set(blocks)) == len(blocks) and all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 <= b < meta.get("n_blocks", 0) for b in blocks)
+        ok = ok and meta.get("dtype") == "uint8"
     if not ok:
         raise SessionFormatError(f"{path}: session metadata is incomplete or has values of the wrong type")
     return meta
 
 
 def _shape(meta: dict, kind: str) -> tuple[int, ...]:
+    if kind == "ks":  # sink sections, only for the blocks that start a sequence
+        return (len(meta["sink_section"]["blocks"]), meta["sink_section"]["bytes"])
     # V may have its own layout (quantized KV: keys per channel, values per token)
     return (meta["n_blocks"], *(meta.get("v_block_shape", meta["block_shape"]) if kind == "v" else meta["block_shape"]))
 
