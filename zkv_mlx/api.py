@@ -15,7 +15,7 @@ import weakref
 from pathlib import Path
 from collections.abc import Iterator
 
-from .config import EngineConfig, load_toml, make_config
+from .config import EngineConfig, PolicyConfig, load_toml, make_config
 from .engine import EngineThread, SamplingParams
 from .errors import ConfigError, SessionError
 from . import paths
@@ -53,7 +53,9 @@ class ZKV:
             prompt: text, or token ids.
             stream: return an iterator of text chunks instead of the full text.
             user: who asks (isolation; default "local").
-            **sampling: max_tokens=256, temperature=0.7, top_p, top_k, min_p, repetition_penalty, seed, stop.
+            **sampling: max_tokens=256, temperature=0.7, top_p, top_k, min_p, repetition_penalty, seed, stop;
+                and this request's long-context policy: kv_policy="full"|"window"|"h2o", budget=TOKENS,
+                sinks=N, h2o_recent=TOKENS (defaults: the model's config).
         Returns:
             The generated text, or an iterator of text chunks when stream=True.
         """
@@ -80,8 +82,9 @@ class ZKV:
         return self.tokenizer.encode_chat(messages)
 
     def _run(self, ids: list[int], stream: bool, user: str | None, sampling: dict):
+        policy = self._policy(sampling)
         params = SamplingParams(**_sampling(sampling))
-        handle = self._thread.submit(ids, params, user or "local")
+        handle = self._thread.submit(ids, params, user or "local", policy)
         it = self._texts(handle)
         if stream:
             return it
@@ -101,7 +104,19 @@ class ZKV:
 
     def submit(self, prompt_ids: list[int], user: str | None = None, **sampling):
         """Low-level: queue token ids and get a RequestHandle yielding engine Events (ids, text, usage)."""
-        return self._thread.submit(list(prompt_ids), SamplingParams(**_sampling(sampling)), user or "local")
+        policy = self._policy(sampling)
+        return self._thread.submit(list(prompt_ids), SamplingParams(**_sampling(sampling)), user or "local", policy)
+
+    def _policy(self, kw: dict):
+        """Pops per-request kv_policy/budget/sinks/h2o_recent; None = the model's default policy."""
+        given = {k: kw.pop(k) for k in ("kv_policy", "budget", "sinks", "h2o_recent") if kw.get(k) is not None}
+        for k in ("kv_policy", "budget", "sinks", "h2o_recent"):
+            kw.pop(k, None)
+        if not given:
+            return None
+        d = self.config.policy
+        return PolicyConfig(kind=given.get("kv_policy", d.kind), budget=given.get("budget", d.budget),
+                            sinks=given.get("sinks", d.sinks), recent=given.get("h2o_recent", d.recent))
 
     def next_token_logits(self, prompt_ids: list[int], user: str | None = None):
         """Float32 numpy logits of the token after `prompt_ids` (uses and fills the prefix cache)."""

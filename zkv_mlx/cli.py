@@ -34,6 +34,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssd-cache", default=None, choices=["on", "off"], help="spill idle cached blocks to disk")
     g.add_argument("--ssd-dir", default=None, help="where SSD-tier block files go (default: the cache dir)")
     g.add_argument("--ssd-cache-size", default=None, help='SSD tier budget, e.g. "8GB" (default: 10%% of free disk)')
+    add_policy_flags(g)
+
+
+def add_policy_flags(g) -> None:
+    g.add_argument("--kv-policy", default=None, choices=["full", "window", "h2o"],
+                   help="long-context policy: keep every token (full), sinks + recent tokens (window, StreamingLLM) "
+                        "or sinks + recent + heavy-hitter blocks (h2o)")
+    g.add_argument("--budget", type=int, default=None, help="KV tokens a sequence keeps under window/h2o")
+    g.add_argument("--sinks", type=int, default=None, help="leading tokens always kept under window/h2o (default 4)")
+    g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default budget/2)")
 
 
 def engine_kwargs(args) -> dict:
@@ -52,6 +62,10 @@ def engine_kwargs(args) -> dict:
         "ssd_cache": args.ssd_cache,
         "ssd_dir": args.ssd_dir,
         "ssd_cache_size": args.ssd_cache_size,
+        "kv_policy": args.kv_policy,
+        "budget": args.budget,
+        "sinks": args.sinks,
+        "h2o_recent": args.h2o_recent,
     }
 
 
@@ -257,8 +271,10 @@ def add_kv_quality_commands(sub, bsub) -> None:
     b.set_defaults(func=cmd_kvmem)
     p = sub.add_parser("eval", help="quality evaluations")
     esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
-    e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache vs full precision")
-    e.add_argument("--kv-quant", default="int4", choices=["none", "int8", "int4", "k8v4"])
+    e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache or a long-context policy vs the "
+                                    "full-precision full cache")
+    e.add_argument("--kv-quant", default=None, choices=["none", "int8", "int4", "k8v4"],
+                   help="format evaluated (default int4, or none with --kv-policy)")
     e.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
     e.add_argument("--kv-key-layout", default="auto", choices=["auto", "channel", "token"])
     e.add_argument("--kv-sinks", type=int, default=4, help="full-precision keys of the first positions (int4)")
@@ -266,7 +282,15 @@ def add_kv_quality_commands(sub, bsub) -> None:
     e.add_argument("--text", default=None, help="UTF-8 text file (default: the standard library's pydoc topics)")
     e.add_argument("--context", type=int, default=1024, help="tokens per window")
     e.add_argument("--windows", type=int, default=4, help="windows evaluated (from the start of the text)")
-    e.add_argument("--chunk", type=int, default=128, help="prefill chunk: later chunks read the stored pages")
+    e.add_argument("--chunk", type=int, default=128, help="prefill chunk: later chunks read the stored pages "
+                                                             "(with --kv-policy: at most the policy's chunk)")
+    e.add_argument("--kv-policy", default=None, choices=["full", "window", "h2o"],
+                   help="evaluate a long-context policy instead of a KV format")
+    e.add_argument("--budget", type=int, default=None, help="policy budget in tokens")
+    e.add_argument("--sinks", type=int, default=4, help="policy sink tokens (0 = plain truncation for window)")
+    e.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens kept (default budget/2)")
+    e.add_argument("--compare", action="store_true",
+                   help="with --kv-policy: also report window without sinks (truncation), window and h2o")
     e.add_argument("--vs-mlx-lm", action="store_true", help="also mlx-lm's QuantizedKVCache at the same bits/group")
     e.add_argument("--model", "-m", default=None)
     e.add_argument("--weights-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "quantized"])
@@ -354,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench("restore", "recompute a long conversation vs restore its session file", tokens=(4096, "conversation tokens"))
     bench("prefix", "time to first token: cold prompt vs one sharing a cached prefix",
           prefix_tokens=(2048, "shared prefix tokens"), suffix_tokens=(32, "distinct suffix tokens"))
+    bench("longctx", "decode speed as a conversation grows past the KV budget: full cache vs --kv-policy",
+          rounds=1, prompt_tokens=(256, "prompt tokens"), tokens=(1536, "tokens generated"),
+          segment=(256, "tokens per measured segment"))
     add_kv_quality_commands(sub, bsub)
     return parser
 

@@ -179,6 +179,36 @@ class TierConfig:
             self.size = "auto"
 
 
+KV_POLICIES = ("full", "window", "h2o")
+
+
+@dataclass(slots=True)
+class PolicyConfig:
+    """Long-context KV policy of each sequence (design.md, long-context policies; cache/policy.py).
+
+    kind: "full" keeps every token; "window" keeps the first `sinks` tokens and the most recent ones
+    (StreamingLLM); "h2o" keeps the sinks, a recent window of `recent` tokens (default budget // 2) and the
+    blocks with the highest attention mass. budget: KV tokens a sequence may hold (required unless full).
+    """
+
+    kind: str = "full"
+    budget: int | None = None
+    sinks: int = 4
+    recent: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KV_POLICIES:
+            raise ConfigError(f"kv_policy: {self.kind!r} is not one of {', '.join(KV_POLICIES)}")
+        for name in ("budget", "recent"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}: {v!r} must be a positive number of tokens")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ConfigError(f"sinks: {self.sinks!r} must be an integer >= 0")
+        if self.kind != "full" and self.budget is None:
+            raise ConfigError(f"kv_policy {self.kind} needs a budget: pass --budget TOKENS (e.g. --budget 512)")
+
+
 WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 
 
@@ -194,8 +224,11 @@ class EngineConfig:
     kv: KVCacheConfig = field(default_factory=KVCacheConfig)
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self):
+        if isinstance(self.policy, dict):
+            self.policy = _build(PolicyConfig, self.policy, "policy.")
         if isinstance(self.tiers, dict):
             self.tiers = _build(TierConfig, self.tiers, "tiers.")
         if isinstance(self.kv, dict):
@@ -229,8 +262,12 @@ ALIASES = {
     "ssd_cache": "tiers.ssd",
     "ssd_dir": "tiers.dir",
     "ssd_cache_size": "tiers.size",
+    "kv_policy": "policy.kind",
+    "budget": "policy.budget",
+    "sinks": "policy.sinks",
+    "h2o_recent": "policy.recent",
 }
-_TABLES = ("kv", "prompt_cache", "tiers")
+_TABLES = ("kv", "prompt_cache", "tiers", "policy")
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -294,4 +331,5 @@ def make_config(toml: dict | None = None, **overrides) -> EngineConfig:
     merged["kv"] = _build(KVCacheConfig, tables["kv"], "kv.")
     merged["prompt_cache"] = _build(PromptCacheConfig, tables["prompt_cache"], "prompt_cache.")
     merged["tiers"] = _build(TierConfig, tables["tiers"], "tiers.")
+    merged["policy"] = _build(PolicyConfig, tables["policy"], "policy.")
     return _build(EngineConfig, merged)

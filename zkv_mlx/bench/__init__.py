@@ -18,4 +18,8 @@ def run_bench(args) -> int:
         from .restore import run
 
         return run(args)
+    if args.bench == "longctx":
+        from .longctx import run
+
+        return run(args)
     raise SystemExit(f"unknown benchmark {args.bench!r}")

@@ -1,6 +1,7 @@
 """Per-sequence block tables over a `BlockPool` (nano-vllm style paired can_X / X verbs).
 
-A sequence is any object with `seq_id`, `num_tokens` (tokens that need KV slots) and
+A sequence is any object with `seq_id`, `num_tokens` (tokens; `num_slots`, if present, is how many of them
+need KV slots now: a sequence under a long-context policy holds fewer) and
 `block_table` (list of block ids, written only here). For prefix caching it also has `all_ids`,
 `hash_key` (a `HashKey`, or None to opt out), `block_hashes` (hashes of its full blocks computed so far)
 and `num_registered` (full blocks already published to the cache).
@@ -127,7 +128,7 @@ class BlockManager:
         """
         hits = self.match_prefix(seq)  # lower-tier hits need fresh blocks like misses: no change to the count
         revived = sum(1 for b in hits if b.ref_count == 0)  # taking them removes them from the free queue
-        return self.blocks_needed(seq.num_tokens) - len(hits) + revived <= self.pool.num_free_blocks
+        return max(0, self.blocks_needed(_slots(seq)) - len(hits)) + revived <= self.pool.num_free_blocks
 
     def allocate(self, seq) -> int:
         """Gives a sequence blocks for all of its `num_tokens`, reusing cached prefix blocks.
@@ -140,7 +141,7 @@ class BlockManager:
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds {len(seq.block_table)} blocks")
         hits = self.match_prefix(seq)
-        needed = self.blocks_needed(seq.num_tokens) - len(hits)
+        needed = max(0, self.blocks_needed(_slots(seq)) - len(hits))
         free = self.pool.num_free_blocks - sum(1 for b in hits if b.ref_count == 0)
         if needed > free:
             raise ValueError(
@@ -154,7 +155,7 @@ class BlockManager:
         # Promote what the lower tier has right after the memory hits (in order; stop at the first failure).
         n_hit = len(hits)
         bs = self.block_size
-        for j in range(self._secondary_hits(seq, n_hit)):
+        for j in range(min(len(new), self._secondary_hits(seq, n_hit))):
             i = n_hit
             block, toks = new[j], seq.all_ids[i * bs:(i + 1) * bs]
             if not self.secondary.load(seq.block_hashes[i], toks, block.block_id):
@@ -175,7 +176,7 @@ class BlockManager:
         Returns:
             True if the blocks needed for `seq.num_tokens + n` slots are available.
         """
-        return self._missing(seq, seq.num_tokens + n) <= self.pool.num_free_blocks
+        return self._missing(seq, _slots(seq) + n) <= self.pool.num_free_blocks
 
     def may_append(self, seq, n: int = 1) -> None:
         """Ensures slots exist for `seq.num_tokens + n` tokens, adding blocks at boundaries.
@@ -184,7 +185,7 @@ class BlockManager:
             seq: An allocated sequence; the caller bumps `num_tokens` after writing.
             n: Tokens about to be added.
         """
-        missing = self._missing(seq, seq.num_tokens + n)
+        missing = self._missing(seq, _slots(seq) + n)
         free = self.pool.num_free_blocks
         if missing > free:
             raise ValueError(
@@ -235,3 +236,7 @@ class BlockManager:
             "blocks_free": self.pool.num_free_blocks,
             "blocks_cached": self.pool.num_cached_blocks,
         }
+
+
+def _slots(seq) -> int:
+    return getattr(seq, "num_slots", seq.num_tokens)

@@ -17,13 +17,15 @@ import numpy as np
 
 from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
-from ..config import EngineConfig
+from ..cache.policy import KVPolicy
+from ..config import EngineConfig, PolicyConfig
 from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
 from ..storage.ssd_store import SSDStore
 from .. import paths, sysinfo
+from . import evict
 from .runner import ModelRunner
 from .sampler import can_sample_lazily, sample, sample_lazy
 from .scheduler import Scheduler
@@ -89,7 +91,48 @@ class Engine:
         self.sessions_released = 0
         self._init_prefix_cache(kv_dtype)
         self._init_ssd()
-        self._inflight: tuple[list[Sequence], mx.array] | None = None
+        self._inflight: tuple[list[Sequence], mx.array, list | None] | None = None
+        self.policy_dropped_blocks = 0
+        self.default_policy = self.make_policy(cfg.policy)
+
+    # -- long-context policies ------------------------------------------------------------------------
+    def make_policy(self, cfg: PolicyConfig | None) -> KVPolicy | None:
+        """A request's policy from its config (None: keep every token); checks it fits this engine."""
+        pol = KVPolicy.from_config(cfg, self.cfg.kv.block_size)
+        if pol is not None and self.runner.pool.quant is not None:
+            raise ConfigError(f"kv_policy {pol.kind} needs a float KV cache; drop --kv-quant "
+                              f"{self.cfg.kv.quant} or use --kv-policy full")
+        return pol
+
+    def _apply_policies(self) -> None:
+        """Drops blocks of sequences about to outgrow their budget (before blocks are allocated)."""
+        running = [s for s in self.scheduler.running if s.policy is not None]
+        if not running:
+            return
+        if self._inflight is not None and any(s.policy.kind == "h2o" for s in running):
+            self._resolve()  # h2o ranks blocks by attention mass: take the in-flight step's mass first
+        pool = self.blocks.pool
+        for seq in running:
+            if seq.is_finished or not seq.block_table:
+                continue
+            if seq.in_prefill:
+                n_new = min(seq.policy.chunk, seq.prefill_len - seq.num_computed, self.cfg.prefill_chunk)
+            else:
+                n_new = seq.num_tokens - seq.num_computed
+            gone = evict.enforce(seq, n_new, self.runner,
+                                 lambda b: pool.free_blocks([pool.blocks[b]]), self._private_block)
+            self.policy_dropped_blocks += len(gone)
+
+    def _private_block(self, block_id: int) -> int:
+        # copy on write: a block other sequences use, or that the prefix cache publishes, is copied first
+        pool = self.blocks.pool
+        b = pool.blocks[block_id]
+        if b.ref_count == 1 and b.block_hash is None:
+            return block_id
+        new = pool.get_new_blocks(1)[0]
+        self.runner.copy_block(block_id, new.block_id)
+        pool.free_blocks([b])
+        return new.block_id
 
     # -- prefix cache ---------------------------------------------------------------------------------
     def _init_prefix_cache(self, kv_dtype) -> None:
@@ -216,6 +259,8 @@ class Engine:
         u["miss_tokens"] += len(seq.prompt_ids) - hit
 
     def _register(self, seq: Sequence) -> None:
+        if seq.evicted:  # blocks computed after a drop depend on a shortened context: never published
+            return
         self.blocks.register_full_blocks(seq, min(seq.num_computed, seq.num_known_tokens))
 
     def _trim_cache(self) -> None:
@@ -348,8 +393,13 @@ class Engine:
         return n
 
     # -- requests -------------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener) -> Sequence:
-        """Queues a request; `listener(event)` is called on this thread for every event."""
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, user: str, listener,
+                    policy: PolicyConfig | None = None) -> Sequence:
+        """Queues a request; `listener(event)` is called on this thread for every event.
+
+        Args:
+            policy: the request's long-context policy (None: the engine's default, `cfg.policy`).
+        """
         if not prompt_ids:
             raise ConfigError("the prompt is empty; pass at least one token of text")
         vocab = self.lm.model.model.embed_tokens.weight.shape[0]
@@ -363,6 +413,7 @@ class Engine:
                 "shorten the prompt or raise --max-context"
             )
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, user=user)
+        seq.policy = self.default_policy if policy is None else self.make_policy(policy)
         seq.hash_key = self.hash_key(user, seq.prompt_ids)
         seq.max_total = self.max_context
         seq.detok = self.lm.tokenizer.detokenizer()
@@ -389,6 +440,7 @@ class Engine:
         later. A sequence holds a PENDING placeholder for its in-flight token until then.
         """
         self._trim_cache()
+        self._apply_policies()
         batch = self.scheduler.schedule()
         self._flush_staged()
         for seq in batch.finished:
@@ -400,38 +452,43 @@ class Engine:
             if seq.is_finished:  # its in-flight token just ended it
                 continue
             logits = self.runner.prefill(seq, start, end)
+            mass = self.runner.mass
             if end == seq.prefill_len:
                 token = sample(logits[None], [seq])[0]
                 seq.num_computed = end
+                evict.add_mass(seq, mass and mass[0], end - start)
                 self._postprocess(seq, token)
                 sampled += 1
             else:
                 mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
                 seq.num_computed = end
+                evict.add_mass(seq, mass and mass[0], end - start)
                 self._register(seq)
         seqs = [s for s in batch.decode if not s.is_finished]
         if not seqs:
             return sampled + self._resolve()
         prev = self._inflight
-        chained = prev is not None and prev[0] == seqs and can_sample_lazily(seqs)
+        chained = prev is not None and prev[0] == seqs and can_sample_lazily(seqs) and prev[2] is None
         if not chained:
             sampled += self._resolve()
             seqs = [s for s in seqs if not s.is_finished]
             if not seqs:
                 return sampled
         logits = self.runner.decode(seqs, prev[1] if chained else None)
+        mass = self.runner.mass  # h2o sequences: attention mass per block (then the next step waits for it)
         if can_sample_lazily(seqs):
             tokens = sample_lazy(logits, seqs)
-            mx.async_eval(tokens)
+            mx.async_eval(tokens, *[m for m in (mass or []) if m is not None])
             for seq in seqs:
                 seq.output_ids.append(PENDING)
                 seq.num_computed += 1
             if chained:
                 sampled += self._resolve()  # the previous step's tokens, computed while this graph was built
-            self._inflight = (seqs, tokens)
+            self._inflight = (seqs, tokens, mass)
         else:
-            for seq, token in zip(seqs, sample(logits, seqs)):
+            for i, (seq, token) in enumerate(zip(seqs, sample(logits, seqs))):
                 seq.num_computed += 1
+                evict.add_mass(seq, mass and mass[i], 1)
                 self._postprocess(seq, token)
                 sampled += 1
         return sampled
@@ -440,12 +497,13 @@ class Engine:
         """Postprocesses the oldest in-flight decode step (waits for its tokens)."""
         if self._inflight is None:
             return 0
-        seqs, tokens = self._inflight
+        seqs, tokens, mass = self._inflight
         self._inflight = None
         values = tokens.tolist()
-        for seq, token in zip(seqs, values):
+        for j, (seq, token) in enumerate(zip(seqs, values)):
             if seq.is_finished:
                 continue  # finished while this step was in flight: its speculative token is dropped
+            evict.add_mass(seq, mass and mass[j], 1)
             i = seq.output_ids.index(PENDING)
             del seq.output_ids[i:i + 1]
             self._postprocess(seq, token, slot=i)
@@ -548,6 +606,8 @@ class Engine:
             "running": len(running),
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
+            "policy": self.cfg.policy.kind,
+            "policy_dropped_blocks": self.policy_dropped_blocks,
             "sessions_resident": len(self.session_pins),
             "sessions_released": self.sessions_released,
             "prompt_cache_enabled": self.cfg.prompt_cache.enabled,
@@ -628,10 +688,11 @@ class EngineThread:
             raise self._error
         return self
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, user: str = "local") -> RequestHandle:
-        """Queues a request from any thread; returns its handle immediately."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, user: str = "local",
+               policy: PolicyConfig | None = None) -> RequestHandle:
+        """Queues a request from any thread; returns its handle immediately (policy: see Engine.add_request)."""
         handle = RequestHandle(self)
-        self._commands.put(("add", (prompt_ids, params, user, handle)))
+        self._commands.put(("add", (prompt_ids, params, user, handle, policy)))
         return handle
 
     def call(self, fn, *args):
@@ -694,9 +755,9 @@ class EngineThread:
     def _handle(self, eng: Engine, cmd) -> None:
         kind, arg = cmd
         if kind == "add":
-            prompt_ids, params, user, handle = arg
+            prompt_ids, params, user, handle, policy = arg
             try:
-                handle.seq = eng.add_request(prompt_ids, params, user, handle._push)
+                handle.seq = eng.add_request(prompt_ids, params, user, handle._push, policy)
             except ZkvError as e:
                 handle._push(Event("error", error=e, finish_reason="error"))
         elif kind == "cancel":

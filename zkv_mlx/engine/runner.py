@@ -29,11 +29,13 @@ class ModelRunner:
         quant = None if kv is None else QuantSpec.from_config(kv)
         self.pool = KVPool(lm.n_layers, num_blocks, lm.n_kv_heads, block_size, lm.head_dim, kv_dtype, quant)
         self._tail_owner: dict[int, Sequence] = {}  # partial block in the tail slab -> its sequence
+        self.mass: list | None = None  # h2o: per-block attention mass of the last forward, per sequence (lazy)
 
     def _plan(self, seqs: list[Sequence], positions: list[list[int]]):
         bs = self.block_size
-        blocks = [s.block_table[p // bs] for s, ps in zip(seqs, positions) for p in ps]
-        offsets = [p % bs for ps in positions for p in ps]
+        # position p lives at cache index p - evicted (long-context policies drop whole blocks)
+        blocks = [s.block_table[(p - s.evicted) // bs] for s, ps in zip(seqs, positions) for p in ps]
+        offsets = [(p - s.evicted) % bs for s, ps in zip(seqs, positions) for p in ps]
         if self.pool.tail_k:
             # Free the tail rows of partial blocks whose sequence ended or gave the block back.
             for b, s in list(self._tail_owner.items()):
@@ -57,15 +59,19 @@ class ModelRunner:
             logits [vocab] of the last position, or [end - start, vocab] (lazy).
         """
         tokens = mx.array(seq.all_ids[start:end], dtype=mx.int32)[None]
-        n_blocks = -(-end // self.block_size)
+        kv_len = end - seq.evicted
+        n_blocks = -(-kv_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
         table = seq.block_table[:n_blocks]
         ctx = AttnContext(pool=self.pool, offset=start, write_plan=plan,
                           block_table=table if self.pool.quant is not None else mx.array(table, dtype=mx.int32),
-                          kv_len=end)
+                          kv_len=kv_len, mass=[[]] if _wants_mass(seq) else None)
         if all_logits:
-            return forward(self.model, tokens, ctx)[0]
-        return forward(self.model, tokens, ctx, last_only=True)[0, -1]
+            out = forward(self.model, tokens, ctx)[0]
+        else:
+            out = forward(self.model, tokens, ctx, last_only=True)[0, -1]
+        self.mass = _sum_mass(ctx)
+        return out
 
     def decode(self, seqs: list[Sequence], tokens: mx.array | None = None) -> mx.array:
         """One token for each sequence: the last token of each (at position num_tokens - 1).
@@ -78,19 +84,59 @@ class ModelRunner:
         """
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
+        lens = [p + 1 - s.evicted for s, p in zip(seqs, positions)]
         if tokens is None:
             tokens = mx.array([[s.all_ids[-1]] for s in seqs], dtype=mx.int32)
         else:
             tokens = tokens[:, None]
         ctx = AttnContext(pool=self.pool, offset=mx.array(positions, dtype=mx.int32),
                           write_plan=self._plan(seqs, [[p] for p in positions]))
+        if any(_wants_mass(s) for s in seqs):
+            ctx.mass = [[] for _ in seqs]
         if kernel_path() == "reference" or not self.pool.has_kernel:
             ctx.tables = [s.block_table for s in seqs]
-            ctx.lens = [p + 1 for p in positions]
+            ctx.lens = lens
         else:
-            n_blocks = max(p // bs + 1 for p in positions)
+            n_blocks = max(-(-n // bs) for n in lens)
             tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]
             ctx.block_tables = mx.array(tables, dtype=mx.int32)
-            ctx.context_lens = mx.array([p + 1 for p in positions], dtype=mx.int32)
-            ctx.max_len = max(positions) + 1
-        return forward(self.model, tokens, ctx)[:, -1, :]
+            ctx.context_lens = mx.array(lens, dtype=mx.int32)
+            ctx.max_len = max(lens)
+            ctx.lens = lens
+        out = forward(self.model, tokens, ctx)[:, -1, :]
+        self.mass = _sum_mass(ctx)
+        return out
+
+    # -- long-context policies (engine/evict.py) ------------------------------------------------------
+    def shift_keys(self, block_ids: list[int], delta: int) -> None:
+        """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively)."""
+        if self.pool.quant is not None:
+            raise ValueError("position shifts need a float KV pool")
+        idx = mx.array(block_ids, dtype=mx.int32)
+        n, h, bs, d = len(block_ids), self.pool.n_kv_heads, self.block_size, self.pool.head_dim
+        for i, layer in enumerate(self.model.model.layers):
+            k = self.pool.k[i][idx].astype(mx.float32).reshape(n * h * bs, 1, d)
+            # one position per row: every row turns by `delta`
+            k = layer.self_attn.rope(k, offset=delta).reshape(n, h, bs, d)
+            self.pool.k[i][idx] = k.astype(self.pool.dtype)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copies one block's K/V (every layer) into another block."""
+        for i in range(self.pool.n_layers):
+            for arrs in (self.pool.k, self.pool.v):
+                if isinstance(arrs[i], (list, tuple)):
+                    for a in arrs[i]:
+                        a[dst] = a[src]
+                else:
+                    arrs[i][dst] = arrs[i][src]
+
+
+def _wants_mass(seq: Sequence) -> bool:
+    return seq.policy is not None and seq.policy.kind == "h2o"
+
+
+def _sum_mass(ctx: AttnContext) -> list | None:
+    """Per sequence: attention mass per block-table index summed over layers and heads (lazy), or None."""
+    if ctx.mass is None:
+        return None
+    return [sum(parts[1:], parts[0]) if parts else None for parts in ctx.mass]

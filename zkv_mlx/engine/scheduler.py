@@ -43,7 +43,10 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
-        need = self.blocks.blocks_needed(seq.num_tokens + 1)
+        slots = seq.num_tokens + 1
+        if seq.policy is not None:  # it holds at most its budget (+ the block being filled)
+            slots = min(slots, seq.policy.budget + seq.policy.block_size)
+        need = self.blocks.blocks_needed(slots)
         total = self.blocks.pool.num_blocks
         if need > total:
             bs = self.blocks.block_size
@@ -82,6 +85,12 @@ class Scheduler:
             if seq.in_prefill and budget > 0:
                 start = seq.num_computed
                 end = min(seq.prefill_len, start + budget)
+                if seq.policy is not None:
+                    # bounded memory: blocks for one chunk at a time (the engine dropped old ones before)
+                    end = min(end, start + seq.policy.chunk)
+                    if not self.blocks.can_append(seq, 0):
+                        continue
+                    self.blocks.may_append(seq, 0)
                 budget -= end - start
                 batch.prefill.append((seq, start, end))
         # Decode everything past prefill; make room for one more slot each, preempting the newest if short.
@@ -119,6 +128,7 @@ class Scheduler:
         self.blocks.free(seq)
         self.num_preemptions += 1
         seq.num_computed = 0
+        seq.reset_cache_state()
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 

@@ -78,10 +78,35 @@ class Sequence:
     block_hashes: list = field(default_factory=list)
     num_registered: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the cache at first admission
+    # long-context policy (cache/policy.py, engine/evict.py)
+    policy: object = None  # KVPolicy, or None to keep every token
+    evicted: int = 0  # tokens dropped from the cache: position p lives at cache index p - evicted
+    mass: list = field(default_factory=list)  # h2o: attention mass received, per block-table index
+    seen: list = field(default_factory=list)  # h2o: queries that could attend to each table index
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_slots(self) -> int:
+        """KV slots the sequence needs for its next computation (block tables cover this many)."""
+        if self.policy is None:
+            return self.num_tokens
+        if self.num_computed < self.prefill_len or self.prefill_len == 0:  # prefill: one chunk at a time
+            return min(self.num_tokens, self.num_computed + self.policy.chunk) - self.evicted
+        return self.num_tokens - self.evicted
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens whose K/V the sequence holds in the pool."""
+        return self.num_computed - self.evicted
+
+    def reset_cache_state(self) -> None:
+        """Forgets evictions (after preemption the sequence is recomputed from scratch)."""
+        self.evicted = 0
+        self.mass.clear()
+        self.seen.clear()
 
     @property
     def all_ids(self) -> list[int]:

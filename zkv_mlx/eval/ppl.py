@@ -1,4 +1,5 @@
-"""`zkv-mlx eval ppl`: perplexity and mean KL divergence of a quantized KV cache against the full-precision one.
+"""`zkv-mlx eval ppl`: perplexity and mean KL divergence of a quantized KV cache (or of a long-context policy,
+`--kv-policy window|h2o --budget N`) against the full-precision full cache.
 
 Both caches run through the real paged path (ModelRunner.prefill in chunks, so attention reads the stored,
 quantized pages), side by side on the same windows of `--context` tokens. The last output line is JSON:
@@ -16,6 +17,7 @@ import time
 import mlx.core as mx
 
 from ..config import KVCacheConfig
+from ..errors import ConfigError
 
 
 def default_text() -> str:
@@ -88,6 +90,106 @@ def eval_zkv(lm, wins: list[list[int]], kv: KVCacheConfig, chunk: int) -> tuple[
     return score.result(), cand.pool.format_name
 
 
+class _PolicyRun:
+    """One sequence under a long-context policy in its own small float pool (blocks from a free list)."""
+
+    def __init__(self, lm, policy, n_blocks: int):
+        from ..engine.runner import ModelRunner
+
+        self.policy = policy
+        self.runner = ModelRunner(lm, n_blocks, policy.block_size, lm.dtype)
+        self.n_blocks = n_blocks
+        self.seq = None
+
+    def start(self, ids: list[int]) -> None:
+        from ..engine.sequence import SamplingParams, Sequence
+
+        self.seq = Sequence(prompt_ids=list(ids), params=SamplingParams(max_tokens=1))
+        self.seq.policy = self.policy
+        self.free = list(range(self.n_blocks))
+        self.held_positions: list[int] = []  # token positions the cache holds, in cache order
+
+    def chunk(self, start: int, end: int) -> mx.array:
+        from ..engine import evict
+
+        seq, bs = self.seq, self.policy.block_size
+        seq.num_computed = start
+        old = list(seq.block_table)
+        gone = set(evict.enforce(seq, end - start, self.runner, self.free.append, lambda b: b))
+        self.held_positions = [p for i, b in enumerate(old) if b not in gone
+                               for p in self.held_positions[i * bs:(i + 1) * bs]] + list(range(start, end))
+        while len(seq.block_table) * bs < end - seq.evicted:
+            seq.block_table.append(self.free.pop(0))
+        logits = self.runner.prefill(seq, start, end, all_logits=True)
+        mass = self.runner.mass
+        mx.eval(logits)
+        seq.num_computed = end
+        evict.add_mass(seq, mass and mass[0], end - start)
+        return logits
+
+
+def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int) -> dict:
+    """Perplexity/KL of each long-context policy against the full cache, chunk by chunk on the same windows.
+
+    Args:
+        policies: name -> KVPolicy. chunk: tokens per forward (queries in a chunk see the cache as it was
+            before the chunk plus the chunk itself).
+    """
+    from ..engine.runner import ModelRunner
+    from ..engine.sequence import SamplingParams, Sequence
+
+    bs = next(iter(policies.values())).block_size
+    context = max(len(w) for w in wins)
+    nb = -(-context // bs) + 1
+    ref = ModelRunner(lm, nb, bs, lm.dtype)
+    runs = {name: _PolicyRun(lm, p, -(-(p.budget + chunk) // bs) + 2) for name, p in policies.items()}
+    scores = {name: _Score() for name in policies}
+    for w in wins:
+        s_ref = Sequence(prompt_ids=list(w), params=SamplingParams(max_tokens=1))
+        s_ref.block_table = list(range(nb))
+        for r in runs.values():
+            r.start(w)
+        targets = mx.array(w[1:], dtype=mx.int32)
+        for start in range(0, len(w), chunk):
+            end = min(len(w), start + chunk)
+            a = ref.prefill(s_ref, start, end, all_logits=True)
+            mx.eval(a)
+            n = min(end, len(w) - 1) - start
+            for name, r in runs.items():
+                b = r.chunk(start, end)
+                scores[name].add(a[:n], b[:n], targets[start:start + n])
+    return {name: sc.result() for name, sc in scores.items()}
+
+
+def run_policy(args, lm, wins, t0) -> int:
+    from ..cache.policy import KVPolicy
+    from ..config import PolicyConfig
+
+    bs = args.block_size or 16
+    if args.kv_policy == "full" or args.budget is None:
+        raise ConfigError("--kv-policy window|h2o needs --budget TOKENS (e.g. --budget 512)")
+
+    def make(kind: str, sinks: int) -> KVPolicy:
+        return KVPolicy.from_config(PolicyConfig(kind=kind, budget=args.budget, sinks=sinks,
+                                                 recent=args.h2o_recent), bs)
+
+    policies = {args.kv_policy: make(args.kv_policy, args.sinks)}
+    if args.compare:
+        policies = {"truncation": make("window", 0), "window": make("window", args.sinks),
+                    "h2o": make("h2o", args.sinks)}
+    chunk = min([args.chunk] + [p.chunk for p in policies.values()])
+    res = eval_policies(lm, wins, policies, chunk)
+    main = res[args.kv_policy]
+    out = {"format": args.kv_policy, "policy": args.kv_policy, "budget": args.budget, "sinks": args.sinks, **main}
+    if args.compare:
+        out["compare"] = res
+    _log(args, f"policies: {res}")
+    out.update({"context": args.context, "windows": len(wins), "chunk": chunk,
+                "seconds": round(time.perf_counter() - t0, 1)})
+    print(json.dumps(out))
+    return 0
+
+
 def eval_mlx_lm(model, wins: list[list[int]], bits: int, group_size: int, chunk: int) -> dict:
     """The same figures for mlx-lm's QuantizedKVCache vs its KVCache, with mlx-lm's own forward."""
     from mlx_lm.models.cache import KVCache, QuantizedKVCache
@@ -111,6 +213,11 @@ def run(args) -> int:
     from ..models.loader import load_model
 
     t0 = time.perf_counter()
+    policy = getattr(args, "kv_policy", None)
+    if policy is not None and policy != "full" and args.kv_quant not in (None, "none"):
+        raise ConfigError("--kv-policy is evaluated with a float KV cache: drop --kv-quant")
+    if args.kv_quant is None:
+        args.kv_quant = "none" if policy else "int4"
     kv = KVCacheConfig(quant=args.kv_quant, group_size=args.kv_group_size, block_size=args.block_size or "auto",
                        key_layout=args.kv_key_layout, sinks=args.kv_sinks)
     text = open(args.text, encoding="utf-8").read() if args.text else default_text()
@@ -118,6 +225,8 @@ def run(args) -> int:
     wins = windows(lm.tokenizer.encode(text), args.context, args.windows)
     if not wins:
         raise SystemExit(f"the text has fewer than --context {args.context} tokens")
+    if policy is not None and policy != "full":
+        return run_policy(args, lm, wins, t0)
     res, fmt = eval_zkv(lm, wins, kv, args.chunk)
     out = {"format": args.kv_quant, "kv_format": fmt, **res}
     _log(args, f"zkv {fmt}: {res}")

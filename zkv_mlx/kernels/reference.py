@@ -76,7 +76,7 @@ def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, b
 
 
 def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: list[int],
-                            length: int, scale: float) -> mx.array:
+                            length: int, scale: float, mass_out: list | None = None) -> mx.array:
     """Decode attention for one sequence, reading its K/V blocks once (CPU-friendly reference).
 
     The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so
@@ -89,6 +89,7 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     Args:
         q: [1, n_heads, 1, D]; k_pool, v_pool: the layer's pool arrays.
         block_table: the sequence's block ids (python ints). length: valid positions (incl. this token).
+        mass_out: if a list, gets the attention mass per block [nb] (float32, summed over the query heads).
     Returns:
         [1, n_heads, 1, D] in q's dtype.
     """
@@ -111,7 +112,10 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     s = (scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=1)).reshape(rep, nb * bs, h_kv)
     if length < nb * bs:
         s = mx.where((mx.arange(nb * bs) < length)[None, :, None], s, -float("inf"))
-    p = softmax(s, axis=1).astype(q.dtype).reshape(rep, nb, bs, h_kv)
+    p = softmax(s, axis=1)
+    if mass_out is not None:
+        mass_out.append(p.reshape(rep, nb, bs, h_kv).sum(axis=(0, 2, 3)))
+    p = p.astype(q.dtype).reshape(rep, nb, bs, h_kv)
     eye = _eye(h_kv, q.dtype)
     out, start = None, 0
     for _, v, n in parts:
@@ -148,14 +152,20 @@ def _eye(h: int, dtype) -> mx.array:
     return _EYES[key]
 
 
-def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                                mass_out: list | None = None) -> mx.array:
     """Causal attention of L new queries over all kv_len positions of one sequence (new ones last).
 
     Args:
         q: [1, n_heads, L, head_dim]; k, v: [1, n_kv_heads, kv_len, head_dim] gathered from the pool.
+        mass_out: if a list, gets the attention mass per key position [kv_len] (float32, summed over the
+            query heads and the L queries).
     Returns:
         [1, n_heads, L, head_dim].
     """
+    if mass_out is not None and q.dtype != mx.float32:
+        out = prefill_attention_reference(q.astype(mx.float32), k.astype(mx.float32), v, scale, mass_out)
+        return out.astype(q.dtype)
     if q.dtype != mx.float32:
         # Metal / half precision: MLX's fused kernel (it aligns the causal mask to the bottom-right).
         mask = "causal" if q.shape[2] > 1 else None
@@ -169,5 +179,8 @@ def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: fl
     if L > 1:
         visible = mx.arange(lkv)[None, :] <= (mx.arange(L) + (lkv - L))[:, None]  # [L, kv_len]
         s = mx.where(visible[None, None], s.reshape(hkv, rep, L, lkv), -float("inf")).reshape(hkv, rep * L, lkv)
-    out = softmax(s) @ v[0].astype(mx.float32)
+    p = softmax(s)
+    if mass_out is not None:
+        mass_out.append(p.sum(axis=(0, 1)))
+    out = p @ v[0].astype(mx.float32)
     return out.reshape(1, hq, L, d)

@@ -38,6 +38,7 @@ class AttnContext:
     max_len: int = 0
     tables: list[list[int]] | None = None  # decode on the reference path: per-sequence python tables
     lens: list[int] | None = None
+    mass: list[list] | None = None  # h2o: per sequence, each layer's attention mass per block-table index
 
     @property
     def is_prefill(self) -> bool:
@@ -83,7 +84,14 @@ class PagedAttention(nn.Module):
             ctx.pool.write(self.layer_idx, k_rows, v_rows, ctx.write_blocks, ctx.write_offsets)
         if ctx.is_prefill:
             keys, values = ctx.pool.gather(self.layer_idx, ctx.block_table, ctx.kv_len)
-            out = prefill_attention_reference(q, keys, values, self.scale)
+            if ctx.mass is not None:
+                per_pos: list = []
+                out = prefill_attention_reference(q, keys, values, self.scale, mass_out=per_pos)
+                bs = ctx.pool.block_size
+                nb = -(-ctx.kv_len // bs)
+                ctx.mass[0].append(mx.pad(per_pos[0], (0, nb * bs - ctx.kv_len)).reshape(nb, bs).sum(axis=1))
+            else:
+                out = prefill_attention_reference(q, keys, values, self.scale)
         elif ctx.tables is not None and ctx.pool.quant is not None:
             # Quantized reference path: dequantize each sequence's own blocks only.
             outs = []
@@ -94,9 +102,17 @@ class PagedAttention(nn.Module):
         elif ctx.tables is not None:
             # Reference path: each sequence attends alone, so batched decode is bitwise equal to solo decode.
             kp, vp = ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx]
-            outs = [single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale)
+            outs = [single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale,
+                                            None if ctx.mass is None else ctx.mass[i])
                     for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens))]
             out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+        elif ctx.mass is not None:
+            out, mass = paged_attention(q, ctx.pool.k_pool(self.layer_idx), ctx.pool.v_pool(self.layer_idx),
+                                        ctx.block_tables, ctx.context_lens, self.scale, ctx.max_len,
+                                        return_mass=True)
+            bs = ctx.pool.block_size
+            for i, parts in enumerate(ctx.mass):
+                parts.append(mass[i, : -(-ctx.lens[i] // bs)])
         else:
             out = paged_attention(q, ctx.pool.k_pool(self.layer_idx), ctx.pool.v_pool(self.layer_idx),
                                   ctx.block_tables, ctx.context_lens, self.scale, ctx.max_len)

@@ -1,0 +1,83 @@
+"""Applies a sequence's long-context policy (cache/policy.py) to its blocks and the pool.
+
+Dropping blocks: the chosen blocks leave the block table (their reference is released), `seq.evicted` grows so
+that position p maps to cache index p - evicted, and the keys of kept blocks that sat before a dropped block are
+rotated forward by the dropped tokens after them. Queries and new keys keep their original positions, so every
+query sees its keys at their distance within the cache, as StreamingLLM positions them. A block shared with
+other sequences or published in the prefix cache is copied before it is rotated (copy on write).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache.policy import rotation_shifts
+from .sequence import Sequence
+
+
+def add_mass(seq: Sequence, mass: mx.array | None, n_queries: int) -> None:
+    """Accumulates one forward's attention mass per block-table index (h2o)."""
+    if mass is None:
+        return
+    m = np.array(mass.astype(mx.float32)).tolist()
+    grow = len(m) - len(seq.mass)
+    if grow > 0:
+        seq.mass.extend([0.0] * grow)
+        seq.seen.extend([0] * grow)
+    # Only attention received from beyond the protected recent window counts: a block's mass while it is itself
+    # recent is mostly local attention, which every block gets.
+    pol = seq.policy
+    lo, hi = pol.sink_blocks, max(pol.sink_blocks, seq.cache_len // pol.block_size - pol.recent_blocks)
+    for i in range(lo, min(hi, len(m))):
+        seq.mass[i] += m[i]
+        seq.seen[i] += n_queries
+
+
+def scores(seq: Sequence, n_blocks: int) -> list[float]:
+    """h2o: average attention a block received per distant query (blocks without evidence yet rank highest)."""
+    out = []
+    for i in range(n_blocks):
+        seen = seq.seen[i] if i < len(seq.seen) else 0
+        out.append(seq.mass[i] / seen if seen else float("inf"))
+    return out
+
+
+def enforce(seq: Sequence, n_new: int, runner, release, private) -> list[int]:
+    """Drops blocks so that the sequence's cache plus `n_new` tokens fits its budget.
+
+    Args:
+        runner: the ModelRunner (rotates keys in its pool).
+        release: release(block_id) drops the sequence's reference to a block.
+        private: private(block_id) -> a block id with the same contents that only this sequence uses and that is
+            not published in the prefix cache (the same id if it already is).
+    Returns:
+        The dropped block ids.
+    """
+    pol = seq.policy
+    if pol is None:
+        return []
+    table = seq.block_table
+    sc = scores(seq, len(table)) if pol.kind == "h2o" else None
+    drop = pol.evictions(seq.cache_len, n_new, sc)
+    if not drop:
+        return []
+    dropped = set(drop)
+    shifts = rotation_shifts(len(table), drop, pol.block_size)
+    gone = [table[i] for i in drop]
+    kept = [b for i, b in enumerate(table) if i not in dropped]
+    for b in gone:
+        release(b)
+    groups: dict[int, list[int]] = {}
+    for j, (b, d) in enumerate(zip(kept, shifts)):
+        if d:
+            kept[j] = private(b)
+            groups.setdefault(d, []).append(kept[j])
+    for d, ids in groups.items():
+        runner.shift_keys(ids, d)
+    seq.block_table[:] = kept
+    seq.evicted += len(drop) * pol.block_size
+    if seq.mass:
+        seq.mass[:] = [m for i, m in enumerate(seq.mass) if i not in dropped]
+        seq.seen[:] = [s for i, s in enumerate(seq.seen) if i not in dropped]
+    return gone
