@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from zkv_mlx.errors import ConfigError, KernelError
-from zkv_mlx.kernels import dispatch, kernel_path, paged_attention, registry
-from zkv_mlx.kernels.kv_format import quantize_pool
+from zkv_mlx.kernels import dispatch, kernel_path, metal, paged_attention, registry
+from zkv_mlx.kernels.kv_format import ChannelKeyPool, quantize_pool
+from zkv_mlx.kernels.kv_quant import QuantSpec
 from zkv_mlx.kernels.reference import paged_attention_reference
 from zkv_mlx.kernels.reference_quant import paged_attention_reference_quantized
+from zkv_mlx.storage.kv_pool import KVPool
 
 from . import fake_metal_kernel, stats
 
@@ -74,6 +76,88 @@ def test_metal_path_quantized_pools(sim, monkeypatch):
     np.testing.assert_allclose(np.array(got), np.array(want), atol=6e-3)
 
 
+def channel_case(seed, dtype=mx.float16, sinks=4, bs=32, d=64, n_kv=2, n_heads=6, lens=(3, 31, 32, 33, 170)):
+    """q, a ChannelKeyPool and V pool written through a KVPool (sinks, tail slabs), tables, lens, max_len."""
+    rng = np.random.default_rng(seed)
+    need = [-(-n // bs) for n in lens]
+    nb = sum(need) + 3
+    ids = [int(i) for i in rng.permutation(nb)]
+    pool = KVPool(1, nb, n_kv, bs, d, dtype, QuantSpec(4, 4, 64, True, sinks))
+    mx.random.seed(seed)
+    tables, start = [], 0
+    for n, k in zip(lens, need):
+        table = ids[start:start + k]
+        start += k
+        tables.append(table + [table[0]] * (max(need) - k))
+        for a, b in ((0, n - 1), (n - 1, n)):  # prefill, then one decode row
+            pos = list(range(a, b))
+            if pos:
+                plan = pool.plan_write([table[p // bs] for p in pos], [p % bs for p in pos], pos)
+                pool.write(0, mx.random.normal((b - a, n_kv, d)), mx.random.normal((b - a, n_kv, d)), plan)
+    q = mx.random.normal((len(lens), n_heads, 1, d)).astype(dtype)
+    return (q, pool.k_pool(0), pool.v_pool(0), mx.array(tables, dtype=mx.int32), mx.array(lens, dtype=mx.int32),
+            max(lens))
+
+
+@pytest.mark.parametrize("fmt", ["float", "q4k_q8v", "channel"])
+def test_return_mass_on_both_paths(fmt, sim, monkeypatch):
+    if fmt == "channel":
+        q, k, v, tables, lens, max_len = channel_case(3)
+    else:
+        q, k, v, tables, lens, max_len = random_case(3)
+        if fmt != "float":
+            k, v = quantize_pool(k, 4, 64), quantize_pool(v, 8, 32)
+    monkeypatch.setenv("ZKV_KERNELS", "reference")
+    plain = paged_attention(q, k, v, tables, lens, 0.125, max_len)
+    want, want_mass = paged_attention(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    np.testing.assert_array_equal(np.array(want), np.array(plain))  # the flag does not change the output
+    assert want_mass.shape == tables.shape and want_mass.dtype == mx.float32
+    np.testing.assert_allclose(np.array(want_mass).sum(axis=1), q.shape[1], rtol=1e-5)
+    monkeypatch.setenv("ZKV_KERNELS", "metal")
+    before = stats["launches"]
+    got, got_mass = paged_attention(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    assert stats["launches"] >= before + 2  # attention, then the mass normalisation
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=6e-3)
+    np.testing.assert_allclose(np.array(got_mass), np.array(want_mass), rtol=1e-3, atol=1e-4)
+    plain_metal = paged_attention(q, k, v, tables, lens, 0.125, max_len)
+    np.testing.assert_allclose(np.array(plain_metal), np.array(got), atol=2e-3)
+
+
+def test_reference_mass_flag():
+    q, k, v, tables, lens, max_len = random_case(4, dtype=mx.float32)
+    out = paged_attention_reference(q, k, v, tables, lens, 0.125, max_len)
+    out2, mass = paged_attention_reference(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    np.testing.assert_array_equal(np.array(out2), np.array(out))
+    # by hand: softmax per head over the valid positions, summed per block and over heads
+    B, nb = tables.shape
+    bs = k.shape[2]
+    rep = q.shape[1] // k.shape[1]
+    kk = np.array(k)[np.array(tables)].transpose(0, 2, 1, 3, 4).reshape(B, k.shape[1], nb * bs, -1)
+    want = np.zeros((B, nb))
+    for b in range(B):
+        n = int(lens[b].item())
+        for h in range(q.shape[1]):
+            s = kk[b, h // rep, :n] @ np.array(q)[b, h, 0] * 0.125
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            want[b] += np.bincount(np.arange(n) // bs, weights=p, minlength=nb)
+    np.testing.assert_allclose(np.array(mass), want, rtol=1e-5, atol=1e-6)
+    qo, qm = paged_attention_reference_quantized(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    np.testing.assert_array_equal(np.array(qo), np.array(out))
+    np.testing.assert_allclose(np.array(qm), np.array(mass), rtol=1e-6, atol=1e-7)
+
+
+def test_channel_keys_metal_equals_reference(sim, monkeypatch):
+    for seed, sinks in ((5, 4), (6, 0)):
+        q, k, v, tables, lens, max_len = channel_case(seed, sinks=sinks)
+        assert isinstance(k, ChannelKeyPool)
+        want = paged_attention_reference_quantized(q, k, v, tables, lens, 0.125, max_len)
+        monkeypatch.setenv("ZKV_KERNELS", "metal")
+        for two_pass in (False, True):
+            got = metal.paged_attention_metal(q, k, v, tables, lens, 0.125, max_len, two_pass=two_pass)
+            np.testing.assert_allclose(np.array(got), np.array(want), atol=6e-3)
+
+
 def test_forced_metal_without_a_kernel_is_an_error(sim, monkeypatch):
     q, k, v, tables, lens, max_len = random_case(0, d=72)
     monkeypatch.setenv("ZKV_KERNELS", "metal")
@@ -102,6 +186,14 @@ def test_auto_falls_back_with_one_warning(monkeypatch):
     dispatch.reset()
     with pytest.raises(KernelError, match="undeclared identifier"):
         paged_attention(q, k, v, tables, lens, 0.125, max_len)
+    # the mass variants fall back the same way, to the reference with the mass
+    monkeypatch.setenv("ZKV_KERNELS", "auto")
+    dispatch.reset()
+    want = paged_attention_reference_quantized(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    with pytest.warns(RuntimeWarning, match="paged_attention_1pass_mass_f16"):
+        got = paged_attention(q, k, v, tables, lens, 0.125, max_len, return_mass=True)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
     registry.clear()
     dispatch.reset()
 
@@ -138,3 +230,37 @@ def test_greedy_generation_on_bundled_model_matches_reference(sim, monkeypatch):
     before = stats["launches"]
     assert generate("metal") == want
     assert stats["launches"] - before >= 11 * lm.n_layers  # every decode step ran the kernels
+
+
+def test_greedy_generation_with_channel_keys_matches_reference(sim, monkeypatch, bundled_tokenizer,
+                                                               tmp_path_factory):
+    # The default int4 KV format (keys per channel over 32-token blocks, tail block and 4 sinks in full
+    # precision, values g64) on a tiny random model with head_dim 64 (the kernels' smallest): sequences cross
+    # the sinks, tail blocks fill and are quantized while decoding.
+    from conftest import TINY, write_tiny_model
+    from zkv_mlx.config import make_config
+    from zkv_mlx.engine import Engine, SamplingParams
+    from zkv_mlx.models.loader import load_model
+
+    TINY.setdefault("qwen3-d64", dict(TINY["qwen3"], head_dim=64))
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-d64"), "qwen3-d64", bundled_tokenizer)
+    cfg = make_config(model=str(path), kv_cache_memory="16MB", kv_quant="int4", prompt_cache=False)
+    assert (cfg.kv.channel_keys, cfg.kv.block_size, cfg.kv.sinks) == (True, 32, 4)
+    lm = load_model(str(path), cfg.weights_dtype)
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(10, 4000, n)] for n in (3, 20, 45)]
+
+    def generate(choice):
+        monkeypatch.setenv("ZKV_KERNELS", choice)
+        engine = Engine(lm, cfg)
+        assert engine.runner.pool.quant.k_channel and engine.runner.pool.has_kernel
+        seqs = [engine.add_request(ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), "local",
+                                   lambda ev: None) for ids in prompts]
+        while engine.has_work():
+            engine.step()
+        return [s.output_ids for s in seqs]
+
+    want = generate("reference")
+    before = stats["launches"]
+    assert generate("metal") == want
+    assert stats["launches"] - before >= 29 * lm.n_layers  # every decode step ran the kernels

@@ -7,7 +7,7 @@ import mlx.core as mx
 import pytest
 
 from zkv_mlx.kernels import metal, registry
-from zkv_mlx.kernels.kv_format import quantize_pool
+from zkv_mlx.kernels.kv_format import ChannelKeyPool, quantize_pool
 
 from . import fake_metal_kernel, sim_options, verbose_text
 
@@ -77,6 +77,32 @@ def test_paged_kernels_source_matches_mlx(dtype, k_fmt, v_fmt, batch, two_pass, 
         return metal.paged_attention_metal(q, kk, vv, tables, lens, 0.1, max_len=40, two_pass=two_pass)
 
     check_same(fn, [q, tables, lens, *flat_k, *flat_v], capfd, tmp_path, monkeypatch, expect=2 if two_pass else 1)
+
+
+@pytest.mark.parametrize("two_pass,return_mass,sinks", [(False, True, 4), (True, True, 0), (True, False, 2),
+                                                        (False, False, 4)])
+def test_mass_and_channel_key_kernels_source_matches_mlx(two_pass, return_mass, sinks, capfd, tmp_path,
+                                                         monkeypatch):
+    # per-channel keys (ChannelKeyPool) and the attention-mass kernels: three outputs, 13 inputs
+    nb, h_kv, bs, d, batch = 6, 2, 32, 128, 2
+    packed = mx.zeros((nb, h_kv, bs, d // 8), dtype=mx.uint32)
+    scales = mx.ones((nb, h_kv, 1, d), dtype=mx.float16)
+    tail = mx.zeros((4, h_kv, bs, d), dtype=mx.float16)
+    sink = mx.zeros((4, h_kv, sinks, d), dtype=mx.float16) if sinks else mx.zeros((1,), dtype=mx.float16)
+    slots = mx.full((nb, 2), -1, dtype=mx.int32)
+    _, v = _pools(mx.float16, None, (4, 64), nb=nb, bs=bs)
+    q = mx.random.normal((batch, 4, 1, d)).astype(mx.float16)
+    tables = mx.arange(batch * 3, dtype=mx.int32).reshape(batch, 3)
+    lens = mx.array([70] * batch, dtype=mx.int32)
+
+    def fn(q, tables, lens, packed, scales, tail, sink, slots, *vv):
+        k = ChannelKeyPool(packed, scales, scales, tail, sink, slots, sinks)
+        out = metal.paged_attention_metal(q, k, type(v)(*vv), tables, lens, 0.1, max_len=70, two_pass=two_pass,
+                                          return_mass=return_mass)
+        return list(out) if return_mass else out
+
+    check_same(fn, [q, tables, lens, packed, scales, tail, sink, slots, *v], capfd, tmp_path, monkeypatch,
+               expect=1 + two_pass + return_mass)
 
 
 SOURCES = {

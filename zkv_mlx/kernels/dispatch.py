@@ -48,28 +48,36 @@ def kernel_path() -> str:
     return choice
 
 
-def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None):
+def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False):
     """Decode attention over the paged pool.
 
     Args:
         q: [B, n_heads, 1, head_dim].
         k_pool, v_pool: [num_blocks, n_kv_heads, block_size, head_dim] arrays, or `QuantizedPool`s in the
-            mx.quantize layout (K and V formats may differ).
+            mx.quantize layout (K and V formats may differ); K may also be a `ChannelKeyPool` (keys per channel
+            with their tail and sink rows).
         block_tables: [B, max_blocks] int32; context_lens: [B] int32; scale: softmax scale;
         max_len: max(context_lens) if known (saves a device sync).
+        return_mass: also return the attention mass per block-table entry: float32 [B, max_blocks], entry
+            [b, j] = the softmax probabilities of entry j's positions (< context_lens[b]) summed over the query
+            heads (0 past the sequence's length; each row sums to n_heads).
     Returns:
-        [B, n_heads, 1, head_dim] in q's dtype.
+        [B, n_heads, 1, head_dim] in q's dtype; with return_mass, (that, mass).
     """
     if kernel_path() == "metal":
-        out = _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, kernel_choice() == "metal")
+        out = _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, kernel_choice() == "metal",
+                     return_mass)
         if out is not None:
             return out
+    if return_mass:  # float pools too: same output as paged_attention_reference, plus the mass
+        return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len,
+                                                   return_mass=True)
     if is_quantized(k_pool) or is_quantized(v_pool):
         return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len)
     return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale, max_len)
 
 
-def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict: bool):
+def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict: bool, return_mass: bool = False):
     try:
         var = metal.select_variant(q, k_pool, v_pool, block_tables)
     except metal.Unsupported as e:
@@ -79,11 +87,12 @@ def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict
     if max_len is None:
         max_len = int(context_lens.max().item())
     two_pass = metal.choose_passes(q.shape[0] * q.shape[1], max_len, var.block_size)[0]
-    variant = var.name(two_pass)  # one/two-pass kernels are checked and fall back separately
+    variant = var.name(two_pass, return_mass)  # one/two-pass and mass kernels check and fall back separately
     if variant in _failed:
         return None
     try:
-        out = metal.paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, two_pass)
+        out = metal.paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, two_pass,
+                                          return_mass)
         key = (variant, mx.fast.metal_kernel)
         if key not in _checked:
             mx.eval(out)  # on a Mac, compile errors surface at evaluation

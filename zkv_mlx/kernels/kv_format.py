@@ -1,4 +1,5 @@
-"""KV pool formats the attention paths accept: float arrays, or the `mx.quantize` triple along head_dim."""
+"""KV pool formats the attention paths accept: float arrays, the `mx.quantize` triple along head_dim, or (keys
+only) the per-channel layout with its full-precision tail and sink rows (`ChannelKeyPool`)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,56 @@ class QuantizedPool(NamedTuple):
     biases: mx.array
 
 
+class ChannelKeyPool(NamedTuple):
+    """Keys quantized per channel over the tokens of each full block (KIVI-style, kernels/kv_quant.py), with
+    the rows that are not (yet) quantized kept apart in full precision (storage/kv_pool.py).
+
+    packed: [num_blocks, n_kv_heads, block_size, head_dim * bits / 32] uint32 (mx.quantize bit order).
+    scales, biases: [num_blocks, n_kv_heads, 1, head_dim]: one per channel and block; key = scale * q + bias.
+    tail: [tail_slots, n_kv_heads, block_size, head_dim] float: the rows of partial blocks. A sequence's last
+        block (the one holding position context_len - 1) is read from here when it has a tail slot.
+    sinks: [sink_slots, n_kv_heads, n_sinks, head_dim] float: the keys of positions < n_sinks of sequences whose
+        first block has a sink slot (with that shape and a single slot, e.g. zeros, while no block has one; any
+        1-element array when n_sinks is 0).
+    slots: [num_blocks, 2] int32: per block id its tail slot and sink slot, -1 for none.
+    n_sinks: sink positions per sequence (0: none).
+    """
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+    tail: mx.array
+    sinks: mx.array
+    slots: mx.array
+    n_sinks: int
+
+
 @dataclass(frozen=True, slots=True)
 class KVFormat:
-    """bits = 0 for float storage (dtype = storage dtype); else bits/group_size (dtype = scale dtype)."""
+    """bits = 0 for float storage (dtype = storage dtype); else bits/group_size (dtype = scale dtype).
+
+    channel: keys per channel over a block (`ChannelKeyPool`; group_size 0), with `sinks` sink positions and
+    tail/sink rows stored in `tail_dtype`.
+    """
 
     bits: int
     group_size: int
     dtype: mx.Dtype
+    channel: bool = False
+    sinks: int = 0
+    tail_dtype: mx.Dtype | None = None
 
     @property
     def name(self) -> str:
         if self.bits == 0:
-            return {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32"}.get(self.dtype, str(self.dtype))
+            return _dtype_name(self.dtype)
+        if self.channel:
+            return f"q{self.bits}cs{self.sinks}{_dtype_name(self.tail_dtype)}"
         return f"q{self.bits}g{self.group_size}"
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32"}.get(dtype, str(dtype))
 
 
 def is_quantized(pool) -> bool:
@@ -43,6 +81,16 @@ def pool_format(pool, head_dim: int) -> KVFormat:
     """Format of a pool given the query head_dim; raises ValueError naming the shapes if inconsistent."""
     if not is_quantized(pool):
         return KVFormat(0, 0, pool.dtype)
+    if isinstance(pool, ChannelKeyPool):
+        packed, scales, biases, tail = pool.packed, pool.scales, pool.biases, pool.tail
+        nb, h, bs, words = packed.shape
+        bits = words * 32 // head_dim
+        if (bits * head_dim != words * 32 or scales.shape != (nb, h, 1, head_dim) or biases.shape != scales.shape
+                or tail.shape[1:] != (h, bs, head_dim) or pool.slots.shape != (nb, 2)):
+            raise ValueError(f"per-channel key pool packed {packed.shape} / scales {scales.shape} / biases "
+                             f"{biases.shape} / tail {tail.shape} / slots {pool.slots.shape} does not match "
+                             f"head_dim {head_dim}")
+        return KVFormat(bits, 0, scales.dtype, True, pool.n_sinks, tail.dtype)
     packed, scales, biases = pool
     words, groups = packed.shape[-1], scales.shape[-1]
     bits = words * 32 // head_dim

@@ -4,6 +4,9 @@ One pass: one threadgroup per (sequence, query head) scans the whole context.
 Two passes (split context, "flash decoding"): when there are few (sequence, head) pairs to occupy the GPU
 and the context is long, pass 1 gives each of n_splits threadgroups a `partition` of the keys and pass 2
 merges their softmax states. See `plan_splits` and docs/kernels.md.
+Keys quantized per channel (`ChannelKeyPool`) have their own kernels (`paged_attention_ck_*`); with
+`return_mass` the `*_mass` kernels also write block statistics that `paged_attention_mass` turns into the
+attention mass per block-table entry.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from . import registry
-from .kv_format import KVFormat, is_quantized, pool_format, pool_shape
+from .kv_format import ChannelKeyPool, KVFormat, is_quantized, pool_format, pool_shape
 
 NSG = 8                    # SIMD-groups per attention threadgroup (256 threads)
 REDUCE_THREADS = 64
+MASS_THREADS = 64          # threads per threadgroup of paged_attention_mass (one per block-table entry)
 HEAD_DIMS = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 QUANT_BITS = (4, 8)
@@ -39,14 +43,21 @@ class Variant:
     k: KVFormat
     v: KVFormat
 
-    def name(self, two_pass: bool | None = None) -> str:
-        kind = {None: "", False: "1pass_", True: "2pass_"}[two_pass]
+    def name(self, two_pass: bool | None = None, mass: bool = False) -> str:
+        kind = {None: "", False: "1pass_", True: "2pass_"}[two_pass] + ("mass_" if mass else "")
         t = {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32"}[self.dtype]
         return f"paged_attention_{kind}{t}_d{self.head_dim}_bs{self.block_size}_k{self.k.name}_v{self.v.name}"
 
     def template(self) -> list[tuple[str, object]]:
+        if self.k.channel:
+            return [("T", self.dtype), ("D", self.head_dim), ("BS", self.block_size), ("NSG", NSG),
+                    ("KB", self.k.bits), ("SINKS", self.k.sinks), ("VB", self.v.bits), ("VG", self.v.group_size)]
         return [("T", self.dtype), ("D", self.head_dim), ("BS", self.block_size), ("NSG", NSG),
                 ("KB", self.k.bits), ("KG", self.k.group_size), ("VB", self.v.bits), ("VG", self.v.group_size)]
+
+    def kernel(self, stage: str, mass: bool) -> str:
+        """Registry name of the kernel for `stage` ("1pass" or "2pass_partial")."""
+        return f"paged_attention_{'ck_' if self.k.channel else ''}{stage}{'_mass' if mass else ''}"
 
 
 def select_variant(q: mx.array, k_pool, v_pool, block_tables: mx.array) -> Variant:
@@ -75,6 +86,16 @@ def select_variant(q: mx.array, k_pool, v_pool, block_tables: mx.array) -> Varia
             raise Unsupported(str(e)) from None
         if fmt.dtype not in FLOAT_DTYPES:
             raise Unsupported(f"{which} pool dtype {fmt.dtype}")
+        if fmt.channel:
+            if which == "V":
+                raise Unsupported("V pool quantized per channel: kernels read per-channel keys only")
+            if fmt.bits not in QUANT_BITS or fmt.tail_dtype not in FLOAT_DTYPES:
+                raise Unsupported(f"per-channel K pool {fmt.bits}-bit, tail {fmt.tail_dtype}: kernels exist for "
+                                  f"{QUANT_BITS} bits and float tails")
+            if k_pool.n_sinks and (k_pool.sinks.ndim != 4 or k_pool.sinks.shape[1:] != (h_kv, k_pool.n_sinks, D)):
+                raise Unsupported(f"sink keys {k_pool.sinks.shape} for {k_pool.n_sinks} sinks of {h_kv} heads")
+            fmts.append(fmt)
+            continue
         if fmt.bits and (fmt.bits not in QUANT_BITS or fmt.group_size % (32 // fmt.bits)):
             raise Unsupported(f"{which} pool {fmt.bits}-bit, group {fmt.group_size}: kernels exist for {QUANT_BITS} bits")
         fmts.append(fmt)
@@ -115,6 +136,8 @@ def _split(max_len: int, n: int, block_size: int) -> tuple[int, int]:
 
 
 def _operands(pool) -> list[mx.array]:
+    if isinstance(pool, ChannelKeyPool):
+        return [pool.packed, pool.scales, pool.biases, pool.tail, pool.sinks, pool.slots.astype(mx.int32)]
     if is_quantized(pool):
         return list(pool)
     return [pool, _DUMMY, _DUMMY]  # the kernel never reads scales/biases of a float pool
@@ -124,11 +147,13 @@ _DUMMY = mx.zeros((1,), dtype=mx.float16)
 
 
 def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: mx.array,
-                          scale: float, max_len: int | None = None, two_pass: bool | None = None) -> mx.array:
+                          scale: float, max_len: int | None = None, two_pass: bool | None = None,
+                          return_mass: bool = False):
     """Decode attention with the Metal kernels; same contract as `paged_attention_reference_quantized`.
 
     Args:
         two_pass: force the split-context kernels (True) or the one-pass kernel (False); None = heuristic.
+        return_mass: also return the attention mass per block-table entry, [B, max_blocks] float32.
     Raises:
         Unsupported: no variant covers the inputs.
     """
@@ -140,16 +165,32 @@ def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, c
     inputs = [q, *_operands(k_pool), *_operands(v_pool), block_tables.astype(mx.int32),
               context_lens.astype(mx.int32), float(scale)]
     threads = NSG * 32
+    bh, max_blocks = B * n_heads, block_tables.shape[1]
+    # mass: (max, sum) per head and split, and per block-table entry (running max, exp2 sum)
+    extra_shapes = [(bh, 1 if not two_pass else n_splits, 2), (bh, max_blocks, 2)] if return_mass else []
+    extra_dtypes = [mx.float32, mx.float32] if return_mass else []
     if not two_pass:
-        kernel = registry.get_kernel("paged_attention_1pass")
-        return kernel(inputs=inputs, template=var.template(), grid=(threads * B * n_heads, 1, 1),
-                      threadgroup=(threads, 1, 1), output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
-    partial = registry.get_kernel("paged_attention_2pass_partial")
-    o_part, ml = partial(inputs=inputs + [partition], template=var.template(),
-                         grid=(threads * B * n_heads, n_splits, 1), threadgroup=(threads, 1, 1),
-                         output_shapes=[(B * n_heads, n_splits, D), (B * n_heads, n_splits, 2)],
-                         output_dtypes=[mx.float32, mx.float32])
-    reduce = registry.get_kernel("paged_attention_2pass_reduce")
-    return reduce(inputs=[o_part, ml], template=[("T", q.dtype), ("D", D)],
-                  grid=(REDUCE_THREADS * B * n_heads, 1, 1), threadgroup=(REDUCE_THREADS, 1, 1),
-                  output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+        kernel = registry.get_kernel(var.kernel("1pass", return_mass))
+        outs = kernel(inputs=inputs, template=var.template(), grid=(threads * B * n_heads, 1, 1),
+                      threadgroup=(threads, 1, 1), output_shapes=[q.shape] + extra_shapes,
+                      output_dtypes=[q.dtype] + extra_dtypes)
+        out = outs[0]
+    else:
+        partial = registry.get_kernel(var.kernel("2pass_partial", return_mass))
+        outs = partial(inputs=inputs + [partition], template=var.template(),
+                       grid=(threads * B * n_heads, n_splits, 1), threadgroup=(threads, 1, 1),
+                       output_shapes=[(B * n_heads, n_splits, D), (B * n_heads, n_splits, 2)] + extra_shapes[1:],
+                       output_dtypes=[mx.float32, mx.float32] + extra_dtypes[1:])
+        o_part = outs[0]
+        reduce = registry.get_kernel("paged_attention_2pass_reduce")
+        out = reduce(inputs=[o_part, outs[1]], template=[("T", q.dtype), ("D", D)],
+                     grid=(REDUCE_THREADS * B * n_heads, 1, 1), threadgroup=(REDUCE_THREADS, 1, 1),
+                     output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
+    if not return_mass:
+        return out
+    ml, bstats = outs[1], outs[2]
+    mass_kernel = registry.get_kernel("paged_attention_mass")
+    mass = mass_kernel(inputs=[bstats, ml, inputs[-2]], template=[("BS", var.block_size)],
+                       grid=(max_blocks, B, 1), threadgroup=(max(1, min(MASS_THREADS, max_blocks)), 1, 1),
+                       output_shapes=[(B, max_blocks)], output_dtypes=[mx.float32])[0]
+    return out, mass

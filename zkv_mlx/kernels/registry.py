@@ -16,13 +16,28 @@ import mlx.core as mx
 _MARK = "//// kernel: "
 _ATTN_INPUTS = ["q", "k", "k_scales", "k_biases", "v", "v_scales", "v_biases", "block_tables", "context_lens",
                 "scale"]
+# keys per channel (kv_format.ChannelKeyPool): the tail and sink slabs and the per-block slot table after K
+_CK_INPUTS = ["q", "k", "k_scales", "k_biases", "k_tail", "k_sinks", "k_slots", "v", "v_scales", "v_biases",
+              "block_tables", "context_lens", "scale"]
+_FILE = "paged_attention.metal"
+_COMMON = "paged_common.h"
+_BLOCKS = ("paged_common.h", "paged_blocks.h")  # header = the files concatenated
 
-# kernel -> (file, header, input names, output names)
-KERNELS: dict[str, tuple[str, str, list[str], list[str]]] = {
-    "paged_attention_1pass": ("paged_attention.metal", "paged_common.h", _ATTN_INPUTS, ["out"]),
-    "paged_attention_2pass_partial": ("paged_attention.metal", "paged_common.h", _ATTN_INPUTS + ["partition"],
-                                      ["o_part", "ml"]),
-    "paged_attention_2pass_reduce": ("paged_attention.metal", "paged_common.h", ["o_part", "ml"], ["out"]),
+# kernel -> (file, header file(s), input names, output names)
+KERNELS: dict[str, tuple[str, str | tuple[str, ...], list[str], list[str]]] = {
+    "paged_attention_1pass": (_FILE, _COMMON, _ATTN_INPUTS, ["out"]),
+    "paged_attention_2pass_partial": (_FILE, _COMMON, _ATTN_INPUTS + ["partition"], ["o_part", "ml"]),
+    "paged_attention_2pass_reduce": (_FILE, _COMMON, ["o_part", "ml"], ["out"]),
+    # attention mass (H2O): block statistics next to the usual outputs, then paged_attention_mass
+    "paged_attention_1pass_mass": (_FILE, _BLOCKS, _ATTN_INPUTS, ["out", "ml", "bstats"]),
+    "paged_attention_2pass_partial_mass": (_FILE, _BLOCKS, _ATTN_INPUTS + ["partition"], ["o_part", "ml", "bstats"]),
+    "paged_attention_mass": (_FILE, _COMMON, ["bstats", "ml", "context_lens"], ["mass"]),
+    # keys per channel with tail and sinks (pass 2 is paged_attention_2pass_reduce)
+    "paged_attention_ck_1pass": (_FILE, _BLOCKS, _CK_INPUTS, ["out"]),
+    "paged_attention_ck_2pass_partial": (_FILE, _BLOCKS, _CK_INPUTS + ["partition"], ["o_part", "ml"]),
+    "paged_attention_ck_1pass_mass": (_FILE, _BLOCKS, _CK_INPUTS, ["out", "ml", "bstats"]),
+    "paged_attention_ck_2pass_partial_mass": (_FILE, _BLOCKS, _CK_INPUTS + ["partition"],
+                                              ["o_part", "ml", "bstats"]),
 }
 
 _lock = threading.Lock()
@@ -51,7 +66,8 @@ def kernel_bodies(filename: str) -> dict[str, str]:
 def kernel_source(name: str) -> tuple[str, str]:
     """(body, header) of a kernel in KERNELS."""
     filename, header, _, _ = KERNELS[name]
-    return kernel_bodies(filename)[name], read_metal(header)
+    headers = (header,) if isinstance(header, str) else header
+    return kernel_bodies(filename)[name], "".join(read_metal(h) for h in headers)
 
 
 def get_kernel(name: str):

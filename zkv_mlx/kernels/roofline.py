@@ -20,6 +20,12 @@ PEAK_GBPS = {
 # name -> (bits, group size); quantized rows also carry an fp16 scale and bias per group
 FORMATS = {"fp32": (32, 0), "fp16/bf16": (16, 0), "q8 g32": (8, 32), "q8 g64": (8, 64), "q4 g32": (4, 32),
            "q4 g64": (4, 64)}
+# Keys per channel over a block of 32 tokens carry one fp16 scale and bias per channel and block: per row the
+# same metadata as a group of 32 along head_dim. The tail block and the sinks (full precision, at most 35 rows
+# per sequence and layer) are left out.
+FORMATS["q4 c32"] = (4, 32)
+# (K format, V format) pairs printed as one row: the default int4 KV format
+MIXED = {"int4 default: K q4 c32 + V q4 g64": ("q4 c32", "q4 g64")}
 
 MODELS = {  # (layers, KV heads, head_dim)
     "SmolLM2-135M (bundled)": (30, 3, 64),
@@ -51,18 +57,21 @@ def main() -> None:
         print(f"\nKV bytes read per decoded token, {model} ({layers} layers, {kv_heads} KV heads, head_dim {d}):\n")
         print("| format | bytes/element | " + " | ".join(f"L={c}" for c in contexts) + " |")
         print("|---|---|" + "---|" * len(contexts))
-        for name in FORMATS:
-            per_elem = row_bytes(d, *FORMATS[name]) / d
-            sizes = [kv_bytes_per_token(layers, kv_heads, d, c, name) / 2**20 for c in contexts]
+        rows = {name: (name, name) for name in FORMATS if name != "q4 c32"} | MIXED
+        for name, (kf, vf) in rows.items():
+            per_elem = (row_bytes(d, *FORMATS[kf]) + row_bytes(d, *FORMATS[vf])) / (2 * d)
+            sizes = [kv_bytes_per_token(layers, kv_heads, d, c, kf, vf) / 2**20 for c in contexts]
             print(f"| {name} | {per_elem:.4g} | " + " | ".join(f"{s:,.1f} MiB" for s in sizes) + " |")
     layers, kv_heads, d = MODELS["Llama-3-8B shape"]
     context = 32768
-    names = ("fp16/bf16", "q8 g64", "q4 g32")
+    names = ("fp16/bf16", "q8 g64", "q4 g32", "int4 default")
+    pairs = {"int4 default": ("q4 c32", "q4 g64")}
     print(f"\nAttention-only lower bound per decode step, Llama-3-8B shape, L={context}, batch 1 (ms):\n")
     print("| chip | GB/s | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for chip, gbps in PEAK_GBPS.items():
-        ms = [kv_bytes_per_token(layers, kv_heads, d, context, n) / (gbps * 1e9) * 1e3 for n in names]
+        ms = [kv_bytes_per_token(layers, kv_heads, d, context, *pairs.get(n, (n,))) / (gbps * 1e9) * 1e3
+              for n in names]
         print(f"| {chip} | {gbps:g} | " + " | ".join(f"{t:.2f}" for t in ms) + " |")
 
 

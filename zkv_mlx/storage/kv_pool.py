@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from ..kernels.kv_format import QuantizedPool
+from ..kernels.kv_format import ChannelKeyPool, QuantizedPool
 from ..kernels.kv_quant import (SCALE_DTYPE, QuantSpec, dequantize_channels, dequantize_tokens, quantize_channels,
                                 quantize_tokens)
 
@@ -86,6 +86,7 @@ class KVPool:
         self.sink_k: list[mx.array] = []
         self._sink_slot: dict[int, int] = {}
         self._free_sinks: list[int] = []
+        self._slot_map: mx.array | None = None  # [num_blocks, 2] tail and sink slot per block id (kernels)
         if quant is not None and quant.k_channel:
             self._grow_slab(4)
 
@@ -112,16 +113,34 @@ class KVPool:
                                     self.dtype, self.quant) * self.num_blocks + slab
 
     def k_pool(self, layer: int):
-        """Layer's K pool as the kernels take it: an array or a `QuantizedPool` (token layout only)."""
-        return self.k[layer] if self.quant is None else QuantizedPool(*self.k[layer])
+        """Layer's K pool as the kernels take it: an array, a `QuantizedPool` (token layout) or a `ChannelKeyPool`
+        (per-channel keys with this layer's tail and sink slabs and the block -> slot table)."""
+        if self.quant is None:
+            return self.k[layer]
+        if not self.quant.k_channel:
+            return QuantizedPool(*self.k[layer])
+        sinks = self.sink_k[layer] if self.sink_k else _dummy(self.dtype, (1, self.n_kv_heads, self.quant.sinks,
+                                                                           self.head_dim))
+        return ChannelKeyPool(*self.k[layer], self.tail_k[layer], sinks, self.slot_table(), self.quant.sinks)
 
     def v_pool(self, layer: int):
         return self.v[layer] if self.quant is None else QuantizedPool(*self.v[layer])
 
     @property
     def has_kernel(self) -> bool:
-        """False for layouts only the reference attention reads (per-channel keys with a tail slab)."""
-        return self.quant is None or not self.quant.k_channel
+        """True: the Metal kernels read every layout (per-channel keys through `ChannelKeyPool`)."""
+        return True
+
+    def slot_table(self) -> mx.array:
+        """[num_blocks, 2] int32: each block id's tail-slab slot and sink-slab slot (-1: none), as
+        `KVPool.gather` uses them: the tail slot for a sequence's last block, the sink slot for its first."""
+        if self._slot_map is None:
+            table = np.full((self.num_blocks, 2), -1, np.int32)
+            for col, slots in enumerate((self._slot, self._sink_slot)):
+                if slots:
+                    table[np.fromiter(slots.keys(), np.int64, len(slots)), col] = list(slots.values())
+            self._slot_map = mx.array(table)
+        return self._slot_map
 
     # -- writes ---------------------------------------------------------------------------------------
     def plan_write(self, blocks: list[int], offsets: list[int], positions: list[int] | None = None) -> WritePlan:
@@ -133,6 +152,7 @@ class KVPool:
         plan = WritePlan(mx.array(blocks, dtype=mx.int32), mx.array(offsets, dtype=mx.int32))
         if self.quant is None or not self.quant.k_channel:
             return plan
+        self._slot_map = None  # slots change below
         bs = self.block_size
         if positions is not None:
             self._plan_sinks(plan, blocks, offsets, positions)
@@ -244,6 +264,7 @@ class KVPool:
             plan.sink_offsets = mx.array(offs, dtype=mx.int32)
 
     def _drop_sink(self, block_id: int) -> None:
+        self._slot_map = None
         slot = self._sink_slot.pop(block_id, None)
         if slot is not None:
             self._free_sinks.append(slot)
@@ -261,6 +282,7 @@ class KVPool:
     # -- tail slab ------------------------------------------------------------------------------------
     def drop_tail(self, block_id: int) -> None:
         """Forgets the full-precision rows of a partial block (its sequence ended or the block was reused)."""
+        self._slot_map = None
         slot = self._slot.pop(block_id, None)
         if slot is not None:
             self._free_slots.append(slot)
@@ -387,7 +409,21 @@ class KVPool:
                                 self._sink_slot[b] = self._take_sink()
                         if flags[i]:
                             self.sink_k[layer][self._sink_slot[b]] = rows[i]
+        self._slot_map = None
         mx.eval(self.k, self.v)
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy(dtype: mx.Dtype, shape: tuple) -> mx.array:
+    # stands in for the sink slab before any sequence has sink keys (no slot refers to it)
+    if not shape[2]:
+        shape = (1,)
+    key = (dtype, shape)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = mx.zeros(shape, dtype=dtype)
+    return _DUMMIES[key]
 
 
 def _triple(packed_shape, meta_shape) -> list[mx.array]:
