@@ -232,35 +232,57 @@ def test_greedy_generation_on_bundled_model_matches_reference(sim, monkeypatch):
     assert stats["launches"] - before >= 11 * lm.n_layers  # every decode step ran the kernels
 
 
-def test_greedy_generation_with_channel_keys_matches_reference(sim, monkeypatch, bundled_tokenizer,
-                                                               tmp_path_factory):
-    # The default int4 KV format (keys per channel over 32-token blocks, tail block and 4 sinks in full
-    # precision, values g64) on a tiny random model with head_dim 64 (the kernels' smallest): sequences cross
-    # the sinks, tail blocks fill and are quantized while decoding.
+@pytest.fixture(scope="module")
+def tiny_d64(bundled_tokenizer, tmp_path_factory):
+    """A tiny random qwen3 with head_dim 64 (the kernels' smallest): its path and the loaded model."""
     from conftest import TINY, write_tiny_model
-    from zkv_mlx.config import make_config
-    from zkv_mlx.engine import Engine, SamplingParams
     from zkv_mlx.models.loader import load_model
 
     TINY.setdefault("qwen3-d64", dict(TINY["qwen3"], head_dim=64))
-    path = write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-d64"), "qwen3-d64", bundled_tokenizer)
-    cfg = make_config(model=str(path), kv_cache_memory="16MB", kv_quant="int4", prompt_cache=False)
+    path = str(write_tiny_model(tmp_path_factory.mktemp("tiny-qwen3-d64"), "qwen3-d64", bundled_tokenizer))
+    return path, load_model(path, "float32")
+
+
+def _greedy(monkeypatch, choice, lm, cfg, prompts, n):
+    from zkv_mlx.engine import Engine, SamplingParams
+
+    monkeypatch.setenv("ZKV_KERNELS", choice)
+    engine = Engine(lm, cfg)
+    seqs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), "local",
+                               lambda ev: None) for ids in prompts]
+    while engine.has_work():
+        engine.step()
+    return engine, [s.output_ids for s in seqs]
+
+
+def test_greedy_generation_with_channel_keys_matches_reference(sim, monkeypatch, tiny_d64):
+    # The default int4 KV format (keys per channel over 32-token blocks, tail block and 4 sinks in full
+    # precision, values g64): sequences cross the sinks, tail blocks fill and are quantized while decoding.
+    from zkv_mlx.config import make_config
+
+    path, lm = tiny_d64
+    cfg = make_config(model=path, kv_cache_memory="16MB", kv_quant="int4", prompt_cache=False)
     assert (cfg.kv.channel_keys, cfg.kv.block_size, cfg.kv.sinks) == (True, 32, 4)
-    lm = load_model(str(path), cfg.weights_dtype)
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(10, 4000, n)] for n in (3, 20, 45)]
-
-    def generate(choice):
-        monkeypatch.setenv("ZKV_KERNELS", choice)
-        engine = Engine(lm, cfg)
-        assert engine.runner.pool.quant.k_channel and engine.runner.pool.has_kernel
-        seqs = [engine.add_request(ids, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), "local",
-                                   lambda ev: None) for ids in prompts]
-        while engine.has_work():
-            engine.step()
-        return [s.output_ids for s in seqs]
-
-    want = generate("reference")
+    engine, want = _greedy(monkeypatch, "reference", lm, cfg, prompts, 30)
+    assert engine.runner.pool.quant.k_channel and engine.runner.pool.has_kernel
     before = stats["launches"]
-    assert generate("metal") == want
+    assert _greedy(monkeypatch, "metal", lm, cfg, prompts, 30)[1] == want
     assert stats["launches"] - before >= 29 * lm.n_layers  # every decode step ran the kernels
+
+
+def test_h2o_on_the_metal_path_matches_reference(sim, monkeypatch, tiny_d64):
+    # H2O ranks blocks by the attention mass: on the Metal path it comes from the mass kernels.
+    from zkv_mlx.config import make_config
+
+    path, lm = tiny_d64
+    cfg = make_config(model=path, block_size=8, kv_dtype="float32", kv_cache_memory="8MB", kv_policy="h2o",
+                      budget=64, sinks=4, h2o_recent=16, prompt_cache=False)
+    prompt = list(range(300, 400))
+    ref_engine, want = _greedy(monkeypatch, "reference", lm, cfg, [prompt], 40)
+    before = stats["launches"]
+    engine, got = _greedy(monkeypatch, "metal", lm, cfg, [prompt], 40)
+    assert got == want
+    assert engine.policy_dropped_blocks == ref_engine.policy_dropped_blocks > 0
+    assert stats["launches"] - before >= 2 * 39 * lm.n_layers  # attention + mass normalisation per layer
