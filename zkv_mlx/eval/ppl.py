@@ -144,7 +144,9 @@ def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int) -> dict
     ref = ModelRunner(lm, nb, bs, lm.dtype)
     runs = {name: _PolicyRun(lm, p, -(-(p.budget + chunk) // bs) + 2) for name, p in policies.items()}
     scores = {name: _Score() for name in policies}
-    for w in wins:
+    for wi, w in enumerate(wins):
+        print(f"window {wi + 1}/{len(wins)} ({len(w)} tokens, {len(policies)} policies + the full cache)...",
+              file=sys.stderr, flush=True)
         s_ref = Sequence(prompt_ids=list(w), params=SamplingParams(max_tokens=1))
         s_ref.block_table = list(range(nb))
         for r in runs.values():

@@ -46,7 +46,8 @@ def softmax(s: mx.array, axis: int = -1) -> mx.array:
 
 
 def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
-                              context_lens: mx.array, scale: float, max_len: int | None = None) -> mx.array:
+                              context_lens: mx.array, scale: float, max_len: int | None = None,
+                              return_mass: bool = False):
     """Decode attention: one query token per sequence over its paged K/V.
 
     Args:
@@ -56,8 +57,9 @@ def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, b
         context_lens: [B] int32 number of valid positions per sequence (including the current token).
         scale: softmax scale.
         max_len: max(context_lens) if the caller knows it (saves a device sync).
+        return_mass: also return the attention mass per block-table entry (`reference_mass.attention_mass`).
     Returns:
-        [B, n_heads, 1, head_dim] in q's dtype.
+        [B, n_heads, 1, head_dim] in q's dtype; with return_mass, (that, [B, max_blocks] float32).
     """
     B, nb = block_tables.shape
     _, h_kv, bs, d = k_pool.shape
@@ -72,7 +74,12 @@ def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, b
     else:
         # [B, 1, 1, L]: True where the position belongs to the sequence
         mask = (mx.arange(max_len)[None, :] < context_lens[:, None])[:, None, None, :]
-    return mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask)
+    out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask)
+    if not return_mass:
+        return out
+    from .reference_mass import attention_mass
+
+    return out, attention_mass(q, k_pool, block_tables, context_lens, scale)
 
 
 def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: list[int],
@@ -104,24 +111,17 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     else:  # slices of the pool: no copy of K/V
         parts = [(k_pool[a:a + n], v_pool[a:a + n], n) for a, n in runs]
     q2 = q.reshape(n_heads, d) * scale
-    scores = []
-    for k, _, n in parts:
-        # every query head against every row of the run: [H_kv, rep, n, H_kv, BS]; keep the diagonal heads
-        s = (q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
-        scores.append(mx.diagonal(s, 0, 0, 3))  # [rep, n, BS, H_kv]
-    s = (scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=1)).reshape(rep, nb * bs, h_kv)
-    if length < nb * bs:
-        s = mx.where((mx.arange(nb * bs) < length)[None, :, None], s, -float("inf"))
-    p = softmax(s, axis=1)
+    # every query head against every row of each run: [H_kv, rep, n, H_kv, BS]
+    scores = [(q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
+              for k, _, n in parts]
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=2)
+    p = _decode_probs(s, mx.array(length, dtype=mx.int32))  # [rep, nb * BS, H_kv] float32
     if mass_out is not None:
         mass_out.append(p.reshape(rep, nb, bs, h_kv).sum(axis=(0, 2, 3)))
-    p = p.astype(q.dtype).reshape(rep, nb, bs, h_kv)
     eye = _eye(h_kv, q.dtype)
     out, start = None, 0
     for _, v, n in parts:
-        # back to [H_kv, rep, n, 1, BS], spread over the block diagonal: [H_q, n * H_kv * BS]
-        pr = p[:, start:start + n].transpose(3, 0, 1, 2)[:, :, :, None, :]
-        pr = (pr * eye).reshape(n_heads, n * h_kv * bs)
+        pr = _spread(p[:, start * bs:(start + n) * bs].reshape(rep, n, bs, h_kv), eye)
         o = pr @ v.reshape(n * h_kv * bs, d).astype(q.dtype)
         out = o if out is None else out + o
         start += n
@@ -129,6 +129,33 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
 
 
 _MAX_RUNS = 8
+
+
+@mx.compile
+def _decode_probs(s: mx.array, length: mx.array) -> mx.array:
+    """Block diagonal of the scores, masked past `length`, softmax over positions (one fused graph per shape).
+
+    s: [H_kv, rep, n, H_kv, BS] -> [rep, n * BS, H_kv] float32 probabilities.
+    """
+    h, rep, n, _, bs = s.shape
+    s = mx.diagonal(s, 0, 0, 3).reshape(rep, n * bs, h).astype(mx.float32)  # each query head's own kv head
+    s = mx.where((mx.arange(n * bs) < length)[None, :, None], s, -float("inf"))
+    y = mx.maximum((s - s.max(axis=1, keepdims=True)) * _LOG2E, -127.0)  # exp as in exp_nonpositive
+    e = mx.round(y)
+    f = y - e
+    poly = _C[6]
+    for c in _C[5::-1]:
+        poly = poly * f + c
+    e = poly * mx.view((e.astype(mx.int32) + 127) << 23, mx.float32)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@mx.compile
+def _spread(p: mx.array, eye: mx.array) -> mx.array:
+    """[rep, n, BS, H_kv] probabilities -> [H_q, n * H_kv * BS] over the block diagonal, in eye's dtype."""
+    rep, n, bs, h = p.shape
+    pr = p.astype(eye.dtype).transpose(3, 0, 1, 2)[:, :, :, None, :]  # [H_kv, rep, n, 1, BS]
+    return (pr * eye).reshape(h * rep, n * h * bs)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
