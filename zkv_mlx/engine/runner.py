@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels import kernel_path
+from ..kernels.reference import GROUPED_MAX_LEN
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel
 from ..models.paged import AttnContext, forward, install_paged_attention
@@ -96,6 +97,8 @@ class ModelRunner:
         if kernel_path() == "reference" or not self.pool.has_kernel:
             ctx.tables = [s.block_table for s in seqs]
             ctx.lens = lens
+            if self.pool.quant is None and ctx.mass is None:
+                ctx.groups = _groups(seqs, lens, bs)
         else:
             n_blocks = max(-(-n // bs) for n in lens)
             tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]
@@ -129,6 +132,19 @@ class ModelRunner:
                         a[dst] = a[src]
                 else:
                     arrs[i][dst] = arrs[i][src]
+
+
+def _groups(seqs: list[Sequence], lens: list[int], bs: int):
+    """Short sequences grouped by block count for `grouped_decode_attention` (built once per step)."""
+    by_nb: dict[int, list[int]] = {}
+    for i, n in enumerate(lens):
+        if n <= GROUPED_MAX_LEN:
+            by_nb.setdefault(-(-n // bs), []).append(i)
+    groups = []
+    for nb, members in by_nb.items():
+        tables = mx.array([seqs[i].block_table[:nb] for i in members], dtype=mx.int32)
+        groups.append((members, tables, mx.array([lens[i] for i in members], dtype=mx.int32)))
+    return groups
 
 
 def _wants_mass(seq: Sequence) -> bool:

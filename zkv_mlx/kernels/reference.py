@@ -130,6 +130,50 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
 
 _MAX_RUNS = 8
 
+# Sequences up to this many positions decode through `grouped_decode_attention` (batched, padded per group of
+# equal block count); longer ones through `single_decode_attention` (no K/V copy).
+GROUPED_MAX_LEN = 512
+
+
+def grouped_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, tables: mx.array,
+                             lens: mx.array, scale: float) -> mx.array:
+    """Decode attention for G sequences that all span the same number of blocks, in one batched graph.
+
+    The K/V of the group are gathered into [G, H_kv, nb * BS, D] (short contexts: a small copy), so a batch of
+    sequences costs a handful of ops per layer instead of a handful per sequence. Every shape depends only on
+    (G, nb), and each sequence's rows are computed independently, so a sequence gets bitwise the same result
+    alone (G = 1) as inside a group.
+
+    Args:
+        q: [G, n_heads, 1, D]. tables: [G, nb] int32 block ids. lens: [G] int32 valid positions (each in
+            ((nb - 1) * BS, nb * BS]).
+    Returns:
+        [G, n_heads, 1, D] in q's dtype.
+    """
+    g, nb = tables.shape
+    _, h_kv, bs, d = k_pool.shape
+    n_heads = q.shape[1]
+    k = k_pool[tables].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
+    v = v_pool[tables].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
+    qg = (q.reshape(g, h_kv, n_heads // h_kv, d) * scale)  # query heads grouped by their kv head
+    p = _masked_probs(qg @ k.swapaxes(-1, -2), lens)  # [G, H_kv, rep, L] float32
+    return (p.astype(q.dtype) @ v).reshape(g, n_heads, 1, d)
+
+
+@mx.compile
+def _masked_probs(s: mx.array, lens: mx.array) -> mx.array:
+    """Softmax over the last axis of [G, H, R, L] scores, positions >= lens[g] masked (fast exp)."""
+    s = s.astype(mx.float32)
+    s = mx.where(mx.arange(s.shape[-1])[None, None, None, :] < lens[:, None, None, None], s, -float("inf"))
+    y = mx.maximum((s - s.max(axis=-1, keepdims=True)) * _LOG2E, -127.0)
+    e = mx.round(y)
+    f = y - e
+    poly = _C[6]
+    for c in _C[5::-1]:
+        poly = poly * f + c
+    e = poly * mx.view((e.astype(mx.int32) + 127) << 23, mx.float32)
+    return e / e.sum(axis=-1, keepdims=True)
+
 
 @mx.compile
 def _decode_probs(s: mx.array, length: mx.array) -> mx.array:

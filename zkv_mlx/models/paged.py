@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..kernels import paged_attention, prefill_attention_reference
-from ..kernels.reference import single_decode_attention
+from ..kernels.reference import grouped_decode_attention, single_decode_attention
 from ..storage.kv_pool import KVPool
 
 
@@ -39,6 +39,7 @@ class AttnContext:
     tables: list[list[int]] | None = None  # decode on the reference path: per-sequence python tables
     lens: list[int] | None = None
     mass: list[list] | None = None  # h2o: per sequence, each layer's attention mass per block-table index
+    groups: list | None = None  # decode, reference path: [(member indices, tables [G, nb], lens [G])]
 
     @property
     def is_prefill(self) -> bool:
@@ -100,12 +101,24 @@ class PagedAttention(nn.Module):
                 outs.append(prefill_attention_reference(q[i : i + 1], keys, values, self.scale))
             out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         elif ctx.tables is not None:
-            # Reference path: each sequence attends alone, so batched decode is bitwise equal to solo decode.
+            # Reference path: short sequences in groups of equal block count (one batched graph per group), long
+            # ones alone; either way a sequence's result does not depend on the rest of the batch, so batched
+            # decode is bitwise equal to solo decode.
             kp, vp = ctx.pool.k[self.layer_idx], ctx.pool.v[self.layer_idx]
-            outs = [single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale,
-                                            None if ctx.mass is None else ctx.mass[i])
-                    for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens))]
-            out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+            outs: list = [None] * B
+            for members, tables, lens in ctx.groups or ():
+                if len(members) == B:  # the whole batch in one group
+                    out = grouped_decode_attention(q, kp, vp, tables, lens, self.scale)
+                    break
+                o = grouped_decode_attention(q[mx.array(members, dtype=mx.int32)], kp, vp, tables, lens, self.scale)
+                for j, i in enumerate(members):
+                    outs[i] = o[j : j + 1]
+            else:
+                for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens)):
+                    if outs[i] is None:
+                        outs[i] = single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale,
+                                                          None if ctx.mass is None else ctx.mass[i])
+                out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         elif ctx.mass is not None:
             out, mass = paged_attention(q, ctx.pool.k_pool(self.layer_idx), ctx.pool.v_pool(self.layer_idx),
                                         ctx.block_tables, ctx.context_lens, self.scale, ctx.max_len,
