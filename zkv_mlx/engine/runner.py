@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels import kernel_path
-from ..kernels.reference import GROUPED_MAX_LEN
+from ..kernels.reference import GROUPED_MAX_LEN, decode_plan
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel
 from ..models.paged import AttnContext, forward, install_paged_attention
@@ -97,8 +97,11 @@ class ModelRunner:
         if kernel_path() == "reference" or not self.pool.has_kernel:
             ctx.tables = [s.block_table for s in seqs]
             ctx.lens = lens
-            if self.pool.quant is None and ctx.mass is None:
-                ctx.groups = _groups(seqs, lens, bs)
+            if self.pool.quant is None:
+                if ctx.mass is None:
+                    ctx.groups = _groups(seqs, lens, bs)
+                ctx.plans = [None if ctx.mass is None and n <= GROUPED_MAX_LEN else decode_plan(s.block_table, n, bs)
+                             for s, n in zip(seqs, lens)]
         else:
             n_blocks = max(-(-n // bs) for n in lens)
             tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]

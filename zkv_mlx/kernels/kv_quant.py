@@ -107,9 +107,18 @@ def quantize_channels(x: mx.array, bits: int) -> tuple[mx.array, mx.array, mx.ar
 
 
 def dequantize_channels(packed, scales, biases, bits: int, dtype=mx.float32) -> mx.array:
-    """Inverse of `quantize_channels`: [..., BS, D] in `dtype`."""
-    return (unpack(packed, bits).astype(mx.float32) * scales.astype(mx.float32)
-            + biases.astype(mx.float32)).astype(dtype)
+    """Inverse of `quantize_channels`: [..., BS, D] in `dtype` (one fused graph per shape: unpack, scale, bias)."""
+    return _DEQ_CHANNELS[bits](packed, scales, biases).astype(dtype)
+
+
+def _dequantize_channels(bits: int):
+    def f(packed, scales, biases):
+        return unpack(packed, bits).astype(mx.float32) * scales.astype(mx.float32) + biases.astype(mx.float32)
+
+    return mx.compile(f)
+
+
+_DEQ_CHANNELS = {b: _dequantize_channels(b) for b in (2, 4, 8)}
 
 
 def pack(q: mx.array, bits: int) -> mx.array:

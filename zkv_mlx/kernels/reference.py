@@ -83,7 +83,8 @@ def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, b
 
 
 def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: list[int],
-                            length: int, scale: float, mass_out: list | None = None) -> mx.array:
+                            length: int, scale: float, mass_out: list | None = None,
+                            plan: tuple | None = None) -> mx.array:
     """Decode attention for one sequence, reading its K/V blocks once (CPU-friendly reference).
 
     The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so
@@ -97,6 +98,7 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
         q: [1, n_heads, 1, D]; k_pool, v_pool: the layer's pool arrays.
         block_table: the sequence's block ids (python ints). length: valid positions (incl. this token).
         mass_out: if a list, gets the attention mass per block [nb] (float32, summed over the query heads).
+        plan: `decode_plan(block_table, length, block_size)`, computed once per step for all layers.
     Returns:
         [1, n_heads, 1, D] in q's dtype.
     """
@@ -104,7 +106,7 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     n_heads = q.shape[1]
     rep = n_heads // h_kv
     nb = -(-length // bs)
-    runs = _runs(block_table[:nb])
+    runs, length_arr = plan or decode_plan(block_table, length, bs)
     if len(runs) > _MAX_RUNS:  # scattered blocks: one gather beats many small slices
         idx = mx.array(block_table[:nb], dtype=mx.int32)
         parts = [(k_pool[idx], v_pool[idx], nb)]
@@ -115,7 +117,7 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
     scores = [(q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
               for k, _, n in parts]
     s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=2)
-    p = _decode_probs(s, mx.array(length, dtype=mx.int32))  # [rep, nb * BS, H_kv] float32
+    p = _decode_probs(s, length_arr)  # [rep, nb * BS, H_kv] float32
     if mass_out is not None:
         mass_out.append(p.reshape(rep, nb, bs, h_kv).sum(axis=(0, 2, 3)))
     eye = _eye(h_kv, q.dtype)
@@ -129,6 +131,11 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
 
 
 _MAX_RUNS = 8
+
+
+def decode_plan(block_table: list[int], length: int, block_size: int) -> tuple:
+    """What `single_decode_attention` derives from a table and length: (contiguous runs, length array)."""
+    return _runs(block_table[: -(-length // block_size)]), mx.array(length, dtype=mx.int32)
 
 # Sequences up to this many positions decode through `grouped_decode_attention` (batched, padded per group of
 # equal block count); longer ones through `single_decode_attention` (no K/V copy).

@@ -40,6 +40,7 @@ class AttnContext:
     lens: list[int] | None = None
     mass: list[list] | None = None  # h2o: per sequence, each layer's attention mass per block-table index
     groups: list | None = None  # decode, reference path: [(member indices, tables [G, nb], lens [G])]
+    plans: list | None = None  # decode, reference path: per sequence `decode_plan` (None for grouped ones)
 
     @property
     def is_prefill(self) -> bool:
@@ -116,8 +117,9 @@ class PagedAttention(nn.Module):
             else:
                 for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens)):
                     if outs[i] is None:
-                        outs[i] = single_decode_attention(q[i : i + 1], kp, vp, t, n, self.scale,
-                                                          None if ctx.mass is None else ctx.mass[i])
+                        outs[i] = single_decode_attention(q if B == 1 else q[i : i + 1], kp, vp, t, n, self.scale,
+                                                          None if ctx.mass is None else ctx.mass[i],
+                                                          ctx.plans[i] if ctx.plans else None)
                 out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)
         elif ctx.mass is not None:
             out, mass = paged_attention(q, ctx.pool.k_pool(self.layer_idx), ctx.pool.v_pool(self.layer_idx),

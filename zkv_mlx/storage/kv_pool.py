@@ -43,6 +43,7 @@ class WritePlan:
     sink_rows: mx.array | None = None  # rows at positions < sinks, and their sink-slab slots and offsets
     sink_slots: mx.array | None = None
     sink_offsets: mx.array | None = None
+    cols: tuple | None = None  # (blocks[:, None], offsets[:, None]), made once for all layers
 
 
 class KVPool:
@@ -199,7 +200,9 @@ class KVPool:
             blocks: a `WritePlan`, or [N] int32 block ids with `offsets` [N] int32 in-block offsets.
         """
         plan = blocks if isinstance(blocks, WritePlan) else WritePlan(blocks, offsets)
-        b, o = plan.blocks[:, None], plan.offsets[:, None]
+        if plan.cols is None:
+            plan.cols = (plan.blocks[:, None], plan.offsets[:, None])
+        b, o = plan.cols
         q = self.quant
         if q is None:
             self.k[layer][b, self._heads, o] = keys.astype(self.dtype)
