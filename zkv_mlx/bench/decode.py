@@ -68,7 +68,8 @@ def run(args) -> int:
         if model.engine.runner.pool.quant is None:
             log(args, "warning: the engine ignored --kv-quant (its runner was built without the KV config)")
         log(args, "loading the unquantized-KV engine...")
-        kw = dict(engine_kwargs(args), kv_quant="none", kv_group_size=None)
+        # the baseline is an fp16 KV cache (--kv-dtype overrides it)
+        kw = dict(engine_kwargs(args), kv_quant="none", kv_group_size=None, kv_dtype=args.kv_dtype or "float16")
         from ..api import ZKV
 
         fp16 = ZKV(args.model, config=args.config, **kw)
@@ -98,7 +99,7 @@ def run(args) -> int:
     if fp16 is not None:
         fp16.close()
         extra = {"kv_quant": args.kv_quant, "kv_format": model.engine.runner.pool.format_name,
-                 "fp16_tok_s": round(median(f_dec), 2), "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
+                 "fp16_tok_s": round(median(f_dec), 2), "baseline_kv_dtype": args.kv_dtype or "float16", "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
                  "prefill_peak_bytes": max(q_peak), "prefill_peak_bytes_fp16": max(f_peak)}
     result = {
         "context": args.context,
