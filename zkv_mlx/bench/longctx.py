@@ -41,6 +41,8 @@ def run(args) -> int:
         prompt = bench_tokens(model.tokenizer, args.prompt_tokens)
         policy = {"kv_policy": kind, "budget": budget}
         PolicyConfig(kind=kind, budget=budget)  # validates
+        for extra in ({}, policy):  # warm-up: compiled attention graphs and the allocator, both variants
+            _segments(model, prompt[:64], 40, 8, extra)
         runs = {"full": [], "policy": []}
         for r in range(args.rounds):
             for name, extra in (("full", {}), ("policy", policy)):
