@@ -214,3 +214,30 @@ def test_eval_ppl_json_line(tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"format", "ppl_ref", "ppl", "delta_pct", "kl_mean", "tokens"} <= set(out)
     assert out["tokens"] == 2 * 79 and out["kl_mean"] >= 0 and "sinks=4" in out["kv_format"]
+
+
+# -- CPU decode straight from the quantized blocks ----------------------------------------------------------------
+
+@pytest.mark.parametrize("quant,kw", [("int4", {}), ("int4", {"sinks": 0}), ("int8", {}), ("int8", {"group_size": 32}),
+                                      ("k8v4", {}), ("int4", {"key_layout": "token"})])
+def test_decode_from_quantized_blocks_equals_dequantized_attention(quant, kw):
+    from zkv_mlx.kernels.reference import prefill_attention_reference
+
+    spec = _spec(quant, **kw)
+    bs, n, n_heads = 32, 300, 6
+    k = mx.random.normal((n, H, D), key=mx.random.key(5))
+    k = mx.concatenate([k[:1] * 30, k[1:]])  # a sink-like outlier first key
+    v = mx.random.normal((n, H, D), key=mx.random.key(6))
+    contiguous = list(range(3, 13))
+    scattered = [17, 2, 9, 30, 4, 21, 11, 0, 26, 14]  # more runs than the slicing path takes
+    for table in (contiguous, scattered):
+        pool = KVPool(1, 32, H, bs, D, mx.float32, spec)
+        _write_chunks(pool, k, v, table, [0, 100, 250] + list(range(251, n + 1)))
+        assert pool.reads_quantized
+        for length in (1, 3, 5, 32, 33, 64, 250, 288, 300):
+            q = mx.random.normal((1, n_heads, 1, D), key=mx.random.key(length))
+            keys, values = pool.gather(0, table, length)
+            want = prefill_attention_reference(q, keys, values, D**-0.5)
+            got = pool.decode_attention(0, q, table, length, D**-0.5)
+            assert got.shape == want.shape == (1, n_heads, 1, D)
+            assert mx.allclose(got, want, atol=2e-5, rtol=1e-4).item(), (quant, kw, table[0], length)

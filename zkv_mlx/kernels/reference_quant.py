@@ -7,7 +7,7 @@ import mlx.core as mx
 
 from .kv_format import ChannelKeyPool, is_quantized, pool_format
 from .kv_quant import dequantize_channels
-from .reference import paged_attention_reference
+from .reference import _masked_probs, _runs, paged_attention_reference
 from .reference_mass import attention_mass
 
 
@@ -77,3 +77,101 @@ def paged_attention_reference_quantized(q: mx.array, k_pool, v_pool, block_table
     if not return_mass:
         return out
     return out, attention_mass(q, k, tables, context_lens, scale)
+
+
+# -- CPU decode straight from quantized blocks ------------------------------------------------------------------
+_QMM_GROUPS = (128, 64, 32)  # group sizes mx.quantized_matmul takes
+_MAX_RUNS = 8
+_UNIT: dict = {}
+
+
+def qmm_supported(head_dim: int, group_size: int, k_channel: bool) -> bool:
+    """True when `quantized_decode_attention` can read a pool of this geometry."""
+    return group_size in _QMM_GROUPS and (not k_channel or any(head_dim % g == 0 for g in _QMM_GROUPS))
+
+
+def _unit_affine(n: int, h: int, bs: int, groups: int) -> tuple[mx.array, mx.array]:
+    # scale 1, bias 0 for n blocks: quantized_matmul then reads the raw integers (per-channel keys)
+    key = (h, bs, groups)
+    ones, zeros = _UNIT.get(key, (None, None))
+    if ones is None or ones.shape[0] < n:
+        size = max(n, 2 * (0 if ones is None else ones.shape[0]), 64)
+        ones, zeros = mx.ones((size, h, bs, groups), mx.float32), mx.zeros((size, h, bs, groups), mx.float32)
+        _UNIT[key] = (ones, zeros)
+    return ones[:n], zeros[:n]
+
+
+def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], length: int, scale: float, *,
+                               k_bits: int, v_bits: int, group_size: int, k_channel: bool,
+                               tail: mx.array | None = None, sinks: mx.array | None = None) -> mx.array:
+    """Decode attention for one sequence computed from its quantized blocks, without dequantizing them (CPU path).
+
+    Scores and outputs come from `mx.quantized_matmul` over slices of the pool (contiguous runs of block ids; a
+    gather of the packed words when the table is scattered). Keys per token: q . dequant(K) directly. Keys per
+    channel (k = scale_c * i + bias_c over a block): q . k = (q * scale) . i + q . bias, so the matmul reads the
+    raw integers with unit scales and the per-block channel scales fold into q. V is per token: p @ dequant(V).
+
+    Args:
+        q: [1, n_heads, 1, D] float. k, v: the layer's (packed, scales, biases) pool arrays.
+        ids: the sequence's block ids (at least ceil(length / BS)). length: valid positions, this token included.
+        k_bits, v_bits, group_size, k_channel: the pool's `QuantSpec`.
+        tail: [H, BS, D] float keys of the last block when it is partial (per-channel keys: not yet quantized).
+        sinks: [H, n, D] float keys of positions < n (per-channel keys with sinks), replacing the stored ones.
+    Returns:
+        [1, n_heads, 1, D] in q's dtype.
+    """
+    kp, ks, kb = k
+    _, h, bs, _ = kp.shape
+    n_heads, d = q.shape[1], q.shape[-1]
+    rep = n_heads // h
+    nb = -(-length // bs)
+    qh = q.reshape(h, rep, d).astype(mx.float32) * scale  # query heads grouped by their kv head
+    nq = nb - 1 if tail is not None else nb  # blocks whose keys are read quantized
+    runs = _runs(ids[:nb])
+    if len(runs) > _MAX_RUNS:
+        idx = mx.array(ids[:nb], dtype=mx.int32)
+        parts, vparts = [(idx, nb)], [(idx, nb)]
+    else:
+        parts = [(slice(a, a + n), n) for a, n in runs]
+        vparts = parts
+    scores = []
+    left = nq
+    for sel, n in parts:
+        if left <= 0:
+            break
+        sl = sel if n <= left else (slice(sel.start, sel.start + left) if isinstance(sel, slice) else sel[:left])
+        n = min(n, left)
+        left -= n
+        pk = kp[sl]
+        if k_channel:
+            g = next(x for x in _QMM_GROUPS if d % x == 0)
+            ones, zeros = _unit_affine(n, h, bs, d // g)
+            cs, cb = ks[sl].astype(mx.float32), kb[sl].astype(mx.float32)  # [n, H, 1, D]
+            s = mx.quantized_matmul(qh[None] * cs, pk, ones, zeros, transpose=True, group_size=g, bits=k_bits)
+            s = s + (qh[None] * cb).sum(axis=-1, keepdims=True)
+        else:
+            s = mx.quantized_matmul(qh[None], pk, ks[sl].astype(mx.float32), kb[sl].astype(mx.float32),
+                                    transpose=True, group_size=group_size, bits=k_bits)
+        scores.append(s)  # [n, H, rep, BS]
+    if tail is not None:
+        scores.append((qh @ tail.astype(mx.float32).swapaxes(-1, -2))[None])
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=0)
+    s = s.transpose(1, 2, 0, 3).reshape(h, rep, nb * bs)
+    if sinks is not None:
+        s = mx.concatenate([qh @ sinks.astype(mx.float32).swapaxes(-1, -2), s[..., sinks.shape[1]:]], axis=-1)
+    p = _probs(s, mx.array(length, dtype=mx.int32))
+    p = p.reshape(h, rep, nb, bs).transpose(2, 0, 1, 3)  # [nb, H, rep, BS]
+    vpk, vs, vb = v
+    out, start = None, 0
+    for sel, n in vparts:
+        o = mx.quantized_matmul(p[start:start + n], vpk[sel], vs[sel].astype(mx.float32), vb[sel].astype(mx.float32),
+                                transpose=False, group_size=group_size, bits=v_bits).sum(axis=0)
+        out = o if out is None else out + o
+        start += n
+    return out.reshape(1, n_heads, 1, d).astype(q.dtype)
+
+
+@mx.compile
+def _probs(s: mx.array, length: mx.array) -> mx.array:
+    """Softmax of [H, rep, L] scores over positions < length (the fast exp of `_masked_probs`)."""
+    return _masked_probs(s[None], length[None])[0]

@@ -95,9 +95,13 @@ class PagedAttention(nn.Module):
             else:
                 out = prefill_attention_reference(q, keys, values, self.scale)
         elif ctx.tables is not None and ctx.pool.quant is not None:
-            # Quantized reference path: dequantize each sequence's own blocks only.
+            # Quantized reference path: each sequence's own blocks, read quantized (or dequantized where
+            # mx.quantized_matmul does not take the group size, e.g. tiny test models).
             outs = []
             for i, (t, n) in enumerate(zip(ctx.tables, ctx.lens)):
+                if ctx.pool.reads_quantized:  # straight from the packed blocks (mx.quantized_matmul)
+                    outs.append(ctx.pool.decode_attention(self.layer_idx, q[i : i + 1], t, n, self.scale))
+                    continue
                 keys, values = ctx.pool.gather(self.layer_idx, t, n)
                 outs.append(prefill_attention_reference(q[i : i + 1], keys, values, self.scale))
             out = outs[0] if B == 1 else mx.concatenate(outs, axis=0)

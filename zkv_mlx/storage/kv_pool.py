@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..kernels.kv_format import ChannelKeyPool, QuantizedPool
+from ..kernels.reference_quant import qmm_supported, quantized_decode_attention
 from ..kernels.kv_quant import (SCALE_DTYPE, QuantSpec, dequantize_channels, dequantize_tokens, quantize_channels,
                                 quantize_tokens)
 
@@ -336,6 +337,26 @@ class KVPool:
             sink = self.sink_k[layer][self._sink_slot[ids[0]]][None, :, :n]
             k = sink if length <= n else mx.concatenate([sink, k[:, :, n:]], axis=2)
         return k, _rows(v, length)
+
+    @property
+    def reads_quantized(self) -> bool:
+        """True when CPU decode can read this quantized pool directly (`decode_attention`)."""
+        return self.quant is not None and qmm_supported(self.head_dim, self.quant.group_size, self.quant.k_channel)
+
+    def decode_attention(self, layer: int, q: mx.array, block_table, length: int, scale: float) -> mx.array:
+        """One sequence's decode attention over its first `length` positions, read from the quantized blocks
+        (`quantized_decode_attention`: no dequantized copy of K/V). q: [1, n_heads, 1, head_dim]."""
+        qs, bs = self.quant, self.block_size
+        ids = list(block_table)[: -(-length // bs)]
+        tail = sinks = None
+        if qs.k_channel:
+            if ids[-1] in self._slot:
+                tail = self.tail_k[layer][self._slot[ids[-1]]]
+            if qs.sinks and ids[0] in self._sink_slot:
+                sinks = self.sink_k[layer][self._sink_slot[ids[0]]][:, : min(qs.sinks, length)]
+        return quantized_decode_attention(q, self.k[layer], self.v[layer], ids, length, scale, k_bits=qs.k_bits,
+                                          v_bits=qs.v_bits, group_size=qs.group_size, k_channel=qs.k_channel,
+                                          tail=tail, sinks=sinks)
 
     def read_blocks(self, block_ids: list[int]) -> list[tuple[mx.array, mx.array]]:
         """Copies of the given blocks for every layer (float pools; quantized pools give their triples)."""
