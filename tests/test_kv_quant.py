@@ -241,3 +241,22 @@ def test_decode_from_quantized_blocks_equals_dequantized_attention(quant, kw):
             got = pool.decode_attention(0, q, table, length, D**-0.5)
             assert got.shape == want.shape == (1, n_heads, 1, D)
             assert mx.allclose(got, want, atol=2e-5, rtol=1e-4).item(), (quant, kw, table[0], length)
+
+
+@pytest.mark.parametrize("quant", ["int4", "k8v4"])
+def test_engine_decode_from_quantized_blocks_equals_dequantizing_path(quant, monkeypatch, tiny_model_dir):
+    # qwen3 tiny: head_dim 32, a group size mx.quantized_matmul takes, so decode reads the packed blocks
+    def run():
+        cfg = make_config(model=str(tiny_model_dir("qwen3")), kv_cache_memory="16MB", kv_quant=quant,
+                          prefill_chunk=16, prompt_cache=False)
+        engine = Engine(load_model(cfg.model, cfg.weights_dtype), cfg)
+        rng = np.random.default_rng(1)
+        prompts = [[int(t) for t in rng.integers(10, 400, n)] for n in (70, 33, 5)]
+        return engine, _greedy(engine, prompts, 40)[0]
+
+    engine, direct = run()
+    assert engine.runner.pool.reads_quantized
+    monkeypatch.setattr(KVPool, "reads_quantized", property(lambda self: False))
+    engine, dequantized = run()
+    assert not engine.runner.pool.reads_quantized
+    assert direct == dequantized
