@@ -120,17 +120,25 @@ def test_kept_keys_are_positioned_within_the_cache(lm1, kind):
     np.testing.assert_allclose(np.array(logits[-1]), np.array(full[-1]), rtol=1e-4, atol=1e-4)
 
 
-def test_h2o_mass_counts_attention_from_beyond_the_recent_window(lm1):
-    pol = KVPolicy("h2o", budget=48, block_size=8, sinks=4, recent=16)
+def test_h2o_score_is_decayed_attention_mass_per_query(lm1):
+    from zkv_mlx.engine import evict
+
+    pol = KVPolicy("h2o", budget=48, block_size=8, sinks=4, recent=16, half_life=8.0)
     r, _ = _run(lm1, pol, list(range(200, 240)), 8)  # 40 tokens: below the budget, nothing dropped
     heads = lm1.model.model.layers[0].self_attn.n_heads
     assert r.seq.evicted == 0
     # the last chunk's mass: every one of its 8 queries spreads one unit per head over the blocks
     assert float(r.runner.mass[0].sum()) == pytest.approx(8 * heads, rel=1e-4)
-    # evidence is counted only for blocks that were neither sinks nor among the 2 recent blocks at the time:
-    # block 1 after the 4th and 5th chunks, block 2 after the 5th
-    assert r.seq.seen == [0, 16, 8, 0, 0]
-    assert r.seq.mass[0] == 0 and r.seq.mass[1] > 0 and r.seq.mass[3] == 0
+    assert r.seq.seen == [40, 32, 24, 16, 8]  # queries that have seen each block
+    # by hand: a half-life of 8 tokens halves the old score per 8-query chunk
+    seq = r.seq
+    seq.mass[:], seq.seen[:] = [], []
+    evict.add_mass(seq, mx.array([4.0, 8.0]), 8)
+    assert seq.mass == [0.5, 1.0] and seq.seen == [8, 8]
+    evict.add_mass(seq, mx.array([0.0, 8.0, 16.0]), 4)  # 4 queries: the old score keeps 0.5 ** 0.5
+    k = 0.5 ** 0.5
+    assert seq.mass == pytest.approx([k * 0.5, k * 1.0 + (1 - k) * 2.0, 4.0])
+    assert evict.scores(seq, 4) == pytest.approx([k * 0.5, k + (1 - k) * 2.0, 4.0, float("inf")])
 
 
 # -- the engine --------------------------------------------------------------------------------------------

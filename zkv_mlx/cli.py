@@ -43,7 +43,7 @@ def add_policy_flags(g) -> None:
                         "or sinks + recent + heavy-hitter blocks (h2o)")
     g.add_argument("--budget", type=int, default=None, help="KV tokens a sequence keeps under window/h2o")
     g.add_argument("--sinks", type=int, default=None, help="leading tokens always kept under window/h2o (default 4)")
-    g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default budget/2)")
+    g.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens always kept (default one block)")
 
 
 def engine_kwargs(args) -> dict:
@@ -288,7 +288,7 @@ def add_kv_quality_commands(sub, bsub) -> None:
                    help="evaluate a long-context policy instead of a KV format")
     e.add_argument("--budget", type=int, default=None, help="policy budget in tokens")
     e.add_argument("--sinks", type=int, default=4, help="policy sink tokens (0 = plain truncation for window)")
-    e.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens kept (default budget/2)")
+    e.add_argument("--h2o-recent", type=int, default=None, help="h2o: recent tokens kept (default one block)")
     e.add_argument("--compare", action="store_true",
                    help="with --kv-policy: also report window without sinks (truncation), window and h2o")
     e.add_argument("--vs-mlx-lm", action="store_true", help="also mlx-lm's QuantizedKVCache at the same bits/group")

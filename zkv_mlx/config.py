@@ -187,7 +187,7 @@ class PolicyConfig:
     """Long-context KV policy of each sequence (design.md, long-context policies; cache/policy.py).
 
     kind: "full" keeps every token; "window" keeps the first `sinks` tokens and the most recent ones
-    (StreamingLLM); "h2o" keeps the sinks, a recent window of `recent` tokens (default budget // 2) and the
+    (StreamingLLM); "h2o" keeps the sinks, a recent window of `recent` tokens (default one block) and the
     blocks with the highest attention mass. budget: KV tokens a sequence may hold (required unless full).
     """
 

@@ -17,7 +17,11 @@ from .sequence import Sequence
 
 
 def add_mass(seq: Sequence, mass: mx.array | None, n_queries: int) -> None:
-    """Accumulates one forward's attention mass per block-table index (h2o)."""
+    """Folds one forward's attention mass per block-table index into the h2o scores.
+
+    Each block's score is its attention mass per query (summed over layers and heads), averaged with exponential
+    decay: after n more queries the old score weighs 0.5 ** (n / half_life). A block's first forward sets it.
+    """
     if mass is None:
         return
     m = np.array(mass.astype(mx.float32)).tolist()
@@ -25,22 +29,16 @@ def add_mass(seq: Sequence, mass: mx.array | None, n_queries: int) -> None:
     if grow > 0:
         seq.mass.extend([0.0] * grow)
         seq.seen.extend([0] * grow)
-    # Only attention received from beyond the protected recent window counts: a block's mass while it is itself
-    # recent is mostly local attention, which every block gets.
-    pol = seq.policy
-    lo, hi = pol.sink_blocks, max(pol.sink_blocks, seq.cache_len // pol.block_size - pol.recent_blocks)
-    for i in range(lo, min(hi, len(m))):
-        seq.mass[i] += m[i]
+    keep = 0.5 ** (n_queries / seq.policy.half_life)
+    for i, x in enumerate(m):
+        x /= n_queries
+        seq.mass[i] = x if not seq.seen[i] else keep * seq.mass[i] + (1.0 - keep) * x
         seq.seen[i] += n_queries
 
 
 def scores(seq: Sequence, n_blocks: int) -> list[float]:
-    """h2o: average attention a block received per distant query (blocks without evidence yet rank highest)."""
-    out = []
-    for i in range(n_blocks):
-        seen = seq.seen[i] if i < len(seq.seen) else 0
-        out.append(seq.mass[i] / seen if seen else float("inf"))
-    return out
+    """h2o: each block's decayed attention mass per query (blocks without evidence yet rank highest)."""
+    return [seq.mass[i] if i < len(seq.seen) and seq.seen[i] else float("inf") for i in range(n_blocks)]
 
 
 def enforce(seq: Sequence, n_new: int, runner, release, private) -> list[int]:
