@@ -138,7 +138,25 @@ def test_h2o_score_is_decayed_attention_mass_per_query(lm1):
     evict.add_mass(seq, mx.array([0.0, 8.0, 16.0]), 4)  # 4 queries: the old score keeps 0.5 ** 0.5
     k = 0.5 ** 0.5
     assert seq.mass == pytest.approx([k * 0.5, k * 1.0 + (1 - k) * 2.0, 4.0])
-    assert evict.scores(seq, 4) == pytest.approx([k * 0.5, k + (1 - k) * 2.0, 4.0, float("inf")])
+    # scores are logs of the mass times the recency prior exp(-age / recency), age = tokens from the cache's end
+    age = [24, 16, 8]
+    want = [np.log(m) - a / pol.recency for m, a in zip([k * 0.5, k + (1 - k) * 2.0, 4.0], age)]
+    assert evict.scores(seq, 4) == pytest.approx(want + [float("inf")])
+    seq.mass[0] = 0.0  # no mass at all: ranks lowest
+    assert evict.scores(seq, 4)[0] == float("-inf")
+
+
+@pytest.mark.parametrize("recency,dropped", [(0.0, 3), (8.0, 1), (64.0, 3)])
+def test_h2o_recency_prior_decides_between_old_heavy_and_new_light_blocks(lm1, recency, dropped):
+    """Candidates 1..3 with masses 5, 4, 1: without a prior (0) the lightest (3) goes; with recency 8 tokens the
+    scores are log(m) - age / 8, so the oldest block (1) scores lowest despite its mass; at 64 the mass wins."""
+    pol = KVPolicy("h2o", budget=48, block_size=8, sinks=4, recent=16, recency=recency)
+    r, _ = _run(lm1, pol, list(range(300, 348)), 8)
+    r.seq.mass[:] = [0.0, 5.0, 4.0, 1.0, 0.0, 0.0]
+    r.seq.seen[:] = [0, 8, 8, 8, 0, 0]
+    r.seq.prompt_ids = list(range(300, 356))
+    r.chunk(48, 56)
+    assert r.seq.block_table == [b for b in range(7) if b != dropped] and r.seq.evicted == 8
 
 
 # -- the engine --------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ docs/benchmarks.md). Research script: it swaps the ranking functions of zkv_mlx.
 
     python docs/experiments/h2o_variants.py CONTEXT BUDGET WINDOWS SPEC [SPEC ...]
 
+WINDOWS: N (the first N windows of the default text) or A-B (windows A to B, 1-based: held-out windows).
+
 SPEC = mode:reduce:decay:recent:rotation
   mode     "distant": average mass per query received while beyond the recent window (the ranking shipped before
            commit c644f8c); "latest": mass per query of each forward, averaged with `decay` per 16-token chunk
@@ -10,6 +12,8 @@ SPEC = mode:reduce:decay:recent:rotation
   reduce   "sum" or "max" of the per-layer mass.
   recent   protected recent tokens. rotation: "all" (StreamingLLM positions, as shipped) or "none" (kept keys
            stay at their original positions, as in the H2O paper).
+  tau      optional 6th field: each score times exp(-age / tau), age = the block's distance from the end of the
+           cache in tokens (a recency prior; tau -> 0 gives the window policy's choice).
 Prints one JSON line: per policy {"ppl_ref", "ppl", "delta_pct", "kl_mean", "tokens"}.
 """
 
@@ -29,6 +33,7 @@ from zkv_mlx.eval.ppl import default_text, eval_policies, windows
 from zkv_mlx.models.loader import load_model
 
 VARIANT: dict = {}  # id(policy) -> (mode, reduce, decay)
+AGE: dict = {}  # id(policy) -> tau: scores times exp(-block age in tokens / tau) (a recency prior)
 NO_ROTATION: set = set()
 
 
@@ -66,6 +71,10 @@ def scores(seq, n_blocks):
     for i in range(n_blocks):
         seen = seq.seen[i] if i < len(seq.seen) else 0
         out.append(float("inf") if not seen else seq.mass[i] / seen if distant else seq.mass[i])
+    tau = AGE.get(id(seq.policy))
+    if tau:
+        bs = seq.policy.block_size
+        out = [x * np.exp(-(n_blocks - 1 - i) * bs / tau) for i, x in enumerate(out)]
     return out
 
 
@@ -79,14 +88,18 @@ def main() -> None:
             self.runner.shift_keys = lambda ids, d: None
 
     P._PolicyRun.__init__ = run_init
-    context, budget, n_windows = (int(a) for a in sys.argv[1:4])
+    context, budget = int(sys.argv[1]), int(sys.argv[2])
+    first, _, last = sys.argv[3].partition("-")  # "2": the first two windows; "3-4": the third and fourth
+    first, last = (1, int(first)) if not last else (int(first), int(last))
     lm = load_model(None, "auto")
-    wins = windows(lm.tokenizer.encode(default_text()), context, n_windows)
+    wins = windows(lm.tokenizer.encode(default_text()), context, last)[first - 1:]
     pols = {"window": KVPolicy("window", budget, 16, 4)}
     VARIANT[id(pols["window"])] = ("latest", "sum", 0.0)
     for spec in sys.argv[4:]:
-        mode, red, decay, recent, rot = spec.split(":")
+        mode, red, decay, recent, rot, *more = spec.split(":")
         pols[spec] = pol = KVPolicy("h2o", budget, 16, 4, int(recent))
+        if more:
+            AGE[id(pol)] = float(more[0])
         VARIANT[id(pol)] = (mode, red, float(decay))
         if rot == "none":
             NO_ROTATION.add(id(pol))

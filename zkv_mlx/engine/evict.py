@@ -9,6 +9,8 @@ other sequences or published in the prefix cache is copied before it is rotated 
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 
@@ -37,8 +39,23 @@ def add_mass(seq: Sequence, mass: mx.array | None, n_queries: int) -> None:
 
 
 def scores(seq: Sequence, n_blocks: int) -> list[float]:
-    """h2o: each block's decayed attention mass per query (blocks without evidence yet rank highest)."""
-    return [seq.mass[i] if i < len(seq.seen) and seq.seen[i] else float("inf") for i in range(n_blocks)]
+    """h2o: log of each block's decayed attention mass per query times the recency prior exp(-age / recency).
+
+    Age is the block's distance in tokens from the end of the cache (table index n_blocks - 1 has age 0). In log
+    space, so old blocks of a long budget do not underflow; blocks without evidence yet rank highest, blocks
+    without mass lowest (oldest first).
+    """
+    pol = seq.policy
+    per_token = 1.0 / pol.recency if pol.recency else 0.0
+    out = []
+    for i in range(n_blocks):
+        if i >= len(seq.seen) or not seq.seen[i]:
+            out.append(math.inf)
+        elif seq.mass[i] <= 0.0:
+            out.append(-math.inf)
+        else:
+            out.append(math.log(seq.mass[i]) - (n_blocks - 1 - i) * pol.block_size * per_token)
+    return out
 
 
 def enforce(seq: Sequence, n_new: int, runner, release, private) -> list[int]:
