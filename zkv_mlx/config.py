@@ -188,7 +188,8 @@ class PolicyConfig:
 
     kind: "full" keeps every token; "window" keeps the first `sinks` tokens and the most recent ones
     (StreamingLLM); "h2o" keeps the sinks, a recent window of `recent` tokens (default one block) and the
-    blocks with the highest recent attention mass, weighed toward newer blocks. budget: KV tokens a sequence may hold (required unless full).
+    blocks with the highest recent attention mass, weighed toward newer blocks. budget: KV tokens a sequence may
+    hold (required unless full).
     """
 
     kind: str = "full"
