@@ -109,19 +109,29 @@ class Engine:
         running = [s for s in self.scheduler.running if s.policy is not None]
         if not running:
             return
-        if self._inflight is not None and any(s.policy.kind == "h2o" for s in running):
-            self._resolve()  # h2o ranks blocks by attention mass: take the in-flight step's mass first
+        # h2o ranks blocks by attention mass: before it drops any, take the in-flight step's mass (only then, so
+        # decode stays pipelined on the steps that drop nothing: block_size - 1 of every block_size)
+        if self._inflight is not None and any(s.policy.kind == "h2o" and self._drops(s) for s in running):
+            self._resolve()
         pool = self.blocks.pool
         for seq in running:
             if seq.is_finished or not seq.block_table:
                 continue
-            if seq.in_prefill:
-                n_new = min(seq.policy.chunk, seq.prefill_len - seq.num_computed, self.cfg.prefill_chunk)
-            else:
-                n_new = seq.num_tokens - seq.num_computed
-            gone = evict.enforce(seq, n_new, self.runner,
+            gone = evict.enforce(seq, self._n_new(seq), self.runner,
                                  lambda b: pool.free_blocks([pool.blocks[b]]), self._private_block)
             self.policy_dropped_blocks += len(gone)
+
+    def _n_new(self, seq: Sequence) -> int:
+        """Tokens the next step writes for a sequence under a policy (a prefill chunk, or the decode token)."""
+        if seq.in_prefill:
+            return min(seq.policy.chunk, seq.prefill_len - seq.num_computed, self.cfg.prefill_chunk)
+        return seq.num_tokens - seq.num_computed
+
+    def _drops(self, seq: Sequence) -> bool:
+        """Whether the policy drops blocks of `seq` before its next step (evictions() is non-empty)."""
+        if seq.is_finished or not seq.block_table:
+            return False
+        return seq.cache_len + self._n_new(seq) > seq.policy.budget
 
     def _private_block(self, block_id: int) -> int:
         # copy on write: a block other sequences use, or that the prefix cache publishes, is copied first
@@ -468,14 +478,14 @@ class Engine:
         if not seqs:
             return sampled + self._resolve()
         prev = self._inflight
-        chained = prev is not None and prev[0] == seqs and can_sample_lazily(seqs) and prev[2] is None
+        chained = prev is not None and prev[0] == seqs and can_sample_lazily(seqs)
         if not chained:
             sampled += self._resolve()
             seqs = [s for s in seqs if not s.is_finished]
             if not seqs:
                 return sampled
         logits = self.runner.decode(seqs, prev[1] if chained else None)
-        mass = self.runner.mass  # h2o sequences: attention mass per block (then the next step waits for it)
+        mass = self.runner.mass  # h2o sequences: attention mass per block (folded in when the step resolves)
         if can_sample_lazily(seqs):
             tokens = sample_lazy(logits, seqs)
             mx.async_eval(tokens, *[m for m in (mass or []) if m is not None])
