@@ -64,27 +64,47 @@ import json, sys, numpy as np
 from zkv_mlx import ZKV
 m = ZKV(kv_cache_memory="256MB")
 s = m.import_session(sys.argv[1])
+s.export(sys.argv[3])
 msgs = s.messages + [{"role": "user", "content": "And of Spain?"}]
 ids = m.tokenizer.encode_chat(msgs)
 np.save(sys.argv[2], m.next_token_logits(ids))
-print(json.dumps({"stats": m.kv_cache_stats()["hit_tokens"], "reply": s.chat("And of Spain?", temperature=0, max_tokens=12)}))
+print(json.dumps({"stats": m.kv_cache_stats()["hit_tokens"], "weights": m.info["weights"],
+                  "reply": s.chat("And of Spain?", temperature=0, max_tokens=12)}))
 m.close()
 """
 
 
 def test_export_import_in_fresh_process_gives_identical_logits(model, tmp_path):
+    """What a restore promises across processes: the K/V bytes arrive unchanged (bitwise), the restored
+    blocks are hits (nothing recomputed), and the next token's logits match those of the exporting process.
+
+    The logits are compared to 1e-4 of their range, not bitwise: the suffix after the restored blocks is
+    recomputed in another process, and BLAS kernels may sum in another order there (buffer alignment, thread
+    split), which moves float32 logits by ~1e-6 relative. That is outside the project's control; the stored
+    bytes are not, and are compared exactly (issue #17 section 4). Both processes must also use the same
+    weights format (a quantized and a dequantized model differ in rounding), which `weights_dtype="auto"`
+    chooses from the machine's total memory, not from what happens to be free.
+    """
     s = model.create_session("portable")
     s.chat("What is the capital of France?", temperature=0, max_tokens=20)
     f = s.export(tmp_path / "portable.zkvs")
     msgs = s.messages + [{"role": "user", "content": "And of Spain?"}]
     want = model.next_token_logits(model.tokenizer.encode_chat(msgs))
     env = dict(os.environ, ZKV_DATA_DIR=str(tmp_path / "data2"), ZKV_CACHE_DIR=str(tmp_path / "cache2"))
-    out = subprocess.run([sys.executable, "-c", RESTORE_CHILD, str(f), str(tmp_path / "logits.npy")], env=env,
-                         capture_output=True, text=True, timeout=180)
+    again = tmp_path / "again.zkvs"
+    out = subprocess.run([sys.executable, "-c", RESTORE_CHILD, str(f), str(tmp_path / "logits.npy"), str(again)],
+                         env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    got = np.load(tmp_path / "logits.npy")
-    assert np.array_equal(got, want)
     child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["weights"] == model.info["weights"]
+    a, b = session_file.read(f), session_file.read(again)
+    assert a.meta["token_ids"] == b.meta["token_ids"] and len(a.k) == len(b.k) > 0
+    for x, y in zip(a.k + a.v, b.k + b.v):
+        assert x.dtype == y.dtype and np.array_equal(x, y)  # bitwise: the stored bytes survive the round trip
+    got = np.load(tmp_path / "logits.npy")
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert np.max(np.abs(got - want)) <= 1e-4 * (np.max(want) - np.min(want))
+    assert int(np.argmax(got)) == int(np.argmax(want))
     assert child["stats"] >= len(s.token_ids) // 16 * 16  # restored blocks were hits, not recomputed
     assert "Madrid" in child["reply"]
     model.delete_session("portable")
@@ -241,3 +261,26 @@ def test_quantized_session_roundtrip_and_size(quant, tiny_model_dir, tmp_path):
     if quant == "int4":
         # tiny model (head_dim 16, 2 blocks): the JSON header weighs in; the bundled model's int4 file is 0.30x fp16
         assert sizes["int4"] < 0.3 * sizes["none"]  # none = float32 KV here
+
+
+def test_auto_weights_format_does_not_depend_on_free_memory(monkeypatch, caplog):
+    """The same model loads in the same weights format whatever is free at the moment (issue #17 section 4)."""
+    from zkv_mlx import sysinfo
+    from zkv_mlx.models.loader import auto_weights_dtype
+
+    gb = 1 << 30
+    monkeypatch.setattr(sysinfo, "backend", lambda: "cpu")
+    monkeypatch.setattr(sysinfo, "total_memory", lambda: 24 * gb)
+    got = set()
+    for free in (20 * gb, 6 * gb, 2 * gb, int(0.7 * gb)):
+        monkeypatch.setattr(sysinfo, "available_memory", lambda free=free: free)
+        got.add(auto_weights_dtype(540 << 20))  # SmolLM2-135M in float32
+    assert got == {"float32"}
+    assert auto_weights_dtype(10 * gb) == "quantized"  # more than 3/8 of the machine: always kept quantized
+    monkeypatch.setattr(sysinfo, "available_memory", lambda: 256 << 20)
+    with caplog.at_level("WARNING"):
+        assert auto_weights_dtype(540 << 20) == "quantized"  # does not fit at all right now: said, not silent
+    assert "keeping the weights quantized" in caplog.text
+    monkeypatch.setattr(sysinfo, "backend", lambda: "metal")
+    monkeypatch.setattr(sysinfo, "available_memory", lambda: 20 * gb)
+    assert auto_weights_dtype(540 << 20) == "quantized"

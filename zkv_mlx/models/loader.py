@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from .. import paths, sysinfo
 from ..errors import ModelLoadError
 from .gguf import build_model_from_gguf, read_gguf
 from .tokenizer import Tokenizer, tokenizer_from_gguf_metadata
+
+log = logging.getLogger(__name__)
 
 FAMILIES = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -120,20 +123,35 @@ def _nbytes(model: nn.Module) -> int:
 def choose_weights(model: nn.Module, weights_dtype: str) -> str:
     """Applies the weights policy (design.md §10) and returns the format in use.
 
-    "auto": on the CPU backend dequantize to float32 when that fits in half the available memory
-    (CPU quantized_matmul is slow); on Metal keep the weights as stored.
+    "auto": on the CPU backend dequantize to float32 when that takes at most 3/8 of the machine's memory
+    (CPU quantized_matmul is slow); on Metal keep the weights as stored. The choice depends on the machine,
+    not on how much memory happens to be free at load time, so the same model gives the same numbers in every
+    process (a quantized and a dequantized model differ in rounding, ~1e-5 in logits). Only when float32 would
+    not fit in the memory available right now does it keep them quantized, with a warning.
     """
     quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
     if weights_dtype == "auto":
-        if sysinfo.backend() == "cpu" and _param_count(model) * 4 < 0.5 * sysinfo.available_memory():
-            weights_dtype = "float32"
-        else:
-            weights_dtype = "quantized"
+        weights_dtype = auto_weights_dtype(_param_count(model) * 4)
     if weights_dtype == "quantized":
         return "quantized" if quantized else str(next(iter(_float_dtypes(model)), "float16"))
     dt = getattr(mx, weights_dtype)
     _dequantize(model, dt)
     return weights_dtype
+
+
+def auto_weights_dtype(float32_bytes: int) -> str:
+    """The "auto" weights format: "float32" or "quantized" (keep as stored).
+
+    Args:
+        float32_bytes: size of the weights dequantized to float32, in bytes.
+    """
+    if sysinfo.backend() != "cpu" or float32_bytes > 0.375 * sysinfo.total_memory():
+        return "quantized"
+    if float32_bytes > 0.9 * sysinfo.available_memory():
+        log.warning("keeping the weights quantized: float32 weights (%.1f GB) do not fit in the memory free now; "
+                    "outputs differ slightly from a float32 run (set weights_dtype to choose)", float32_bytes / 1e9)
+        return "quantized"
+    return "float32"
 
 
 def _float_dtypes(model):
