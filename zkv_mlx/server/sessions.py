@@ -124,7 +124,8 @@ async def import_session(request: Request, user: str = Depends(current_user),
                     size += len(chunk)
                     f.write(chunk)
             except ClientDisconnect:
-                log.info("session upload by %s: the client disconnected after %d bytes; nothing imported", user, size)
+                log.warning("session upload by %s: the client disconnected after %d bytes; nothing imported",
+                            user, size)
                 return Response(status_code=499)  # nobody reads it; uvicorn drops it
         if size == 0:
             raise APIError(400, "the request body is empty; send the session file's bytes", code="invalid_value")
