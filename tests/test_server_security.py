@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,16 @@ def test_allow_list_and_limits_are_checked_when_the_app_is_built():
         create_app(object(), allowed_hosts=["http://x/"])
 
 
+def test_cli_serve_rejects_bad_guard_flags_before_loading(capsys):
+    from zkv_mlx.cli import main
+
+    for flags, word in ((["--allow-origin", "front.example"], "--allow-origin"),
+                        (["--max-body", "lots"], "--max-body"), (["--max-upload", "0"], "--max-upload")):
+        assert main(["serve", "--model", "/nonexistent", *flags]) == 1
+        err = capsys.readouterr().err
+        assert word in err and "Traceback" not in err and "nonexistent" not in err
+
+
 # -- 2. key before body, body caps ------------------------------------------------------------------------
 
 def _head(served, path: str, length: int | None, extra: str = "") -> str:
@@ -332,7 +343,8 @@ def test_export_by_name_ignores_files_in_the_servers_working_directory(served):
 
 
 def test_two_unnamed_sessions_within_a_second_get_distinct_names(served):
-    a, b = (httpx.post(served.url + "/v1/sessions", headers=AUTH) for _ in range(2))
+    with ThreadPoolExecutor(2) as pool:  # at the same time, so within one second
+        a, b = pool.map(lambda _: httpx.post(served.url + "/v1/sessions", headers=AUTH), range(2))
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.json()["name"] != b.json()["name"]
     assert a.json()["name"].startswith("session-") and b.json()["name"].startswith(a.json()["name"][:16])

@@ -72,7 +72,9 @@ async def list_sessions(request: Request, user: str = Depends(current_user)):
 async def create_session(request: Request, body: SessionCreate | None = None, user: str = Depends(current_user)):
     """Creates an (empty) session owned by the caller."""
     model = _model(request)
-    session = await _call(model.create_session, name=body.name if body else None, user=user)
+    # One at a time: ZKV picks a free (default) name and then takes it, which must not interleave.
+    async with get_state(request).session_lock:
+        session = await _call(model.create_session, name=body.name if body else None, user=user)
     return _info(session)
 
 
