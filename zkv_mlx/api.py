@@ -212,8 +212,13 @@ class ZKV:
     def open_session(self, name: str, user: str | None = None) -> Session:
         """Opens the user's session by name only: the open one, else the one saved in the user's data dir.
 
-        Unlike `load_session`, a name is never read as a file path (so a file of that name in the working
-        directory is never opened); raises SessionError for a bad name or no such session.
+        Unlike `load_session`, a name is never read as a file path (a file of that name in the working
+        directory is never opened); the server uses this.
+
+        Args:
+            name: a session name (see `create_session`). user: owner (default "local").
+        Returns:
+            The Session; raises SessionError for a bad name or when the user has no such session.
         """
         user = user or "local"
         key = (user, check_name(name))

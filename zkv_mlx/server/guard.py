@@ -102,9 +102,11 @@ class OriginGuard:
             if origin is not None:
                 own = host is not None and origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower())
                 if not own and origin.lower() not in self.allowed_origins:
+                    fix = ("serve the front end from an http(s) origin and start the server with --allow-origin "
+                           "URL" if origin == "null" else f"start the server with --allow-origin {origin}")
                     return await _answer(scope, receive, send, APIError(
                         403, f"requests from origin {origin!r} are refused; to serve a browser front end there, "
-                             f"start the server with --allow-origin {origin}", code="origin_not_allowed"))
+                             f"{fix}", code="origin_not_allowed"))
             elif (_header(scope, b"sec-fetch-site") or "").lower() == "cross-site":
                 return await _answer(scope, receive, send, APIError(
                     403, "cross-site requests without an Origin are refused", code="origin_not_allowed"))
