@@ -24,6 +24,7 @@ from zkv_mlx.errors import ConfigError
 from zkv_mlx.server import create_app, load_api_keys
 
 KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+OCTETS = "application/octet-stream"
 # Longer than a few KV blocks (16 tokens), so a repeat can hit the prefix cache.
 LONG = ("The quick brown fox jumps over the lazy dog while the careful engineer measures every block of the "
         "cache twice before trusting a single number in the report.")
@@ -239,7 +240,7 @@ def test_errors_have_openai_shape(client, server):
 def test_no_key_is_anonymous_and_require_key(server, spy):
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and spy.records[-1].user == "anonymous"
-    strict = TestClient(create_app(spy, api_keys=KEYS, require_key=True))
+    strict = TestClient(create_app(spy, api_keys=KEYS, require_key=True), base_url="http://127.0.0.1")
     r = strict.get("/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
     assert strict.get("/v1/models", headers={"Authorization": "Bearer sk-bob"}).status_code == 200
@@ -359,14 +360,14 @@ class _NoSessionsModel:
 
 
 def test_sessions_unavailable_is_501_in_openai_shape():
-    c = TestClient(create_app(_NoSessionsModel()))
+    c = TestClient(create_app(_NoSessionsModel()), base_url="http://127.0.0.1")
     for method, path in [("GET", "/v1/sessions"), ("POST", "/v1/sessions"), ("GET", "/v1/sessions/x"),
                          ("DELETE", "/v1/sessions/x"), ("GET", "/v1/sessions/x/export")]:
         r = c.request(method, path)
         assert r.status_code == 501, (method, path)
         assert r.json()["error"]["code"] == "sessions_unavailable"
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert c.post("/v1/sessions/import", content=b"x").status_code == 501
+    assert c.post("/v1/sessions/import", content=b"x", headers={"Content-Type": OCTETS}).status_code == 501
 
 
 def test_sessions_per_user_export_import(server, model):
@@ -387,10 +388,12 @@ def test_sessions_per_user_export_import(server, model):
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert "trip.zkvs" in r.headers["content-disposition"]
     # Alice hands the file to Bob, who uploads it: now he has his own copy.
-    up = httpx.post(server.url + "/v1/sessions/import?name=trip-copy", content=r.content, headers=bob)
+    up = httpx.post(server.url + "/v1/sessions/import?name=trip-copy", content=r.content,
+                    headers={**bob, "Content-Type": OCTETS})
     assert up.status_code == 200, up.text
     assert up.json()["user"] == "bob" and up.json()["context_length"] == info["context_length"]
-    assert httpx.post(server.url + "/v1/sessions/import", content=b"garbage", headers=bob).status_code == 400
+    assert httpx.post(server.url + "/v1/sessions/import", content=b"garbage",
+                      headers={**bob, "Content-Type": OCTETS}).status_code == 400
     made = httpx.post(server.url + "/v1/sessions", json={"name": "blank"}, headers=alice)
     assert made.status_code == 200 and made.json()["user"] == "alice"
     again = httpx.post(server.url + "/v1/sessions", json={"name": "blank"}, headers=alice)
@@ -445,7 +448,9 @@ def fuzz_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def api_schema(fuzz_model):
-    return schemathesis.openapi.from_asgi("/openapi.json", create_app(fuzz_model, max_queue=4))
+    # schemathesis calls the app as Host "testserver": a configured name, like --allow-host.
+    return schemathesis.openapi.from_asgi("/openapi.json",
+                                          create_app(fuzz_model, max_queue=4, allowed_hosts=["testserver"]))
 
 
 api = schemathesis.pytest.from_fixture("api_schema")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import itertools
 import sys
 import time
 import weakref
@@ -178,7 +179,10 @@ class ZKV:
             The Session; raises SessionError if the user already has a session of that name.
         """
         user = user or "local"
-        name = name or time.strftime("session-%Y%m%d-%H%M%S")
+        if name is None:  # a timestamp, made unique: two sessions started within one second get -2, -3, ...
+            stamp = time.strftime("session-%Y%m%d-%H%M%S")
+            name = next(n for n in (stamp if i == 1 else f"{stamp}-{i}" for i in itertools.count(1))
+                        if (user, n) not in self._sessions and not session_path(user, n).exists())
         key = (user, check_name(name))
         if key in self._sessions or session_path(user, name).exists():
             raise SessionError(f"session {name!r} already exists for user {user!r}; pick another name or load it")
@@ -204,6 +208,25 @@ class ZKV:
         if not p.exists():
             raise SessionError(f"no session named {path_or_name!r} for user {user!r} and no such file")
         return self._restore(p, user, name=None, keep_file=True)
+
+    def open_session(self, name: str, user: str | None = None) -> Session:
+        """Opens the user's session by name only: the open one, else the one saved in the user's data dir.
+
+        Unlike `load_session`, a name is never read as a file path (a file of that name in the working
+        directory is never opened); the server uses this.
+
+        Args:
+            name: a session name (see `create_session`). user: owner (default "local").
+        Returns:
+            The Session; raises SessionError for a bad name or when the user has no such session.
+        """
+        user = user or "local"
+        key = (user, check_name(name))
+        if key in self._sessions:
+            return self._sessions[key]
+        if not session_path(user, name).exists():
+            raise SessionError(f"no session named {name!r} for user {user!r}")
+        return self._restore(session_path(user, name), user, name=None, keep_file=True)
 
     def import_session(self, path: str, name: str | None = None, user: str | None = None) -> Session:
         """Imports a session file (e.g. from another machine) into the data dir; all or nothing.

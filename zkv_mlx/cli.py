@@ -338,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-key", action="store_true", help="answer 401 to requests without a known API key")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests in flight before new ones get 429 (default 64)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="a browser front end (scheme://host[:port]) allowed to POST/DELETE, with CORS (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name accepted besides localhost/127.0.0.1/[::1] on a loopback bind (repeatable)")
+    p.add_argument("--max-body", default="8MB", metavar="SIZE", help="request body limit (default 8MB)")
+    p.add_argument("--max-upload", default="64GB", metavar="SIZE", help="session upload limit (default 64GB)")
     add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 

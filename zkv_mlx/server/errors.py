@@ -52,17 +52,24 @@ def from_engine_error(e: BaseException, prompt_param: str = "messages") -> APIEr
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "bytes"}
 
 
-def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+def _validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
+    """(message, param, code) of pydantic's errors for a request body: the most telling one, field named."""
     # Of a union's alternatives, the deepest error that is not a plain type mismatch tells the most.
     err = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
-    if err.get("type") == "json_invalid":
-        return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    kind, ctx = str(err.get("type", "")), err.get("ctx") or {}
+    if kind == "json_invalid":
+        return f"the request body is not valid JSON: {ctx.get('error', err.get('msg'))}", None, "invalid_json"
+    if kind in ("unsupported_parameter", "dependent_parameter"):  # raised by schemas.py, message names the field
+        return err.get("msg", kind), ctx.get("param"), "unsupported_parameter" if kind[0] == "u" else "invalid_value"
     # Drop "body" and pydantic's union-member tags ("str", "list[str]", "function-after[...]") from the path.
     loc = [str(p) for p in err.get("loc", ())[1:]
            if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TYPE_TAGS)]
     param = ".".join(loc) or None
+    if kind == "extra_forbidden":
+        return (f"{param}: unknown parameter; this server does not know it (docs/server.md lists the fields it "
+                "implements)", param, "unknown_parameter")
     msg = err.get("msg", "invalid value")
-    return f"{param or 'request body'}: {msg}", param
+    return f"{param or 'request body'}: {msg}", param, "invalid_type" if kind.endswith("_type") else "invalid_value"
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -75,8 +82,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         errors = list(e.errors())
-        message, param = _validation_message(errors) if errors else ("invalid request", None)
-        return APIError(400, message, param=param, code="invalid_value").response()
+        message, param, code = _validation_message(errors) if errors else ("invalid request", None, "invalid_value")
+        return APIError(400, message, param=param, code=code).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):

@@ -14,6 +14,8 @@ def serve(args) -> int:
     from ..cli import open_model
     from .app import create_app
     from .auth import load_api_keys
+    from ..config import parse_size
+    from .guard import is_loopback, normalize_origin
 
     if args.require_key and not args.api_keys:
         raise ConfigError("--require-key needs --api-keys FILE (no key could ever be accepted)")
@@ -22,9 +24,17 @@ def serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be in 0..65535")
     keys = load_api_keys(args.api_keys) if args.api_keys else None  # before the (slow) model load
+    # A loopback server answers only to loopback names (DNS rebinding); on the network, Host is whatever
+    # name clients use, so there the API key is the guard.
+    hosts = list(args.allow_host) if is_loopback(args.host) else ["*"]
+    guard = dict(allowed_hosts=hosts, allowed_origins=args.allow_origin, max_body=args.max_body,
+                 max_upload=args.max_upload)
+    for url in args.allow_origin:  # bad flags fail before the (slow) model load
+        normalize_origin(url)
+    parse_size(args.max_body, "--max-body"), parse_size(args.max_upload, "--max-upload")
     model = open_model(args)
     try:
-        app = create_app(model, api_keys=keys, require_key=args.require_key, max_queue=args.max_queue)
+        app = create_app(model, api_keys=keys, require_key=args.require_key, max_queue=args.max_queue, **guard)
         auth = f"{len(keys)} API key(s){', required' if args.require_key else ''}" if keys else "no API keys"
         print(f"zkv-mlx: serving {model.info['model']} on http://{args.host}:{args.port}/v1 ({auth})",
               file=sys.stderr, flush=True)
@@ -33,3 +43,4 @@ def serve(args) -> int:
     finally:
         model.close()
     return 0
+

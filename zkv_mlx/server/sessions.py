@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from .errors import APIError, from_engine_error
+from .errors import APIError, from_engine_error, log
 from .schemas import SESSION_NAME, SessionCreate
 from .state import current_user, get_state
 
@@ -24,7 +24,6 @@ ERRORS = {code: {"description": desc} for code, desc in
           [(400, "invalid request"), (401, "missing or unknown API key"), (404, "no such session"),
            (501, "this zkv-mlx has no sessions")]}
 SUFFIX = ".zkvs"
-MAX_UPLOAD = 64 << 30  # bytes; a session file holds K/V, so it can be large
 
 
 def _model(request: Request):
@@ -58,11 +57,8 @@ def _find(model, name: str, user: str) -> dict:
 
 def _export(model, name: str, user: str, path: str) -> None:
     _find(model, name, user)
-    # load_session reads a name ending in .zkvs, or naming an existing file, as a path: never hand it one.
-    if name.endswith(SUFFIX) or Path(name).exists():
-        raise APIError(400, f"session {name!r} cannot be exported by name over HTTP; rename it", param="name",
-                       code="invalid_value")
-    model.load_session(name, user=user).export(path)
+    # By name only: load_session would read a name that is also a file in the working directory as that file.
+    model.open_session(name, user=user).export(path)
 
 
 @router.get("/v1/sessions", responses=ERRORS)
@@ -76,7 +72,9 @@ async def list_sessions(request: Request, user: str = Depends(current_user)):
 async def create_session(request: Request, body: SessionCreate | None = None, user: str = Depends(current_user)):
     """Creates an (empty) session owned by the caller."""
     model = _model(request)
-    session = await _call(model.create_session, name=body.name if body else None, user=user)
+    # One at a time: ZKV picks a free (default) name and then takes it, which must not interleave.
+    async with get_state(request).session_lock:
+        session = await _call(model.create_session, name=body.name if body else None, user=user)
     return _info(session)
 
 
@@ -109,22 +107,28 @@ async def export_session(name: str, request: Request, user: str = Depends(curren
                         background=BackgroundTask(os.unlink, tmp))
 
 
-@router.post("/v1/sessions/import", responses=ERRORS, openapi_extra={"requestBody": {
-    "required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+@router.post("/v1/sessions/import", responses={**ERRORS, 413: {"description": "larger than --max-upload"},
+                                                415: {"description": "not application/octet-stream"}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def import_session(request: Request, user: str = Depends(current_user),
                          name: str | None = Query(None, pattern=SESSION_NAME,
                                                   description="store it under this name (default: the file's)")):
-    """Uploads a session file (the request body is the file's bytes); the session becomes the caller's."""
+    """Uploads a session file (the request body is the file's bytes, Content-Type application/octet-stream;
+    the size limit is the server's --max-upload); the session becomes the caller's."""
     model = _model(request)
     fd, tmp = tempfile.mkstemp(prefix="zkv-import-", suffix=SUFFIX)
     try:
         size = 0
         with os.fdopen(fd, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_UPLOAD:
-                    raise APIError(400, f"the session file is larger than {MAX_UPLOAD} bytes", code="too_large")
-                f.write(chunk)
+            try:
+                async for chunk in request.stream():  # guard.py ends it with a 413 past --max-upload
+                    size += len(chunk)
+                    f.write(chunk)
+            except ClientDisconnect:
+                log.warning("session upload by %s: the client disconnected after %d bytes; nothing imported",
+                            user, size)
+                return Response(status_code=499)  # nobody reads it; uvicorn drops it
         if size == 0:
             raise APIError(400, "the request body is empty; send the session file's bytes", code="invalid_value")
         return _info(await _call(model.import_session, tmp, name=name, user=user))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import Depends, Request
@@ -27,6 +28,7 @@ class ServerState:
         self.model = model
         self.auth = auth
         self.slots = Slots(max_queue)
+        self.session_lock = asyncio.Lock()  # serializes session creation (name checks, then the name is taken)
         info = model.info
         self.model_id = str(info.get("model") or DEFAULT_MODEL)
         self.fingerprint = info.get("fingerprint")
