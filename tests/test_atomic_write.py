@@ -190,11 +190,22 @@ BAD_NAMES = ["trip\n", "a/b", "..", "x\x00", "\x1b[31m"]
 
 
 @pytest.mark.parametrize("action", ["info", "export", "delete"])
-def test_cli_sessions_reject_bad_names(tmp_path, action):
-    # one subprocess per action; every bad name through the same code path is checked in-process below
-    r = _cli(["sessions", action, "trip\n", str(tmp_path / "x.zkvs")], tmp_path)
-    _one_line_error(r, repr("trip\n"), "letters, digits")
-    assert not (tmp_path / "x.zkvs").exists()
+@pytest.mark.parametrize("name", [n for n in BAD_NAMES if "\x00" not in n])  # argv cannot hold a NUL byte
+def test_cli_sessions_reject_bad_names(tmp_path, action, name):
+    (tmp_path / "data" / "sessions" / "local").mkdir(parents=True)
+    session_file.write(tmp_path / "data" / "sessions" / "local" / "trip.zkvs", _session_data())
+    before = _tree(tmp_path)
+    r = _cli(["sessions", action, name, str(tmp_path / "x.zkvs")], tmp_path)
+    _one_line_error(r, repr(name), "letters, digits")
+    assert _tree(tmp_path) == before
+
+
+def test_cli_sessions_import_rejects_a_bad_new_name(tmp_path):
+    src = tmp_path / "src.zkvs"
+    session_file.write(src, _session_data())
+    r = _cli(["sessions", "import", str(src), "a/b"], tmp_path)
+    _one_line_error(r, repr("a/b"), "letters, digits")
+    assert not (tmp_path / "data" / "sessions").exists()
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)

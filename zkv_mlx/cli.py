@@ -240,6 +240,10 @@ def cmd_sessions(args) -> int:
     if args.action == "import":
         if not args.name:
             raise SessionError("zkv-mlx sessions import needs the PATH of a session file")
+        if args.path:
+            from .names import check_name
+
+            check_name(args.path, "new session name")  # before the model loads
         model = open_model(args)
         try:
             s = model.import_session(args.name, name=args.path, user=user)
