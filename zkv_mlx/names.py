@@ -2,7 +2,7 @@
 
 A name becomes a file name (`<data dir>/sessions/<user>/<name>.zkvs`), so it may hold no path separator, no control
 character and no '.'/'..'; it is matched with `re.fullmatch` because `$` would also accept a trailing newline.
-No dependencies: the TUI and the server import it without loading MLX.
+No dependencies beyond zkv_mlx.errors: the TUI imports it without loading MLX.
 """
 
 from __future__ import annotations
