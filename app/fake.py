@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zkv_mlx.errors import SessionError, SessionFormatError
+from zkv_mlx.names import check_name
 
 ALL_FEATURES = frozenset({"sessions", "rename", "block_map", "prefix_stats", "usage"})
 BLOCK_SIZE = 4
@@ -118,7 +119,10 @@ class FakeSession:
 
     def export(self, path) -> None:
         data = {"format": "fake-session-1", "name": self.name, "user": self.user, "messages": self.messages}
-        Path(path).write_text(json.dumps(data))
+        from zkv_mlx.storage.atomic import atomic_write  # here: importing zkv_mlx.storage loads MLX
+
+        with atomic_write(path) as f:
+            f.write(json.dumps(data).encode())
 
 
 class FakeZKV:
@@ -257,7 +261,7 @@ class FakeZKV:
 
     # -- sessions (the shape of zkv_mlx.api: user= everywhere, SessionError for taken names) ------------
     def create_session(self, name: str | None = None, user: str | None = None) -> FakeSession:
-        name = name or f"session-{len(self._sessions) + 1}"
+        name = check_name(name or f"session-{len(self._sessions) + 1}")
         if name in self._sessions:
             raise SessionError(f"session {name!r} already exists; pick another name or load it")
         self._sessions[name] = FakeSession(self, name, user, created=float(len(self._sessions)))
@@ -279,7 +283,7 @@ class FakeZKV:
             raise SessionError(f"no session named {name!r}")
 
     def rename_session(self, old: str, new: str) -> None:
-        if new in self._sessions:
+        if check_name(new) in self._sessions:
             raise SessionError(f"session {new!r} already exists")
         session = self._sessions.pop(old)
         session.name = new
@@ -291,7 +295,7 @@ class FakeZKV:
             assert data["format"] == "fake-session-1"
         except Exception as e:
             raise SessionFormatError(f"{path}: not a session file ({e})") from None
-        name = name or data["name"]
+        name = check_name(name or data["name"])
         if name in self._sessions:
             raise SessionError(f"session {name!r} already exists; import it with name=...")
         self._sessions[name] = FakeSession(self, name, data["user"], data["messages"])

@@ -9,6 +9,7 @@ from textual import work
 from textual.app import SystemCommand
 
 from zkv_mlx.errors import SessionError
+from zkv_mlx.names import check_name
 
 from .backend import BackendClosed, describe
 from .confirm_screen import ConfirmScreen
@@ -41,7 +42,7 @@ class SessionActions:
                 self.run_session_op("open", lambda: self._opened(b.switch(name)))
         elif action == "new":
             def create(new: str | None) -> None:
-                if new is not None:
+                if new is not None and (not new or self._name_ok(new)):
                     self.run_session_op("create", lambda: self._opened(b.new_session(new or None)))
 
             self.push_screen(TextPromptScreen("Name of the new session (empty: a generated name)"), create)
@@ -51,7 +52,7 @@ class SessionActions:
                 return
 
             def rename(new: str | None) -> None:
-                if new and new != name:
+                if new and new != name and self._name_ok(new):
                     self.run_session_op("rename", lambda: self._renamed(name, new))
 
             self.push_screen(TextPromptScreen(f"Rename session {name} to", value=name or ""), rename)
@@ -75,6 +76,15 @@ class SessionActions:
                     self.run_session_op("import", lambda: self._imported(path))
 
             self.push_screen(FileDialog("Import a session file", mode="open", start=Path.cwd()), import_)
+
+    def _name_ok(self, name: str) -> bool:
+        """Applies the engine's one session-name rule before anything is created, renamed or imported."""
+        try:
+            check_name(name)
+        except SessionError as e:
+            self.notify(str(e), title="Invalid session name", severity="error")
+            return False
+        return True
 
     def action_new_session(self) -> None:
         self.session_action("new")
@@ -180,7 +190,7 @@ class SessionActions:
 
     def _ask_import_name(self, path: str, why: str) -> None:
         def retry(name: str | None) -> None:
-            if name:
+            if name and self._name_ok(name):
                 self.run_session_op("import", lambda: self._imported(path, name))
 
         suggestion = Path(path).name.split(".")[0] + "-imported"

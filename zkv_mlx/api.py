@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from .config import EngineConfig, PolicyConfig, load_toml, make_config
 from .engine import EngineThread, SamplingParams
-from .errors import ConfigError, SessionError
+from .errors import ConfigError, SessionError, SessionFormatError
 from . import paths
 from .session import Session, session_path, user_dir
 from .storage import session_file
@@ -194,20 +194,18 @@ class ZKV:
         """Opens a saved session by name (in the user's data dir) or from a session file path, restoring its
         K/V without recomputing."""
         user = user or "local"
-        # A session name first (open, then saved in the user's data dir), else a file path.
-        try:
-            key = (user, check_name(path_or_name))
-        except SessionError:
-            key = None
-        if key is not None:
+        # A session name first (open, then saved in the user's data dir), else a session file path.
+        if session_file.is_valid_name(path_or_name):
+            key = (user, path_or_name)
             if key in self._sessions:
                 return self._sessions[key]
             if session_path(user, path_or_name).exists():
                 return self._restore(session_path(user, path_or_name), user, name=None, keep_file=True)
-        p = Path(path_or_name)
-        if not p.exists():
-            raise SessionError(f"no session named {path_or_name!r} for user {user!r} and no such file")
-        return self._restore(p, user, name=None, keep_file=True)
+        if _is_file(path_or_name):
+            return self._restore(Path(path_or_name), user, name=None, keep_file=True)
+        if not session_file.is_valid_name(path_or_name):
+            check_name(path_or_name, "session name (and no such session file)")
+        raise SessionError(f"no session named {path_or_name!r} for user {user!r} and no such file")
 
     def open_session(self, name: str, user: str | None = None) -> Session:
         """Opens the user's session by name only: the open one, else the one saved in the user's data dir.
@@ -235,6 +233,8 @@ class ZKV:
             SessionFormatError for a corrupt/truncated/unknown file, SessionMismatchError for another model or
             KV format (the message names both), SessionError if the name is taken.
         """
+        if name is not None:
+            check_name(name)  # before reading a possibly large file
         s = self._restore(Path(path), user or "local", name=name, keep_file=False)
         s.save()
         return s
@@ -250,6 +250,11 @@ class ZKV:
         if not keep_file and session_path(user, name).exists():
             raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
         ids = meta["token_ids"]
+        vocab = self.engine.lm.model.model.embed_tokens.weight.shape[0]
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:  # such ids would index past the embedding on the next turn or save
+            raise SessionFormatError(f"{path}: token id {bad} is outside this model's vocabulary of {vocab} ids "
+                                     f"(0..{vocab - 1}); the file is corrupt or was made for another tokenizer")
         s = Session(self, name, user, meta["messages"], ids, meta.get("created_at"), meta.get("updated_at"))
         ks, vs = session_file.join_sinks(data)
         self._thread.call(lambda e: e.set_pins((user, name), e.import_kv(user, ids, ks, vs)))
@@ -330,6 +335,14 @@ def _shutdown() -> None:
 
 _SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                   "ignore_eos"}
+
+
+def _is_file(path: str) -> bool:
+    # Path.is_file raises ValueError on a NUL byte: such a string is a bad name, not a file.
+    try:
+        return Path(path).is_file()
+    except (ValueError, OSError):
+        return False
 
 
 def _sampling(kw: dict) -> dict:

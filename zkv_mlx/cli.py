@@ -170,9 +170,28 @@ def cmd_serve(args) -> int:
     return serve(args)
 
 
+def _export_file(src, dest: str) -> None:
+    """Copies a session file to `dest` through `atomic_write`: only `dest` changes, and only when the copy is whole."""
+    import shutil
+    from pathlib import Path
+
+    from .errors import SessionError
+    from .storage.atomic import atomic_write
+
+    d = Path(dest)
+    if d.is_dir():
+        raise SessionError(f"cannot export to {dest}: it is a directory; give a file path such as "
+                           f"{d / Path(src).name}")
+    try:
+        with open(src, "rb") as fin, atomic_write(d) as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except OSError as e:
+        raise SessionError(f"cannot export to {dest}: {e.strerror or e}; check that its directory exists and is "
+                           "writable") from None
+
+
 def cmd_sessions(args) -> int:
     import json
-    import shutil
 
     from .errors import SessionError
     from .session import session_path, user_dir
@@ -215,18 +234,16 @@ def cmd_sessions(args) -> int:
             if not args.path:
                 raise SessionError("zkv-mlx sessions export needs NAME and a destination PATH")
             session_file.read(p)  # never hand out a corrupt file
-            dest = args.path
-            tmp = dest + ".tmp"
-            shutil.copyfile(p, tmp)
-            import os
-
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, dest)
-            print(f"exported {args.name!r} to {dest}")
+            _export_file(p, args.path)
+            print(f"exported {args.name!r} to {args.path}")
         return 0
     if args.action == "import":
         if not args.name:
             raise SessionError("zkv-mlx sessions import needs the PATH of a session file")
+        if args.path:
+            from .names import check_name
+
+            check_name(args.path, "new session name")  # before the model loads
         model = open_model(args)
         try:
             s = model.import_session(args.name, name=args.path, user=user)

@@ -12,13 +12,17 @@ import numpy as np
 
 from . import paths
 from .errors import SessionError
+from .names import is_valid_name
 from .storage import session_file
 
 
 def user_dir(user: str) -> Path:
     """Per-user directory for session files (names that are not plain become a hash: no path tricks)."""
-    safe = user if re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", user) else "u-" + hashlib.sha256(
-        user.encode()).hexdigest()[:16]
+    # the session-name rule (fullmatch, not `$`: "alice\n" must not become a directory name of its own), 64 chars
+    # (a plain id shaped like a hashed directory is hashed too, so no id can open another id's directory)
+    plain = len(user) <= 64 and is_valid_name(user) and not re.fullmatch(r"u-[0-9a-f]{16}", user)
+    safe = user if plain else "u-" + hashlib.sha256(
+        user.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return paths.data_dir() / "sessions" / safe
 
 
@@ -128,11 +132,18 @@ class Session:
         eng = self._model._thread
         pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
         bs = self._model.engine.blocks.block_size
-        if len(pinned) < len(self.token_ids) // bs:
+        need = len(self.token_ids) // bs
+        if len(pinned) < need:
             # Some blocks were evicted (and not on SSD): recompute the conversation once to bring them back.
             for _ in self._model.submit(list(self.token_ids), user=self.user, max_tokens=1, temperature=0.0):
                 pass
             pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
+        if len(pinned) < need:
+            # Never write a file that silently lacks K/V: a restore would then compute from missing blocks.
+            raise SessionError(
+                f"cannot save session {self.name!r}: its {len(self.token_ids)} tokens need {need} KV blocks but only "
+                f"{len(pinned)} could be recovered; the previous file (if any) is kept. Free KV memory (close other "
+                "sessions or raise --kv-cache-memory) and save again")
         ks, vs = eng.call(lambda e: e.export_kv(pinned))
         e = self._model.engine
         meta = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import mlx.nn as nn
 
 from .. import paths, sysinfo
 from ..errors import ModelLoadError
+from ..storage.atomic import atomic_write
 from .gguf import build_model_from_gguf, read_gguf
 from .tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 
@@ -90,9 +90,8 @@ def fingerprint(files: list[Path], tokenizer_json: str) -> str:
         cache[key] = weights_hash
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
+            with atomic_write(cache_file) as f:
+                f.write(json.dumps(cache).encode())
         except OSError:
             pass  # a cache; failing to write it only costs time next load
     return hashlib.sha256(f"{weights_hash}:{tok_hash}".encode()).hexdigest()[:32]

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..storage.atomic import atomic_write
+
 __all__ = ["Tokenizer", "StreamDetokenizer", "tokenizer_from_gguf_metadata", "CHATML_TEMPLATE"]
 
 # Used when a model ships no chat template: plain ChatML, the format of most small instruct models.
@@ -429,10 +431,10 @@ class Tokenizer:
         out.mkdir(parents=True, exist_ok=True)
         tok_path = out / "tokenizer.json"
         cfg_path = out / "tokenizer_config.json"
-        tok_path.write_text(self.to_json(), encoding="utf-8")
-        cfg_path.write_text(
-            json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
+        cfg = json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False) + "\n"
+        for p, text in ((tok_path, self.to_json()), (cfg_path, cfg)):
+            with atomic_write(p, mode=0o644) as f:  # tokenizer files are not private
+                f.write(text.encode("utf-8"))
         return [tok_path, cfg_path]
 
     @classmethod

@@ -2,8 +2,8 @@
 
 Tensors `k.{layer}` / `v.{layer}` hold the stored bytes of the session's full blocks, block axis first (float pools:
 [n_blocks, n_kv_heads, block_size, head_dim]; quantized pools: uint8 [n_blocks, bytes per block]); the safetensors metadata holds one JSON document under "zkv" (format version, model fingerprint, KV
-format, geometry, token ids, messages, per-tensor sha256). Writes are atomic (temp file, fsync, rename, mode
-0600); reads validate everything before anything is returned, so an import is all or nothing.
+format, geometry, token ids, messages, per-tensor sha256). Writes are atomic (`storage.atomic.atomic_write`: a fresh
+temp file beside the target, fsync, rename, mode 0600); reads validate everything before anything is returned, so an import is all or nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SessionError, SessionFormatError, SessionMismatchError
+from ..names import NAME_RULE, check_name, is_valid_name  # noqa: F401  (check_name: re-exported)
+from .atomic import atomic_write
 
 FORMAT = "zkv-session"
 VERSION = 1
 SUFFIX = ".zkvs"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Element types of the stored arrays: float pools as is (bfloat16 as raw 16-bit words), quantized pools as bytes.
 _DTYPES = {"float32": np.float32, "float16": np.float16, "uint16": np.uint16, "uint8": np.uint8}
 _MAX_HEADER = 64 << 20
-
-
-def check_name(name: str) -> str:
-    """Validates a session (or user) name: letters, digits, '.', '_', '-', no path separators."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise SessionError(
-            f"invalid session name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-    return name
 
 
 @dataclass
@@ -74,23 +65,16 @@ def write(path: Path, data: SessionData) -> int:
                 checksums={name: _sha(t) for name, t in tensors.items()})
     blob = save(tensors, metadata={"zkv": json.dumps(meta)})
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if path.is_dir():
+        raise SessionError(f"cannot write session file {path}: it is a directory; give a file path such as "
+                           f"{path / ('session' + SUFFIX)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
             f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # make the rename itself durable
-        finally:
-            os.close(dfd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SessionError(f"cannot write session file {path}: {e}") from None
+        raise SessionError(f"cannot write session file {path}: {e.strerror or e}; check that its directory is "
+                           "writable and the disk has room") from None
     return len(blob)
 
 
@@ -204,7 +188,7 @@ def _meta(header: dict, path: Path) -> dict:
              for k in ints)
     ok = ok and all(isinstance(meta.get(k), str) for k in strs) and meta.get("dtype") in _DTYPES
     ok = ok and isinstance(meta.get("token_ids"), list) and all(
-        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in meta["token_ids"])
+        isinstance(t, int) and not isinstance(t, bool) and -(1 << 31) <= t < 1 << 31 for t in meta["token_ids"])
     ok = ok and isinstance(meta.get("messages"), list) and isinstance(meta.get("checksums"), dict)
     ok = ok and meta.get("n_blocks", -1) * meta.get("block_size", 0) <= len(meta.get("token_ids") or [])
     sec = meta.get("sink_section")
@@ -216,6 +200,10 @@ def _meta(header: dict, path: Path) -> dict:
         ok = ok and meta.get("dtype") == "uint8"
     if not ok:
         raise SessionFormatError(f"{path}: session metadata is incomplete or has values of the wrong type")
+    # Ids are checked against the model's vocabulary on import (ZKV._restore names the id and the vocab size).
+    if not is_valid_name(meta["name"]):
+        raise SessionFormatError(f"{path}: the stored session name {meta['name']!r} is invalid (a session name is "
+                                 f"{NAME_RULE}); this file cannot be imported")
     return meta
 
 

@@ -2,7 +2,7 @@
 
 One file per block, named by its chained hash (which carries the user salt): `<hash hex>.kvb` =
 magic | u32 header length | JSON header {tokens, shape, dtype, sha256} | K of every layer | V of every layer.
-Files are written by a background thread (temp file + rename), so the decode path never waits on the disk.
+Files are written by a background thread (`atomic_write`: fresh temp file, fsync, rename), so the decode path never waits on the disk.
 At start-up every file is validated (torn or corrupt ones are deleted) and the budget is enforced, oldest first.
 """
 
@@ -18,6 +18,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_write
 
 MAGIC = b"ZKVB\x01\x00\x00\x00"
 SUFFIX = ".kvb"
@@ -112,10 +114,8 @@ class SSDStore:
                 header = json.dumps({"tokens": tokens, "shape": list(k.shape), "dtype": k.dtype.name,
                                      "sha256": hashlib.sha256(payload).hexdigest()}).encode()
                 path = self._path(h)
-                tmp = self.dir / f".{path.name}.tmp{os.getpid()}"
-                with open(tmp, "wb") as f:
+                with atomic_write(path) as f:
                     f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
-                os.replace(tmp, path)
                 with self._lock:
                     size = path.stat().st_size
                     self._index[h] = size
