@@ -184,7 +184,9 @@ class Engine:
         else:
             size = t.size
         try:
-            self.ssd = SSDStore(base / fmt, size)
+            (ks, kd), (vs, vd) = self.runner.pool.block_layout()
+            n = self.runner.pool.n_layers
+            self.ssd = SSDStore(base / fmt, size, layout=(((n, *ks), kd), ((n, *vs), vd)))
         except OSError as e:
             raise ConfigError(f"cannot use the SSD cache directory {base}: {e}; pass --ssd-dir or --ssd-cache off")
         self.blocks.secondary = self
