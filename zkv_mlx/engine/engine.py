@@ -98,11 +98,11 @@ class Engine:
     # -- long-context policies ------------------------------------------------------------------------
     def make_policy(self, cfg: PolicyConfig | None) -> KVPolicy | None:
         """A request's policy from its config (None: keep every token); checks it fits this engine."""
-        pol = KVPolicy.from_config(cfg, self.cfg.kv.block_size)
-        if pol is not None and self.runner.pool.quant is not None:
-            raise ConfigError(f"kv_policy {pol.kind} needs a float KV cache; drop --kv-quant "
+        # The KV format first: a budget fix suggested for a quantized cache would fail on this next.
+        if cfg is not None and cfg.kind != "full" and self.runner.pool.quant is not None:
+            raise ConfigError(f"kv_policy {cfg.kind} needs a float KV cache; drop --kv-quant "
                               f"{self.cfg.kv.quant} or use --kv-policy full")
-        return pol
+        return KVPolicy.from_config(cfg, self.cfg.kv.block_size)
 
     def _apply_policies(self) -> None:
         """Drops blocks of sequences about to outgrow their budget (before blocks are allocated)."""
