@@ -18,7 +18,7 @@ import numpy as np
 from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
 from ..cache.policy import KVPolicy
-from ..config import EngineConfig, PolicyConfig
+from ..config import EngineConfig, PolicyConfig, check_policy
 from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel, load_model
@@ -67,7 +67,8 @@ def plan_pool(cfg: EngineConfig, lm: LoadedModel, max_context: int) -> tuple[int
         if n < 1:
             raise ConfigError(
                 f"kv_cache_memory {kv.memory} bytes is smaller than one KV block ({per_block} bytes for "
-                f"block size {kv.block_size}); use at least {per_block * blocks_per_ctx} bytes for a full context"
+                f"block size {kv.block_size}); use --kv-cache-memory {per_block * blocks_per_ctx} or more (one full "
+                "context)"
             )
     return int(n), dtype
 
@@ -98,10 +99,8 @@ class Engine:
     # -- long-context policies ------------------------------------------------------------------------
     def make_policy(self, cfg: PolicyConfig | None) -> KVPolicy | None:
         """A request's policy from its config (None: keep every token); checks it fits this engine."""
-        # The KV format first: a budget fix suggested for a quantized cache would fail on this next.
-        if cfg is not None and cfg.kind != "full" and self.runner.pool.quant is not None:
-            raise ConfigError(f"kv_policy {cfg.kind} needs a float KV cache; drop --kv-quant "
-                              f"{self.cfg.kv.quant} or use --kv-policy full")
+        if cfg is not None:
+            check_policy(self.cfg.kv, cfg.kind, cfg.budget, cfg.sinks, cfg.recent)  # the KV format first
         return KVPolicy.from_config(cfg, self.cfg.kv.block_size)
 
     def _apply_policies(self) -> None:
