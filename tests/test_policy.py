@@ -216,10 +216,10 @@ def test_policy_request_leaves_cached_prefix_blocks_intact(tiny_model_dir):
     """A window request that hits cached blocks copies them before re-rotating keys (copy on write)."""
     path = str(tiny_model_dir("llama"))
     eng = _engine(path)
-    prompt = list(range(500, 548))
+    prompt = list(range(500, 530))  # fits the budget: a window request may take hits (Sequence.max_hit_tokens)
     first = _generate(eng, prompt, 12)
     win = _generate(eng, prompt, 60, PolicyConfig(kind="window", budget=32, sinks=4))
-    assert eng.counters["hit_tokens"] >= 40 and eng.policy_dropped_blocks > 0
+    assert eng.counters["hit_tokens"] == 24 and eng.policy_dropped_blocks > 0
     again = _generate(eng, prompt, 12)
     assert again == first
     assert win[:4] != [] and eng.blocks.pool.num_used_blocks == 0

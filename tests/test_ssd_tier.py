@@ -87,3 +87,59 @@ def test_second_process_hits_blocks_computed_by_the_first(tiny_model_dir, tmp_pa
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert runs[0]["cached"] == 0
     assert runs[1]["cached"] == (200 - 1) // 8 * 8  # every full block but the last token's, from disk
+
+
+def test_k_and_v_of_different_shapes_round_trip_and_layout_is_validated(tmp_path):
+    # int4 with per-channel keys and k8v4 store K and V blocks of different byte sizes (issue 17, section 1)
+    layout = (((2, 100), "uint8"), ((2, 60), "uint8"))
+    s = SSDStore(tmp_path, capacity=10 << 20, layout=layout)
+    k, v = np.arange(200, dtype=np.uint8).reshape(2, 100), np.arange(120, dtype=np.uint8).reshape(2, 60)
+    s.put(b"\x01" * 32, [1, 2], k, v)
+    with pytest.raises(ValueError, match="layout"):
+        s.put(b"\x02" * 32, [1, 2], v, v)  # a block that could never be read back is refused at once
+    s.close()
+    s2 = SSDStore(tmp_path, capacity=10 << 20, layout=layout)  # a restart keeps and reads it
+    assert s2.dropped_at_start == 0 and len(s2) == 1
+    k2, v2 = s2.get(b"\x01" * 32, [1, 2])
+    assert np.array_equal(k2, k) and np.array_equal(v2, v)
+    s2.close()
+    other = SSDStore(tmp_path, capacity=10 << 20, layout=(((2, 100), "uint8"), ((2, 61), "uint8")))
+    assert other.dropped_at_start == 1 and len(other) == 0  # another format's file is never returned
+    other.close()
+
+
+def test_files_of_the_first_version_are_still_read(tmp_path):
+    import hashlib
+    import json
+    import struct
+
+    from zkv_mlx.storage.ssd_store import MAGIC
+
+    k, v = block(5)
+    payload = k.tobytes() + v.tobytes()
+    header = json.dumps({"tokens": [5, 6], "shape": list(k.shape), "dtype": "float32",
+                         "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    (tmp_path / (("07" * 32) + ".kvb")).write_bytes(MAGIC + struct.pack("<I", len(header)) + header + payload)
+    s = SSDStore(tmp_path, capacity=10 << 20, layout=((k.shape, "float32"), (v.shape, "float32")))
+    k2, v2 = s.get(bytes([7]) * 32, [5, 6])
+    assert np.array_equal(k2, k) and np.array_equal(v2, v)
+    s.close()
+
+
+@pytest.mark.parametrize("kw", [{}, {"kv_quant": "int8"}, {"kv_quant": "int4"}, {"kv_quant": "k8v4"},
+                                {"kv_quant": "int4", "kv_key_layout": "token"},
+                                {"kv_quant": "int8", "kv_key_layout": "channel"}])
+def test_pool_block_layout_is_what_export_gives(kw):
+    import mlx.core as mx
+
+    from zkv_mlx.config import KVCacheConfig
+    from zkv_mlx.kernels.kv_quant import QuantSpec
+    from zkv_mlx.storage.kv_pool import KVPool
+
+    kv = KVCacheConfig(quant=kw.get("kv_quant", "none"), key_layout=kw.get("kv_key_layout", "auto"))
+    pool = KVPool(2, 4, 2, kv.block_size, 64, mx.float16, QuantSpec.from_config(kv))
+    ks, vs = pool.export_blocks([1, 2])
+    (k_shape, k_dtype), (v_shape, v_dtype) = pool.block_layout()
+    assert (ks[0].shape[1:], ks[0].dtype.name) == (k_shape, k_dtype)
+    assert (vs[0].shape[1:], vs[0].dtype.name) == (v_shape, v_dtype)
+    assert (k_shape != v_shape) == (kv.quant == "k8v4" or kv.channel_keys)

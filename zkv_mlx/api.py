@@ -16,7 +16,7 @@ import weakref
 from pathlib import Path
 from collections.abc import Iterator
 
-from .config import EngineConfig, PolicyConfig, load_toml, make_config
+from .config import EngineConfig, PolicyConfig, check_policy, load_toml, make_config
 from .engine import EngineThread, SamplingParams
 from .errors import ConfigError, SessionError, SessionFormatError
 from . import paths
@@ -116,8 +116,10 @@ class ZKV:
         if not given:
             return None
         d = self.config.policy
-        return PolicyConfig(kind=given.get("kv_policy", d.kind), budget=given.get("budget", d.budget),
-                            sinks=given.get("sinks", d.sinks), recent=given.get("h2o_recent", d.recent))
+        kind, budget = given.get("kv_policy", d.kind), given.get("budget", d.budget)
+        sinks, recent = given.get("sinks", d.sinks), given.get("h2o_recent", d.recent)
+        check_policy(self.config.kv, kind, budget, sinks, recent)  # the KV format before the budget
+        return PolicyConfig(kind=kind, budget=budget, sinks=sinks, recent=recent)
 
     def next_token_logits(self, prompt_ids: list[int], user: str | None = None):
         """Float32 numpy logits of the token after `prompt_ids` (uses and fills the prefix cache)."""

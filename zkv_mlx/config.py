@@ -210,6 +210,38 @@ class PolicyConfig:
             raise ConfigError(f"kv_policy {self.kind} needs a budget: pass --budget TOKENS (e.g. --budget 512)")
 
 
+def check_policy(kv: KVCacheConfig, kind, budget=None, sinks=4, recent=None) -> None:
+    """Checks a long-context policy against the whole KV configuration, so that each error's suggested fix is
+    valid for the rest of it: the KV format first (a budget suggested for a quantized cache would fail on that
+    next), then the budget, at least what the policy needs at this block size.
+
+    Args:
+        kv: the KV cache settings. kind, budget, sinks, recent: as `PolicyConfig` (unvalidated values are left
+            to `PolicyConfig`).
+    Raises:
+        ConfigError naming the conflict and a fix that passes this check.
+    """
+    if kind in (None, "full") or kind not in KV_POLICIES:
+        return
+    from .cache.policy import KVPolicy
+
+    try:
+        need = KVPolicy(kind, 0, kv.block_size, sinks, recent).min_budget
+    except TypeError:  # sinks/recent of the wrong type: PolicyConfig names them
+        return
+    fits = isinstance(budget, int) and not isinstance(budget, bool) and budget >= need
+    # Dropping --kv-quant can only shrink the block size ("auto": 16 instead of 32), so `need` stays enough.
+    example = max(need, 512)
+    if kv.quant != "none":
+        raise ConfigError(f"kv_policy {kind} needs a float KV cache; drop --kv-quant {kv.quant}"
+                          + ("" if fits else f" and pass --budget {example}") + " or use --kv-policy full")
+    if budget is None:
+        raise ConfigError(f"kv_policy {kind} needs a budget: pass --budget TOKENS (e.g. --budget {example})")
+    if fits or not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        return  # a bad type or sign: PolicyConfig names it
+    KVPolicy.from_config(PolicyConfig(kind, budget, sinks, recent), kv.block_size)  # "use --budget N or more"
+
+
 WEIGHT_DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 
 
@@ -244,6 +276,8 @@ class EngineConfig:
             raise ConfigError(f"prefill_chunk: {self.prefill_chunk!r} must be an integer >= 16")
         if self.weights_dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"weights_dtype: {self.weights_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        p = self.policy
+        check_policy(self.kv, p.kind, p.budget, p.sinks, p.recent)
 
 
 # Flat API kwargs / CLI spellings -> dotted config keys.
@@ -269,6 +303,31 @@ ALIASES = {
     "h2o_recent": "policy.recent",
 }
 _TABLES = ("kv", "prompt_cache", "tiers", "policy")
+
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
+def _check_block_size(bs, policy: dict) -> None:
+    # An unsupported block size: suggest the supported ones that also fit the policy's budget, if any.
+    if bs is None or bs == "auto" or bs in BLOCK_SIZES and not isinstance(bs, bool):
+        return
+    kind, budget = policy.get("kind", "full"), policy.get("budget")
+    need = {b: 0 for b in BLOCK_SIZES}  # the least budget each block size allows the policy
+    if kind in ("window", "h2o") and isinstance(budget, int):
+        from .cache.policy import KVPolicy
+
+        try:
+            need = {b: KVPolicy(kind, 0, b, policy.get("sinks", 4), policy.get("recent")).min_budget
+                    for b in BLOCK_SIZES}
+        except TypeError:
+            pass
+    ok = [b for b in BLOCK_SIZES if need[b] <= budget] if isinstance(budget, int) else list(BLOCK_SIZES)
+    best = 16 if 16 in ok or not ok else ok[-1]
+    others = [str(b) for b in ok if b != best]
+    raise ConfigError(f"kv.block_size: {bs!r} is not supported; use --block-size {best}"
+                      + ("" if ok else f" and pass --budget {need[best]}")
+                      + (f" (or {', '.join(others)})" if others else ""))
 
 
 def _build(cls, values: dict, prefix: str = ""):
@@ -329,8 +388,12 @@ def make_config(toml: dict | None = None, **overrides) -> EngineConfig:
             raise ConfigError(f"{key}: pass {key} settings as a [{key}] table or flat keys like {key}_size")
         else:
             merged[key] = v
+    pol = tables["policy"]
+    _check_block_size(tables["kv"].get("block_size"), pol)
     merged["kv"] = _build(KVCacheConfig, tables["kv"], "kv.")
     merged["prompt_cache"] = _build(PromptCacheConfig, tables["prompt_cache"], "prompt_cache.")
     merged["tiers"] = _build(TierConfig, tables["tiers"], "tiers.")
-    merged["policy"] = _build(PolicyConfig, tables["policy"], "policy.")
+    # before PolicyConfig's own checks, which do not know the KV format
+    check_policy(merged["kv"], pol.get("kind", "full"), pol.get("budget"), pol.get("sinks", 4), pol.get("recent"))
+    merged["policy"] = _build(PolicyConfig, pol, "policy.")
     return _build(EngineConfig, merged)

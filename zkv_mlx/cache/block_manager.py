@@ -62,11 +62,18 @@ class BlockManager:
             hashes.append(seq.hash_key.block_hash(parent, i, ids[i * bs:(i + 1) * bs], bs))
         return hashes[:n_blocks]
 
+    def _n_matchable(self, seq) -> int:
+        # Full blocks a lookup may match: never the one holding the last token, and no more than the sequence
+        # allows (`max_hit_tokens`, e.g. under a long-context policy).
+        n = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens))
+        cap = getattr(seq, "max_hit_tokens", None)
+        return (n if cap is None else min(n, cap)) // self.block_size
+
     def _secondary_hits(self, seq, start: int) -> int:
         # Number of full blocks after `start` found in the lower tier (contiguous run).
         if self.secondary is None or getattr(seq, "hash_key", None) is None:
             return 0
-        n_full = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens)) // self.block_size
+        n_full = self._n_matchable(seq)
         hashes = self._hash_upto(seq, n_full)
         n = 0
         for h in hashes[start:]:
@@ -86,7 +93,7 @@ class BlockManager:
         """
         if getattr(seq, "hash_key", None) is None:
             return []
-        n_full = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens)) // self.block_size
+        n_full = self._n_matchable(seq)
         hits = []
         bs, ids = self.block_size, seq.all_ids
         for i, h in enumerate(self._hash_upto(seq, n_full)):

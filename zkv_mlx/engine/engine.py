@@ -18,7 +18,7 @@ import numpy as np
 from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
 from ..cache.policy import KVPolicy
-from ..config import EngineConfig, PolicyConfig
+from ..config import EngineConfig, PolicyConfig, check_policy
 from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel, load_model
@@ -67,7 +67,8 @@ def plan_pool(cfg: EngineConfig, lm: LoadedModel, max_context: int) -> tuple[int
         if n < 1:
             raise ConfigError(
                 f"kv_cache_memory {kv.memory} bytes is smaller than one KV block ({per_block} bytes for "
-                f"block size {kv.block_size}); use at least {per_block * blocks_per_ctx} bytes for a full context"
+                f"block size {kv.block_size}); use --kv-cache-memory {per_block * blocks_per_ctx} or more (one full "
+                "context)"
             )
     return int(n), dtype
 
@@ -98,11 +99,9 @@ class Engine:
     # -- long-context policies ------------------------------------------------------------------------
     def make_policy(self, cfg: PolicyConfig | None) -> KVPolicy | None:
         """A request's policy from its config (None: keep every token); checks it fits this engine."""
-        pol = KVPolicy.from_config(cfg, self.cfg.kv.block_size)
-        if pol is not None and self.runner.pool.quant is not None:
-            raise ConfigError(f"kv_policy {pol.kind} needs a float KV cache; drop --kv-quant "
-                              f"{self.cfg.kv.quant} or use --kv-policy full")
-        return pol
+        if cfg is not None:
+            check_policy(self.cfg.kv, cfg.kind, cfg.budget, cfg.sinks, cfg.recent)  # the KV format first
+        return KVPolicy.from_config(cfg, self.cfg.kv.block_size)
 
     def _apply_policies(self) -> None:
         """Drops blocks of sequences about to outgrow their budget (before blocks are allocated)."""
@@ -184,7 +183,9 @@ class Engine:
         else:
             size = t.size
         try:
-            self.ssd = SSDStore(base / fmt, size)
+            (ks, kd), (vs, vd) = self.runner.pool.block_layout()
+            n = self.runner.pool.n_layers
+            self.ssd = SSDStore(base / fmt, size, layout=(((n, *ks), kd), ((n, *vs), vd)))
         except OSError as e:
             raise ConfigError(f"cannot use the SSD cache directory {base}: {e}; pass --ssd-dir or --ssd-cache off")
         self.blocks.secondary = self

@@ -123,6 +123,20 @@ class Sequence:
         return n
 
     @property
+    def max_hit_tokens(self) -> int | None:
+        """Leading tokens the prefix cache may supply (None: all), so that a hit gives what a cold run computes.
+
+        A cached block holds K/V computed over the full context. Under h2o a hit also skips the attention mass the
+        prompt's queries pay, which ranks the blocks to drop: h2o requests compute their prompt. Under window a
+        hit equals a cold run only while the cold run drops nothing, i.e. while the whole sequence fits the budget.
+        """
+        if self.policy is None:
+            return None
+        if self.policy.kind == "h2o" or self.num_tokens > self.policy.budget:
+            return 0
+        return None
+
+    @property
     def in_prefill(self) -> bool:
         # prefill ends by sampling a token; from then on each decode step computes the last token's K/V
         return self.num_computed < self.prefill_len

@@ -169,7 +169,9 @@ def run_policy(args, lm, wins, t0) -> int:
 
     bs = args.block_size or 16
     if args.kv_policy == "full" or args.budget is None:
-        raise ConfigError("--kv-policy window|h2o needs --budget TOKENS (e.g. --budget 512)")
+        # an example that fits every policy evaluated (--compare adds h2o) at this block size
+        need = KVPolicy("h2o", 0, bs, args.sinks, args.h2o_recent).min_budget
+        raise ConfigError(f"--kv-policy window|h2o needs --budget TOKENS (e.g. --budget {max(512, need)})")
 
     def make(kind: str, sinks: int) -> KVPolicy:
         return KVPolicy.from_config(PolicyConfig(kind=kind, budget=args.budget, sinks=sinks,

@@ -373,6 +373,26 @@ class KVPool:
             return 0
         return 4 + self.n_kv_heads * self.quant.sinks * self.head_dim * self.dtype.size
 
+    def block_layout(self) -> tuple[tuple[tuple[int, ...], str], tuple[tuple[int, ...], str]]:
+        """Shape and numpy dtype name of one block's exported K and of its V, per layer (as `export_blocks`
+        gives them without the block axis).
+
+        Returns:
+            ((k_shape, k_dtype), (v_shape, v_dtype)). Float pools: (H, BS, D) in the pool dtype (bfloat16 as
+            "uint16") for both; quantized pools: ((k_bytes,), "uint8"), ((v_bytes,), "uint8"), where K and V
+            differ whenever their bits or layouts differ (int4 with per-channel keys, k8v4).
+        """
+        if self.quant is None:
+            name = "uint16" if self.dtype == mx.bfloat16 else str(self.dtype).split(".")[-1]
+            shape = (self.n_kv_heads, self.block_size, self.head_dim)
+            return (shape, name), (shape, name)
+
+        def nbytes(arrays) -> int:
+            return sum(int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.size for a in arrays)
+
+        k = nbytes(self.k[0]) + self.sink_section_bytes
+        return ((k,), "uint8"), ((nbytes(self.v[0]),), "uint8")
+
     def export_blocks(self, block_ids: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Stored bytes of full blocks, per layer: K and V numpy arrays with the block axis first.
 

@@ -1,8 +1,11 @@
 """The SSD tier: content-addressed KV block files with a byte budget and LRU order (design.md §7).
 
 One file per block, named by its chained hash (which carries the user salt): `<hash hex>.kvb` =
-magic | u32 header length | JSON header {tokens, shape, dtype, sha256} | K of every layer | V of every layer.
-Files are written by a background thread (`atomic_write`: fresh temp file, fsync, rename), so the decode path never waits on the disk.
+magic | u32 header length | JSON header {tokens, k: {shape, dtype}, v: {shape, dtype}, sha256} | K of every layer |
+V of every layer. K and V are described separately: in quantized formats (int4 with per-channel keys, k8v4) they
+differ in size. Files written before that (one `shape`/`dtype` for both) are still read.
+Files are written by a background thread (`atomic_write`: fresh temp file, fsync, rename), so the decode path never
+waits on the disk.
 At start-up every file is validated (torn or corrupt ones are deleted) and the budget is enforced, oldest first.
 """
 
@@ -31,10 +34,14 @@ class SSDStore:
 
     Args:
         directory: where the files go (created). capacity: byte budget (LRU beyond it).
+        layout: ((k_shape, k_dtype), (v_shape, v_dtype)) of the arrays of one block, dtype as a numpy name
+            (e.g. ((2, 2, 16, 64), "float16") twice, or ((n_layers, 1088), "uint8"), ((n_layers, 576), "uint8"));
+            files holding another layout are dropped at start-up and never returned. None: no check.
     """
 
-    def __init__(self, directory: Path, capacity: int):
+    def __init__(self, directory: Path, capacity: int, layout=None):
         self.dir = Path(directory)
+        self.layout = None if layout is None else tuple((tuple(int(x) for x in sh), str(dt)) for sh, dt in layout)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.capacity = int(capacity)
         self._lock = threading.Lock()
@@ -63,7 +70,7 @@ class SSDStore:
                 continue
             try:
                 h = bytes.fromhex(p.name[: -len(SUFFIX)])
-                self._read(p, None)
+                self._read(p, None, self.layout)
                 st = p.stat()
             except (ValueError, OSError):
                 p.unlink(missing_ok=True)
@@ -95,7 +102,17 @@ class SSDStore:
 
     # -- write ----------------------------------------------------------------------------------------
     def put(self, h: bytes, token_ids, k: np.ndarray, v: np.ndarray) -> None:
-        """Queues a block for writing (no-op if already stored). k, v: [n_layers, H, BS, D] arrays."""
+        """Queues a block for writing (no-op if already stored).
+
+        Args:
+            h: the block's chained hash. token_ids: its tokens. k, v: its stored bytes for every layer, layer axis
+                first ([n_layers, H, BS, D] float, or [n_layers, bytes] uint8 for quantized formats); K and V may
+                differ in shape.
+        Raises:
+            ValueError: k, v do not match the store's layout (a file that could never be read back).
+        """
+        if self.layout is not None and _layout(k, v) != self.layout:
+            raise ValueError(f"block of layout {_layout(k, v)} does not match the SSD store's {self.layout}")
         with self._lock:
             if h in self._index or h in self._pending:
                 return
@@ -111,7 +128,8 @@ class SSDStore:
             h, tokens, k, v = item
             try:
                 payload = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
-                header = json.dumps({"tokens": tokens, "shape": list(k.shape), "dtype": k.dtype.name,
+                header = json.dumps({"tokens": tokens, "k": {"shape": list(k.shape), "dtype": k.dtype.name},
+                                     "v": {"shape": list(v.shape), "dtype": v.dtype.name},
                                      "sha256": hashlib.sha256(payload).hexdigest()}).encode()
                 path = self._path(h)
                 with atomic_write(path) as f:
@@ -146,7 +164,7 @@ class SSDStore:
                 return None
         path = self._path(h)
         try:
-            k, v = self._read(path, list(token_ids))
+            k, v = self._read(path, list(token_ids), self.layout)
         except (ValueError, OSError):
             with self._lock:
                 size = self._index.pop(h, 0)
@@ -164,19 +182,35 @@ class SSDStore:
         return k, v
 
     @staticmethod
-    def _read(path: Path, token_ids) -> tuple[np.ndarray, np.ndarray]:
+    def _read(path: Path, token_ids, layout=None) -> tuple[np.ndarray, np.ndarray]:
         data = path.read_bytes()
         if data[:8] != MAGIC or len(data) < 12:
             raise ValueError("not a block file")
         (n,) = struct.unpack("<I", data[8:12])
-        header = json.loads(data[12:12 + n])
+        try:
+            header = json.loads(data[12:12 + n])
+            if not isinstance(header, dict):
+                raise TypeError("not an object")
+            if "k" in header:
+                arrays = [(tuple(header[x]["shape"]), header[x]["dtype"]) for x in ("k", "v")]
+            else:  # files of the first version: K and V of one shape
+                arrays = [(tuple(header["shape"]), header["dtype"])] * 2
+            if layout is not None and tuple(arrays) != layout:
+                raise ValueError("block file of another layout")
+            arrays = [(shape, np.dtype(_DTYPES[dt])) for shape, dt in arrays]
+            sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in arrays]
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"bad block file header: {e}") from None
         payload = data[12 + n:]
-        shape, dtype = tuple(header["shape"]), np.dtype(_DTYPES[header["dtype"]])
-        if not 2 <= len(shape) <= 5 or len(payload) != 2 * int(np.prod(shape)) * dtype.itemsize:
+        if any(not 1 <= len(shape) <= 5 for shape, _ in arrays) or len(payload) != sum(sizes):
             raise ValueError("torn block file")
-        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("corrupt block file")
-        if token_ids is not None and header["tokens"] != token_ids:
+        if token_ids is not None and header.get("tokens") != token_ids:
             raise ValueError("block file holds other tokens")
-        half = len(payload) // 2
-        return (np.frombuffer(payload[:half], dtype).reshape(shape), np.frombuffer(payload[half:], dtype).reshape(shape))
+        (ks, kd), (vs, vd) = arrays
+        return (np.frombuffer(payload[:sizes[0]], kd).reshape(ks), np.frombuffer(payload[sizes[0]:], vd).reshape(vs))
+
+
+def _layout(k: np.ndarray, v: np.ndarray) -> tuple:
+    return ((tuple(k.shape), k.dtype.name), (tuple(v.shape), v.dtype.name))
