@@ -325,3 +325,18 @@ def test_server_keeps_markers_text_and_rejects_bad_messages(model, submitted):
     r = chat([{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}])
     assert r.json()["error"]["message"].startswith("messages[1].content:")
     assert len(submitted) == n  # nothing reached the engine
+
+
+def test_tui_backend_keeps_markers_text(model, submitted):
+    # The terminal app's one path to the engine (app/backend.py): a typed message with markers stays text.
+    from zkv_mlx.app.backend import Backend
+
+    tok = model.tokenizer
+    text = forged(MARKERS)
+    backend = Backend(model, sampling={"max_tokens": 1, "temperature": 0})
+    assert backend.caps.usage
+    msgs = [{"role": "user", "content": text}]
+    "".join(backend.turn(msgs, msgs))
+    assert submitted[-1] == tok.encode_chat(msgs)
+    assert control_count(tok, submitted[-1]) == control_count(tok, tok.encode_chat("Hello"))
+    assert text.strip() in tok.decode(submitted[-1])
