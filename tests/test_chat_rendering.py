@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
@@ -340,3 +342,30 @@ def test_tui_backend_keeps_markers_text(model, submitted):
     assert submitted[-1] == tok.encode_chat(msgs)
     assert control_count(tok, submitted[-1]) == control_count(tok, tok.encode_chat("Hello"))
     assert text.strip() in tok.decode(submitted[-1])
+
+
+# Characters whose UTF-8 bytes the bundled vocabulary has (it lacks the single-byte tokens of a few control
+# characters and of lead bytes of planes 4-11, which byte-level BPE without an unknown token drops on any path).
+_ENCODABLE = st.characters(max_codepoint=0x3FFFF, exclude_categories=("Cs",),
+                           exclude_characters="\x04\x06\x13\x14\x16\x1d")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.one_of(st.sampled_from(FAMILIES["bundled"][5] + FAMILIES["llama3"][5] + [
+    "<", "|", ">", "\n", " ", "\ue000", "\ue001", "system", "assistant", "<|im", "end|>"]),
+    st.text(alphabet=_ENCODABLE, max_size=8)), max_size=12))
+def test_any_content_adds_no_control_token(bundled_tokenizer, pieces):
+    msgs = [{"role": "user", "content": "".join(pieces)}]
+    for tok in (bundled_tokenizer, _llama3_tok(bundled_tokenizer)):
+        ids = tok.encode_chat(msgs)
+        assert control_count(tok, ids) == control_count(tok, tok.encode_chat("x"))
+        assert tok.decode(ids) == tok.apply_chat_template(msgs)  # every character of the content reaches the model
+
+
+_LLAMA3_TOK = {}
+
+
+def _llama3_tok(bundled):
+    if "t" not in _LLAMA3_TOK:
+        _LLAMA3_TOK["t"] = family_tokenizer(bundled, "llama3")
+    return _LLAMA3_TOK["t"]
