@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 from collections.abc import Callable
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -43,10 +44,9 @@ class ControlText:
                                          key=lambda s: (-len(s), s))
         self.ids: dict[str, int] = {s: backend.token_to_id(s) for s in self.markers}
         self._pattern = re.compile("|".join(map(re.escape, self.markers))) if self.markers else None
-        # A copy with special-token matching off (tokenizers' encode_special_tokens, which transformers exposes
-        # as split_special_tokens): a flag on a shared tokenizer would race between threads, a copy cannot.
-        self._plain = HFTokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+        self._backend = backend
+        self._plain: HFTokenizer | None = None
+        self._lock = threading.Lock()
 
     def encode_plain(self, text: str) -> list[int]:
         """Tokenize text with every special-token string in it as ordinary text.
@@ -57,7 +57,20 @@ class ControlText:
         Returns:
             Token ids, none of them a control token (no BOS/EOS added either).
         """
-        return self._plain.encode(text, add_special_tokens=False).ids
+        if self._pattern is None or not self._pattern.search(text):
+            return self._backend.encode(text, add_special_tokens=False).ids  # nothing to keep from matching
+        return self._plain_tokenizer().encode(text, add_special_tokens=False).ids
+
+    def _plain_tokenizer(self) -> HFTokenizer:
+        # A copy with special-token matching off (tokenizers' encode_special_tokens, which transformers exposes
+        # as split_special_tokens): a flag on the shared tokenizer would race between threads, a copy cannot.
+        # Built on first need only (about half a second for a 50k vocabulary): most text holds no marker.
+        with self._lock:
+            if self._plain is None:
+                plain = HFTokenizer.from_str(self._backend.to_str())
+                plain.encode_special_tokens = True
+                self._plain = plain
+            return self._plain
 
     def encode_rendered(self, contents: list[str], render: Callable[[list[str]], str]) -> list[int]:
         """Render a conversation and tokenize it so that only the template's markers become control tokens.
