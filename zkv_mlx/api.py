@@ -48,7 +48,8 @@ class ZKV:
 
     # -- generation -----------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], *, stream: bool = False, user: str | None = None, **sampling):
-        """Continues raw text (no chat template).
+        """Continues raw text (no chat template). The prompt is the caller's own: control markers in it (e.g.
+        ``<|im_start|>``) become control tokens, so never paste someone else's text into it; use `chat`.
 
         Args:
             prompt: text, or token ids.
@@ -63,24 +64,29 @@ class ZKV:
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
         return self._run(ids, stream, user, sampling)
 
-    def chat(self, messages, *, stream: bool = False, user: str | None = None, **sampling):
+    def chat(self, messages, *, stream: bool = False, user: str | None = None, allow_control_tokens: bool = False,
+             **sampling):
         """Replies to a conversation rendered with the model's chat template.
 
+        Message content is plain text: control markers typed into it (e.g. ``<|im_end|>``) are encoded as
+        ordinary text, so a message cannot end its turn or forge a system/assistant turn.
+
         Args:
-            messages: a string (one user message) or a list of {"role", "content"} dicts.
+            messages: a string (one user message) or a list of {"role", "content"} dicts; content is a string,
+                None or OpenAI text parts ([{"type": "text", "text": ...}]); roles system, user, assistant
+                (developer = system).
             stream, user, **sampling: as in `generate`.
+            allow_control_tokens: opt-out for your own raw control text: markers in content become control tokens.
+                Never set it for text from someone else.
         Returns:
             The reply text, or an iterator of text chunks when stream=True.
+        Raises:
+            MessageError: a message cannot be rendered (the error names its index).
         """
-        return self._run(self._chat_ids(messages), stream, user, sampling)
+        return self._run(self._chat_ids(messages, allow_control_tokens), stream, user, sampling)
 
-    def _chat_ids(self, messages) -> list[int]:
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                      for m in messages):
-            raise ConfigError("messages: expected a string or a list of {'role': ..., 'content': ...} dicts")
-        return self.tokenizer.encode_chat(messages)
+    def _chat_ids(self, messages, allow_control_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode_chat(messages, allow_control_tokens=allow_control_tokens)
 
     def _run(self, ids: list[int], stream: bool, user: str | None, sampling: dict):
         policy = self._policy(sampling)

@@ -35,3 +35,7 @@ class KernelError(ZkvError):
 
 class PromptTooLong(ZkvError, ValueError):
     """A prompt does not fit in the configured max context."""
+
+
+class MessageError(ConfigError):
+    """A chat message cannot be rendered (no role, unknown role, non-text content); the message names its index."""

@@ -13,6 +13,7 @@ import numpy as np
 from . import paths
 from .errors import SessionError
 from .names import is_valid_name
+from .models.messages import normalize_messages
 from .storage import session_file
 
 
@@ -45,15 +46,14 @@ class Session:
         self._dirty = True
 
     # -- conversation -----------------------------------------------------------------------------------
-    def chat(self, messages, *, stream: bool = False, **sampling):
+    def chat(self, messages, *, stream: bool = False, allow_control_tokens: bool = False, **sampling):
         """Adds messages (a string = one user message) and generates the assistant's reply.
 
-        Only the tokens after the cached conversation are computed. Args/returns as `ZKV.chat`.
+        Only the tokens after the cached conversation are computed. Args/returns/errors as `ZKV.chat`;
+        `allow_control_tokens` applies to the whole conversation rendered for this turn.
         """
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        new = self.messages + list(messages)
-        ids = self._model._chat_ids(new)
+        new = self.messages + normalize_messages(messages)
+        ids = self._model._chat_ids(new, allow_control_tokens)
         handle = self._model.submit(ids, user=self.user, **sampling)
         gen = self._turn(handle, new, ids)
         return gen if stream else "".join(gen)

@@ -19,6 +19,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..storage.atomic import atomic_write
+from .control_text import ControlText
+from .messages import normalize_messages
 
 __all__ = ["Tokenizer", "StreamDetokenizer", "tokenizer_from_gguf_metadata", "CHATML_TEMPLATE"]
 
@@ -234,6 +236,7 @@ class Tokenizer:
         self.add_bos_token = add_bos_token
         self.chat_template: str | None = chat_template or None
         self._compiled_template = None
+        self._control_text: ControlText | None = None
 
     # -- basic encode/decode -------------------------------------------------------
 
@@ -277,7 +280,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Tokenize text.
 
-        Special-token strings in the text (e.g. ``<|im_start|>``) become their ids.
+        Special-token strings in the text (e.g. ``<|im_start|>``) become their ids: this is the raw-prompt
+        path (``generate``, ``/v1/completions``), where the caller writes the whole prompt. Text from someone
+        else belongs in a chat message (``encode_chat``) or goes through ``control_text.encode_plain``.
 
         Args:
             text: Text to encode.
@@ -321,6 +326,10 @@ class Tokenizer:
     ) -> str:
         """Render a conversation with the model's chat template (ChatML if it has none).
 
+        Low level: the messages are passed to the template as given, and the returned text, once
+        tokenized with ``encode``, turns control markers inside message content into control tokens.
+        ``encode_chat`` normalises the messages and keeps content plain text.
+
         Rendering matches transformers: a sandboxed Jinja environment with
         ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, a
         ``raise_exception`` helper, ``strftime_now`` and a ``tojson`` filter.
@@ -352,20 +361,53 @@ class Tokenizer:
             raise ValueError(f"chat template failed to render: {e}") from e
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self,
+        messages: Any,
+        add_generation_prompt: bool = True,
+        *,
+        allow_control_tokens: bool = False,
+        **kwargs: Any,
     ) -> list[int]:
-        """Render a conversation with the chat template and tokenize it.
+        """Normalise a conversation, render it with the chat template and tokenize it.
+
+        Message content is encoded as plain text: a control marker typed into a message (``<|im_end|>``,
+        ``<|start_header_id|>``, any special token of the vocabulary) becomes ordinary text tokens, so a message
+        cannot close its own turn or forge another. Only the markers the template itself writes are control tokens.
+        A conversation without markers in its content gets exactly ``encode(apply_chat_template(...))``.
 
         Args:
-            messages: Dicts with at least ``role`` and ``content``.
+            messages: What ``normalize_messages`` accepts: a string (one user message) or a list of
+                ``{"role", "content"}`` dicts, content a string, None or OpenAI text parts.
             add_generation_prompt: Append the header that starts the assistant's turn.
+            allow_control_tokens: Opt-out for callers who deliberately write raw control text into their own
+                messages: tokenize the rendered text as is, so markers in content become control tokens. Never
+                set it for text from someone else.
             **kwargs: Extra template variables.
 
         Returns:
             The prompt's token ids (no extra BOS: templates that want one write ``bos_token``).
+
+        Raises:
+            MessageError: A message cannot be rendered (names the message index).
+            ValueError: The template failed to render or called ``raise_exception``.
         """
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        msgs = normalize_messages(messages)
+        if allow_control_tokens:
+            text = self.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
+            return self.encode(text, add_special_tokens=False)
+
+        def render(contents: list[str]) -> str:
+            swapped = [{**m, "content": c} for m, c in zip(msgs, contents)]
+            return self.apply_chat_template(swapped, add_generation_prompt=add_generation_prompt, **kwargs)
+
+        return self.control_text.encode_rendered([m["content"] for m in msgs], render)
+
+    @property
+    def control_text(self) -> ControlText:
+        """The vocabulary's control tokens and plain-text encoding (built on first use)."""
+        if self._control_text is None:
+            self._control_text = ControlText(self._tok)
+        return self._control_text
 
     def _get_template(self):
         if self._compiled_template is None:

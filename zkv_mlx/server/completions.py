@@ -13,7 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .bridge import EventStream
 from .errors import APIError, from_engine_error
-from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from ..errors import MessageError
+from ..models.messages import normalize_messages
+from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState, current_user, get_state
 
 router = APIRouter(tags=["completions"])
@@ -29,7 +31,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
     """Replies to a conversation rendered with the model's chat template."""
     srv = get_state(request)
     srv.check_model(body.model)
-    messages = [_message(m) for m in body.messages]
+    try:  # the same normalisation as the Python API; content stays plain text (no control-token opt-out here)
+        messages = normalize_messages([m.model_dump() for m in body.messages])
+    except MessageError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_messages") from None
     try:
         ids = await run_in_threadpool(srv.model.tokenizer.encode_chat, messages)
     except Exception as e:  # a template that rejects the conversation, text that cannot be encoded
@@ -63,13 +68,6 @@ async def completions(body: CompletionRequest, request: Request, user: str = Dep
                            param="prompt", code="invalid_value")
         ids = list(prompt)
     return await _respond(request, srv, body, ids, user, body.max_tokens or COMPLETIONS_MAX_TOKENS, chat=False)
-
-
-def _message(m: ChatMessage) -> dict:
-    content = m.content
-    if isinstance(content, list):
-        content = "\n".join(part.text for part in content)
-    return {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
 
 
 def _sampling(body, max_tokens: int) -> dict:
