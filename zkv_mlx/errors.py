@@ -35,3 +35,7 @@ class KernelError(ZkvError):
 
 class PromptTooLong(ZkvError, ValueError):
     """A prompt does not fit in the configured max context."""
+
+
+class SamplingError(ZkvError):
+    """The model's logits for a request had no finite value (all NaN or -inf): no token can be picked."""
