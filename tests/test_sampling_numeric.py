@@ -201,6 +201,15 @@ def test_api_tiny_temperatures_equal_greedy(tiny):
     assert tiny.chat("hi", temperature=1e-45, max_tokens=4) == tiny.chat("hi", temperature=0, max_tokens=4)
 
 
+def test_api_huge_max_tokens_ends_at_the_max_context(tiny):
+    events = list(tiny.submit(PROMPT, temperature=0, max_tokens=10**30, ignore_eos=True))
+    done = events[-1]
+    assert done.kind == "done" and done.finish_reason == "length"
+    # prompt + output never exceed the max context; the pipelined decode stops one token short of it (its
+    # in-flight placeholder counts), so the reply has max_context - len(prompt) - 1 tokens
+    assert done.usage["completion_tokens"] == tiny.engine.max_context - len(PROMPT) - 1
+
+
 @pytest.mark.parametrize("name, value", [("temperature", math.nan), ("top_p", 0.0), ("seed", -1),
                                          ("repetition_penalty", math.inf), ("max_tokens", 0), ("top_k", -3)])
 def test_api_rejects_bad_parameters_before_generating(tiny, name, value):
