@@ -19,7 +19,7 @@ from zkv_mlx.errors import ConfigError, SamplingError
 
 V = 37  # vocab of the synthetic logits
 F32_MAX = float(np.finfo(np.float32).max)
-PROFILE = settings(max_examples=60, deadline=None, derandomize=True,
+PROFILE = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 finite = st.floats(-F32_MAX, F32_MAX, width=32)
