@@ -39,3 +39,7 @@ class PromptTooLong(ZkvError, ValueError):
 
 class MessageError(ConfigError):
     """A chat message cannot be rendered (no role, unknown role, non-text content); the message names its index."""
+
+
+class SamplingError(ZkvError):
+    """The model's logits for a request had no finite value (all NaN or -inf): no token can be picked."""

@@ -205,6 +205,9 @@ class SimKernel:
             if got != want:
                 raise ValueError(f"[metal_kernel] Expected `{what}` to have size {want} but got size {got}.\n")
         arrays = [_as_array(x) for x in inputs]
+        # Evaluate the inputs here, on the calling thread, as MLX does: streams are per thread, so a lazy input
+        # built on another thread fails ("There is no Stream(cpu, 0) in current thread") as it would on a Mac.
+        mx.eval(*arrays)
         kernel = self.generated(arrays, output_dtypes, template)
         if verbose:
             sys.stdout.write(verbose_text(self.name, kernel.source))

@@ -19,7 +19,7 @@ from ..cache import BlockManager
 from ..cache.hashing import HashKey, root_hash
 from ..cache.policy import KVPolicy
 from ..config import EngineConfig, PolicyConfig, check_policy
-from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, ZkvError
+from ..errors import ConfigError, OutOfKVMemory, PromptTooLong, SamplingError, ZkvError
 from ..kernels.kv_quant import QuantSpec
 from ..models.loader import LoadedModel, load_model
 from ..storage.kv_pool import KVPool
@@ -27,7 +27,7 @@ from ..storage.ssd_store import SSDStore
 from .. import paths, sysinfo
 from . import evict
 from .runner import ModelRunner
-from .sampler import can_sample_lazily, sample, sample_lazy
+from .sampler import NO_TOKEN, can_sample_lazily, sample, sample_lazy
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
 
@@ -524,6 +524,11 @@ class Engine:
         if seq.t_first is None:
             seq.t_first = time.perf_counter()
         p = seq.params
+        if token == NO_TOKEN:  # the model's logits were all NaN / -inf: an error, never a silent EOS
+            self._fail(seq, SamplingError(
+                f"the model produced no finite logit (all NaN or -inf) after {len(seq.output_ids)} generated "
+                "tokens; the weights or the input are broken (check the model file, try --weights-dtype float32)"))
+            return
         if token in self.eos and not p.ignore_eos:
             self._finish(seq, "stop")
             return
@@ -580,6 +585,15 @@ class Engine:
             "total_s": now - seq.t_submit,
         }
         listener(Event("done", finish_reason=seq.finish_reason or "stop", usage=usage))
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Ends one request with `error` (its blocks are freed; other requests go on)."""
+        while PENDING in seq.output_ids:
+            seq.output_ids.remove(PENDING)
+        self.scheduler.finish(seq, "error")
+        listener = self._listeners.pop(seq.seq_id, None)
+        if listener:
+            listener(Event("error", error=error, finish_reason="error"))
 
     def fail_all(self, error: Exception) -> None:
         """Ends every request with `error` (after an unexpected failure inside a step)."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -11,7 +14,11 @@ from ..errors import ConfigError
 
 @dataclass(slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 = greedy."""
+    """How to pick tokens and when to stop. temperature 0 = greedy (so is any temperature below 1e-5).
+
+    Every field is checked here, in the caller's thread, so bad values fail with a ConfigError naming the value
+    and its valid range before the request reaches the engine (the server maps it to HTTP 400).
+    """
 
     max_tokens: int = 256
     temperature: float = 0.7
@@ -25,22 +32,52 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        self.stop = tuple(s for s in (self.stop or ()) if s)
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
-            (self.temperature is not None and 0.0 <= float(self.temperature) <= 100, "temperature", "in [0, 100]"),
-            (0.0 < float(self.top_p) <= 1.0, "top_p", "in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
-            (0.0 <= float(self.min_p) < 1.0, "min_p", "in [0, 1)"),
-            (float(self.repetition_penalty) > 0.0, "repetition_penalty", "> 0 (1.0 = off)"),
-            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                   and 0 <= self.seed < 2**64), "seed", "an integer in [0, 2**64)"),
-        ]
-        for ok, name, want in checks:
-            if not ok:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} must be {want}")
+        self.stop = _stops(self.stop)
+        # max_tokens and top_k may be huge: generation still ends at the max context, top-k >= vocab is off.
+        self.max_tokens = _integer("max_tokens", self.max_tokens, 1, None, "an integer >= 1")
+        self.temperature = _real("temperature", self.temperature, 0.0, 100.0, "a number in [0, 100] (0 = greedy)")
+        self.top_p = _real("top_p", self.top_p, 0.0, 1.0, "a number in (0, 1] (1 = off)", lo_open=True)
+        self.top_k = _integer("top_k", self.top_k, 0, None, "an integer >= 0 (0 = off)")
+        self.min_p = _real("min_p", self.min_p, 0.0, 1.0, "a number in [0, 1) (0 = off)", hi_open=True)
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, 0.0, 100.0,
+                                        "a number in (0, 100] (1 = off)", lo_open=True)
+        self.repetition_context = _integer("repetition_context", self.repetition_context, 0, None,
+                                           "an integer >= 0 (0 = off)")
+        if self.seed is not None:
+            # mx.random.key takes an unsigned 64-bit seed
+            self.seed = _integer("seed", self.seed, 0, 2**64 - 1, "an integer in [0, 2**64) (e.g. seed % 2**64)")
+        if not isinstance(self.ignore_eos, bool):
+            raise ConfigError(f"ignore_eos: {self.ignore_eos!r} must be True or False")
+
+
+def _integer(name: str, value, lo: int, hi: int | None, want: str) -> int:
+    """`value` as a Python int (numpy integers too; not bools or floats); ConfigError outside [lo, hi]."""
+    try:
+        v = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        v = None
+    if v is None or v < lo or (hi is not None and v > hi):
+        raise ConfigError(f"{name}: {value!r} must be {want}")
+    return v
+
+
+def _real(name: str, value, lo: float, hi: float, want: str, lo_open: bool = False, hi_open: bool = False) -> float:
+    """`value` as a finite float in the range; NaN, inf, strings and bools are ConfigErrors."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    v = float(value) if ok else math.nan
+    if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+        raise ConfigError(f"{name}: {value!r} must be {want}")
+    return v
+
+
+def _stops(stop) -> tuple[str, ...]:
+    """A stop string or a list/tuple of them, without empty ones."""
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ConfigError(f"stop: {stop!r} must be a string or a list of strings")
+    return tuple(s for s in items if s)
 
 
 class SeqStatus(Enum):

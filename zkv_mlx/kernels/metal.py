@@ -140,10 +140,11 @@ def _operands(pool) -> list[mx.array]:
         return [pool.packed, pool.scales, pool.biases, pool.tail, pool.sinks, pool.slots.astype(mx.int32)]
     if is_quantized(pool):
         return list(pool)
-    return [pool, _DUMMY, _DUMMY]  # the kernel never reads scales/biases of a float pool
-
-
-_DUMMY = mx.zeros((1,), dtype=mx.float16)
+    # The kernel never reads scales/biases of a float pool. The placeholder is made here, on the calling
+    # thread: MLX streams are per thread, and a module-level array would be built on the importing thread
+    # and fail when first evaluated on the engine thread (tests/metal_sim/test_fresh_process.py).
+    dummy = mx.zeros((1,), dtype=mx.float16)
+    return [pool, dummy, dummy]
 
 
 def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: mx.array,
