@@ -245,6 +245,7 @@ class FakeZKV:
                 lookups = s["hit_tokens"] + s["miss_tokens"]
                 out.update(s, hit_rate=(s["hit_tokens"] / lookups) if lookups else 0.0, fragmentation=0.0,
                            per_user={}, ssd_enabled=True, ssd_blocks=3, ssd_size=3 * per_block,
+                           ssd_spills=3, ssd_promotions=0,
                            ssd_capacity=32 * per_block)
             return out
 
