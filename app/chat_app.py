@@ -24,12 +24,12 @@ from .help_screen import HelpScreen
 from .loading_screen import LoadingScreen
 from .messages import (ModelFailed, ModelLoaded, ReplyChunk, SessionOpened, SessionsUpdated, StatsUpdated,
                        TurnDone, TurnFailed)
-from .prompt_input import PromptInput
+from .prompt_input import PromptInput, normalize_newlines
 from .session_actions import SessionActions
 from .sessions_sidebar import SessionsSidebar
 
-# Below these terminal widths a panel is hidden, at start and on every resize (F2/F3 still show it); it comes
-# back when the terminal is wide enough again, unless the user toggled it meanwhile.
+# A panel is hidden when the terminal starts or becomes narrower than its width here (F2/F3 still show it); it
+# comes back when the terminal is wide enough again, unless the user toggled it meanwhile.
 AUTO_HIDE = {"#cache": 110, "#sessions": 80}
 SHORT = 16  # below this many rows the header goes, so the chat and the message box keep their room
 
@@ -84,6 +84,7 @@ class ZkvChatApp(SessionActions, App[int]):
         self._stats_busy = False
         self._closing = False
         self._auto_hidden: set[str] = set()  # panels hidden because the terminal was too narrow
+        self._width: int | None = None  # terminal width at the last layout fit
         self._pending_export: tuple[str, str] | None = None  # (session, path) to export when the reply ends
 
     def compose(self):
@@ -117,9 +118,10 @@ class ZkvChatApp(SessionActions, App[int]):
     def _fit_to(self, width: int, height: int) -> None:
         """Applies the narrow-terminal rule (AUTO_HIDE, SHORT) to the main screen's panels."""
         main = self.screen_stack[0] if self.screen_stack else self.screen
+        was, self._width = self._width, width
         for selector, min_width in AUTO_HIDE.items():
             panel = main.query_one(selector)
-            if width < min_width and panel.display:
+            if width < min_width and panel.display and (was is None or was >= min_width):
                 panel.display = False
                 self._auto_hidden.add(selector)
             elif width >= min_width and selector in self._auto_hidden:
@@ -213,10 +215,14 @@ class ZkvChatApp(SessionActions, App[int]):
         self._post_sessions()
 
     async def on_reply_chunk(self, msg: ReplyChunk) -> None:
+        if self._gone():
+            return
         if self.reply is not None:
             await self.query_one(ChatView).append_to(self.reply, msg.text)
 
     async def on_turn_done(self, msg: TurnDone) -> None:
+        if self._gone():
+            return
         reply, self.reply, self.turn, self._sent_view = self.reply, None, None, None
         if reply is not None:
             await reply.finish(msg.metrics, msg.stopped)
@@ -230,6 +236,8 @@ class ZkvChatApp(SessionActions, App[int]):
         self.run_pending_export()
 
     async def on_turn_failed(self, msg: TurnFailed) -> None:
+        if self._gone():
+            return
         reply, self.reply, self.turn = self.reply, None, None
         if reply is not None:
             await reply.finish(None)
@@ -252,7 +260,7 @@ class ZkvChatApp(SessionActions, App[int]):
     def on_chat_view_typed(self, msg: ChatView.Typed) -> None:
         prompt = self.query_one(PromptInput)
         prompt.focus()
-        prompt.insert(msg.character)
+        prompt.insert(normalize_newlines(msg.character))
 
     def action_stop(self) -> None:
         if self.turn is not None:
@@ -292,13 +300,17 @@ class ZkvChatApp(SessionActions, App[int]):
             self._stats_busy = False
 
     def on_stats_updated(self, msg: StatsUpdated) -> None:
-        self.query_one(CachePanel).show(msg.stats)
+        if not self._gone():
+            self.query_one(CachePanel).show(msg.stats)
 
     # -- sessions list (the dialogs are in SessionActions) ----------------------------------------------
     async def on_sessions_updated(self, msg: SessionsUpdated) -> None:
-        await self.query_one(SessionsSidebar).show(msg.rows, msg.current)
+        if not self._gone():
+            await self.query_one(SessionsSidebar).show(msg.rows, msg.current)
 
     async def on_session_opened(self, msg: SessionOpened) -> None:
+        if self._gone():
+            return
         chat = self.query_one(ChatView)
         stored = msg.messages if msg.messages is not None else self.transcripts.get(msg.name)
         self.conversation = list(stored or [])
@@ -355,6 +367,10 @@ class ZkvChatApp(SessionActions, App[int]):
         yield from self.session_commands()
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _gone(self) -> bool:
+        """Whether the main screen is torn down (the app is quitting): a worker's late message is dropped then."""
+        return not self.screen_stack or not self.screen_stack[0].query(ChatView)
+
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(Text(text))
 

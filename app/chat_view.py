@@ -81,7 +81,7 @@ class ChatView(VerticalScroll):
 
     @dataclass
     class Typed(Message):
-        """A printable key was pressed while the chat had focus: the app moves it to the message box."""
+        """Text was typed or pasted while the chat had focus: the app moves it to the message box."""
 
         character: str
 
@@ -94,6 +94,11 @@ class ChatView(VerticalScroll):
             event.stop()
             event.prevent_default()
             self.post_message(self.Typed(event.character))
+
+    def on_paste(self, event: events.Paste) -> None:
+        event.stop()
+        if event.text:
+            self.post_message(self.Typed(event.text))
 
     def follow(self) -> None:
         # Anchoring keeps the view at the bottom as replies grow (until the user scrolls up). Only anchor

@@ -60,7 +60,8 @@ def help_text(sessions: bool = True, rename: bool = False) -> str:
   tokens generated and how many prompt tokens came from the prefix cache (prefix hit).
 {sessions_panel}
 - **KV cache**: memory and SSD usage, prefix-cache hit rate, tokens saved by prefix hits, evictions, and the block
-  map: `·` free, `█` used, `▓` shared, `▒` cached, `◆` pinned, `░` on SSD. Every figure is `kv_cache_stats()`.
+  map: `·` free, `█` used, `▓` shared, `▒` cached, `◆` pinned, `░` on SSD.
+  Every figure is what `kv_cache_stats()` returns.
 
 On a terminal narrower than 110 columns the cache panel is hidden, below 80 the sidebar too (F3 / F2 show them).
 
