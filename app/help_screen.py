@@ -38,7 +38,8 @@ def help_text(sessions: bool = True, rename: bool = False) -> str:
     rows = "\n".join(f"| {k} | {what} |" for k, what in keys)
     if sessions:
         tiers = "\n".join(f"  - `{name}`: {what}" for name, what in TIERS.items())
-        session_keys = (f"In the sessions list: {key_line(rename)} (delete asks first).\n\n"
+        session_keys = (f"In the sessions list: Enter opens a session; {key_line(rename).replace(chr(10), ' · ')} "
+                        "(delete asks first).\n\n"
                         "Typing while the chat has focus moves the text to the message box.")
         sessions_panel = ("- **Sessions**: saved conversations with their context length, KV size and tier:\n"
                           f"{tiers}")

@@ -16,9 +16,9 @@ UNAVAILABLE = ("Sessions are not available with this engine build (no sessions A
 
 
 def key_line(rename: bool) -> str:
-    """The sidebar's keys (shown while the list has focus); rename only when the engine has it."""
-    keys = ["Enter open", "n new"] + (["r rename"] if rename else []) + ["d delete", "e export", "i import"]
-    return " · ".join(keys)
+    """The sidebar's keys, in lines that fit its width; rename only when the engine has it."""
+    keys = ["n new"] + (["r rename"] if rename else []) + ["d delete", "e export", "i import"]
+    return " · ".join(keys[:3]) + "\n" + " · ".join(keys[3:])
 
 
 # What the tier of a session means; the sidebar and the help screen both use these names.
@@ -69,8 +69,7 @@ class SessionsSidebar(Vertical):
     SessionsSidebar ListView { height: 1fr; background: transparent; }
     SessionsSidebar .detail { color: $text-muted; }
     SessionsSidebar #notice { color: $warning; padding: 0 1 1 1; }
-    SessionsSidebar #keys { color: $text-muted; padding: 0 1; height: auto; display: none; }
-    SessionsSidebar:focus-within #keys { display: block; }
+    SessionsSidebar #keys { color: $text-muted; padding: 0 1; height: auto; }
     """
 
     # Listed in the sidebar's own key line, not the footer: with them the footer no longer fits 80 columns.
