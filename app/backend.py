@@ -61,15 +61,6 @@ class CacheStats:
     def get(self, key: str):
         return self.raw.get(key)
 
-    @property
-    def ssd(self) -> tuple[int, int] | None:
-        """(used bytes, capacity bytes) of the SSD tier, or None when there is none."""
-        used = self.raw.get("ssd_size", self.raw.get("ssd_used_size"))
-        total = self.raw.get("ssd_capacity", self.raw.get("ssd_total_size"))
-        if used is None or not total:
-            return None
-        return int(used), int(total)
-
     def states(self) -> tuple[list[str], bool]:
         """Per-block states and whether they are exact (from kv_block_map) or estimated from the counts."""
         if self.block_map is not None:

@@ -33,11 +33,7 @@ def stats_view(stats: CacheStats, width: int) -> Group:
         rows.append(Text.assemble(("Cached  ", "bold"), human_bytes(cached)))
     else:
         usage("Memory", used, total, "green")
-    ssd = stats.ssd
-    if ssd is None and stats.get("ssd_enabled") is False:
-        rows.append(Text.assemble(("SSD     ", "bold"), ("off", "grey50")))
-    else:
-        usage("SSD", *(ssd or (None, None)), "dark_orange")
+    ssd_view(stats, rows, width)
 
     def figure(label: str, value: str) -> None:
         rows.append(Text.assemble((f"{label:<14}", "bold"), value))
@@ -56,11 +52,31 @@ def stats_view(stats: CacheStats, width: int) -> Group:
     return Group(*rows)
 
 
+def ssd_view(stats: CacheStats, rows: list[Text], width: int) -> None:
+    """The SSD tier as kv_cache_stats() reports it: off, or bytes used / budget, blocks, spills and promotions."""
+    enabled = stats.get("ssd_enabled")
+    if enabled is False:
+        rows.append(Text.assemble(("SSD     ", "bold"), ("off", "grey50")))
+        return
+    if enabled is None and stats.get("ssd_capacity") is None:
+        rows.append(Text.assemble(("SSD     ", "bold"), ("not reported", "grey50")))
+        return
+    used, capacity = stats.get("ssd_size") or 0, stats.get("ssd_capacity")
+    if capacity:
+        rows.append(Text.assemble(("SSD     ", "bold"), f"{human_bytes(used)} / {human_bytes(capacity)}"))
+        rows.append(Text(bar(used / capacity, width), style="dark_orange"))
+    else:  # on, but the engine gave no budget: show what it did give rather than inventing one
+        rows.append(Text.assemble(("SSD     ", "bold"), f"on · {human_bytes(used)} used"))
+    for label, key in (("SSD blocks", "ssd_blocks"), ("To SSD", "ssd_spills"), ("From SSD", "ssd_promotions")):
+        if stats.get(key) is not None:
+            rows.append(Text.assemble((f"{label:<14}", "bold"), human_count(stats.get(key))))
+
+
 class CachePanel(VerticalScroll, can_focus=False):
     """Redrawn on every StatsUpdated (after each turn and on a timer while visible)."""
 
     DEFAULT_CSS = """
-    CachePanel { width: 34; border-left: vkey $primary-background; padding: 0 1; }
+    CachePanel { width: 34; max-width: 45%; border-left: vkey $primary-background; padding: 0 1; }
     CachePanel .title { text-style: bold; color: $primary; }
     CachePanel #figures { height: auto; margin-bottom: 1; }
     CachePanel #prefix-note { color: $text-muted; height: auto; }

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Footer, Header, Static
 
 from .backend import Backend, BackendClosed, describe
 from .turn import Turn
@@ -24,9 +24,14 @@ from .help_screen import HelpScreen
 from .loading_screen import LoadingScreen
 from .messages import (ModelFailed, ModelLoaded, ReplyChunk, SessionOpened, SessionsUpdated, StatsUpdated,
                        TurnDone, TurnFailed)
-from .prompt_input import PromptInput
+from .prompt_input import PromptInput, normalize_newlines
 from .session_actions import SessionActions
 from .sessions_sidebar import SessionsSidebar
+
+# A panel is hidden when the terminal starts or becomes narrower than its width here (F2/F3 still show it); it
+# comes back when the terminal is wide enough again, unless the user toggled it meanwhile.
+AUTO_HIDE = {"#cache": 110, "#sessions": 80}
+SHORT = 16  # below this many rows the header goes, so the chat and the message box keep their room
 
 NO_TRANSCRIPT = ("*This session's earlier messages cannot be shown (the engine does not expose them); "
                  "the model still has the whole conversation in its context.*")
@@ -49,7 +54,7 @@ class ZkvChatApp(SessionActions, App[int]):
     CSS = """
     #body { height: 1fr; }
     #main { width: 1fr; }
-    #status { height: 1; color: $text-muted; padding: 0 1; }
+    #status { height: 1; color: $text-muted; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
@@ -57,7 +62,7 @@ class ZkvChatApp(SessionActions, App[int]):
         Binding("f1", "help", "Help"),
         Binding("f2", "toggle('#sessions')", "Sessions"),
         Binding("f3", "toggle('#cache')", "Cache"),
-        Binding("ctrl+n", "new_session", "New session"),
+        Binding("ctrl+n", "new_session", "New"),
         Binding("ctrl+l", "clear", "Clear"),
     ]
 
@@ -75,8 +80,12 @@ class ZkvChatApp(SessionActions, App[int]):
         self.turn: Turn | None = None
         self.reply: ChatMessage | None = None
         self._sent: list[dict] = []
+        self._sent_view: ChatMessage | None = None  # the user message of the turn in progress
         self._stats_busy = False
         self._closing = False
+        self._auto_hidden: set[str] = set()  # panels hidden because the terminal was too narrow
+        self._width: int | None = None  # terminal width at the last layout fit
+        self._pending_export: tuple[str, str] | None = None  # (session, path) to export when the reply ends
 
     def compose(self):
         yield Header()
@@ -87,13 +96,10 @@ class ZkvChatApp(SessionActions, App[int]):
                 yield Static("", id="status")
                 yield PromptInput(id="prompt")
             yield CachePanel(id="cache")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        if self.size.width < 110:
-            self.query_one("#cache").display = False
-        if self.size.width < 80:
-            self.query_one("#sessions").display = False
+        self._fit_to(self.size.width, self.size.height)
         self.push_screen(LoadingScreen(self.what))
         self.load_model()
         if self.stats_interval > 0:
@@ -105,6 +111,26 @@ class ZkvChatApp(SessionActions, App[int]):
             self.turn.cancel()
         if self.backend is not None:
             self.backend.close()
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit_to(event.size.width, event.size.height)
+
+    def _fit_to(self, width: int, height: int) -> None:
+        """Applies the narrow-terminal rule (AUTO_HIDE, SHORT) to the main screen's panels."""
+        main = self.screen_stack[0] if self.screen_stack else self.screen
+        was, self._width = self._width, width
+        for selector, min_width in AUTO_HIDE.items():
+            panel = main.query_one(selector)
+            if width < min_width and panel.display and (was is None or was >= min_width):
+                panel.display = False
+                self._auto_hidden.add(selector)
+            elif width >= min_width and selector in self._auto_hidden:
+                panel.display = True
+                self._auto_hidden.discard(selector)
+        main.query_one(Header).display = height >= SHORT
+        focused = self.focused
+        if focused is not None and not all(getattr(n, "display", True) for n in (focused, *focused.ancestors)):
+            main.query_one(PromptInput).focus()  # focus must not stay in a panel that was just hidden
 
     # -- loading --------------------------------------------------------------------------------------
     @work(thread=True, group="load")
@@ -148,9 +174,7 @@ class ZkvChatApp(SessionActions, App[int]):
         self.notify(msg.error, title="Could not load the model", severity="error", timeout=30)
 
     # -- chatting -------------------------------------------------------------------------------------
-    async def on_input_submitted(self, event: Input.Submitted) -> None:
-        if not isinstance(event.input, PromptInput):
-            return
+    async def on_prompt_input_submitted(self, event: PromptInput.Submitted) -> None:
         event.stop()
         text = event.value.strip()
         if not text:
@@ -169,7 +193,7 @@ class ZkvChatApp(SessionActions, App[int]):
         self.conversation += new
         self._sent = new
         chat = self.query_one(ChatView)
-        await chat.add("user", text)
+        self._sent_view = await chat.add("user", text)
         self.reply = await chat.add("assistant")
         self.turn = self.backend.turn(list(self.conversation), new)
         self._status("Generating… (Esc stops)")
@@ -191,11 +215,15 @@ class ZkvChatApp(SessionActions, App[int]):
         self._post_sessions()
 
     async def on_reply_chunk(self, msg: ReplyChunk) -> None:
+        if self._gone():
+            return
         if self.reply is not None:
             await self.query_one(ChatView).append_to(self.reply, msg.text)
 
     async def on_turn_done(self, msg: TurnDone) -> None:
-        reply, self.reply, self.turn = self.reply, None, None
+        if self._gone():
+            return
+        reply, self.reply, self.turn, self._sent_view = self.reply, None, None, None
         if reply is not None:
             await reply.finish(msg.metrics, msg.stopped)
             chat = self.query_one(ChatView)
@@ -205,8 +233,11 @@ class ZkvChatApp(SessionActions, App[int]):
         self.transcripts[self._session_name()] = self.conversation
         self._status("Stopped" if msg.stopped else "Ready")
         self.refresh_bindings()
+        self.run_pending_export()
 
     async def on_turn_failed(self, msg: TurnFailed) -> None:
+        if self._gone():
+            return
         reply, self.reply, self.turn = self.reply, None, None
         if reply is not None:
             await reply.finish(None)
@@ -215,9 +246,21 @@ class ZkvChatApp(SessionActions, App[int]):
         for m in self._sent:
             if self.conversation and self.conversation[-1] is m:
                 self.conversation.pop()
+        sent, self._sent_view = self._sent_view, None
+        if sent is not None:
+            sent.mark_failed(msg.error)
+            prompt = self.query_one(PromptInput)
+            if not prompt.text.strip():
+                prompt.value = sent.text  # back in the box, to shorten or send again
         self.notify(msg.error, title="Generation failed", severity="error", timeout=15)
         self._status("Generation failed")
         self.refresh_bindings()
+        self.run_pending_export()
+
+    def on_chat_view_typed(self, msg: ChatView.Typed) -> None:
+        prompt = self.query_one(PromptInput)
+        prompt.focus()
+        prompt.insert(normalize_newlines(msg.character))
 
     def action_stop(self) -> None:
         if self.turn is not None:
@@ -257,13 +300,17 @@ class ZkvChatApp(SessionActions, App[int]):
             self._stats_busy = False
 
     def on_stats_updated(self, msg: StatsUpdated) -> None:
-        self.query_one(CachePanel).show(msg.stats)
+        if not self._gone():
+            self.query_one(CachePanel).show(msg.stats)
 
     # -- sessions list (the dialogs are in SessionActions) ----------------------------------------------
     async def on_sessions_updated(self, msg: SessionsUpdated) -> None:
-        await self.query_one(SessionsSidebar).show(msg.rows, msg.current)
+        if not self._gone():
+            await self.query_one(SessionsSidebar).show(msg.rows, msg.current)
 
     async def on_session_opened(self, msg: SessionOpened) -> None:
+        if self._gone():
+            return
         chat = self.query_one(ChatView)
         stored = msg.messages if msg.messages is not None else self.transcripts.get(msg.name)
         self.conversation = list(stored or [])
@@ -278,6 +325,7 @@ class ZkvChatApp(SessionActions, App[int]):
 
     # -- panels, help, palette ------------------------------------------------------------------------
     def action_toggle(self, selector: str) -> None:
+        self._auto_hidden.discard(selector)  # the user's choice holds (until the terminal shrinks past the limit again)
         panel = self.query_one(selector)
         panel.display = not panel.display
         if panel.display and selector == "#cache":
@@ -287,7 +335,8 @@ class ZkvChatApp(SessionActions, App[int]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            self.push_screen(HelpScreen())
+            caps = self.backend.caps if self.backend is not None else None
+            self.push_screen(HelpScreen(sessions=caps is None or caps.sessions, rename=bool(caps and caps.rename)))
 
     def action_quit(self) -> None:
         if self.turn is not None:
@@ -318,6 +367,10 @@ class ZkvChatApp(SessionActions, App[int]):
         yield from self.session_commands()
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _gone(self) -> bool:
+        """Whether the main screen is torn down (the app is quitting): a worker's late message is dropped then."""
+        return not self.screen_stack or not self.screen_stack[0].query(ChatView)
+
     def _status(self, text: str) -> None:
         self.query_one("#status", Static).update(Text(text))
 

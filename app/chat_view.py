@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.text import Text
+from textual import events
+from textual.message import Message
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
@@ -22,6 +26,8 @@ class ChatMessage(Vertical):
     ChatMessage .role { color: $text-muted; text-style: bold; }
     ChatMessage Markdown { margin: 0; padding: 0; background: transparent; }
     ChatMessage .metrics { color: $text-muted; display: none; }
+    ChatMessage.failed { border-left: thick $error; color: $text-muted; }
+    ChatMessage.failed .metrics { color: $error; }
     """
 
     def __init__(self, role: str, text: str = ""):
@@ -56,6 +62,15 @@ class ChatMessage(Vertical):
         metrics_line.display = bool(line)
 
 
+    def mark_failed(self, error: str) -> None:
+        """Marks a user message the engine did not answer (it is not part of the conversation)."""
+        self.add_class("failed")
+        self.query_one(".role", Static).update("you · not sent")
+        line = self.query_one(".metrics", Static)
+        line.update(Text(f"not sent: {error}"))
+        line.display = True
+
+
 class ChatView(VerticalScroll):
     """Scrolls with the conversation; stays pinned to the bottom while a reply streams."""
 
@@ -64,8 +79,26 @@ class ChatView(VerticalScroll):
     ChatView #empty { color: $text-muted; margin: 1 2; }
     """
 
+    @dataclass
+    class Typed(Message):
+        """Text was typed or pasted while the chat had focus: the app moves it to the message box."""
+
+        character: str
+
     def compose(self):
         yield Markdown(EMPTY_HINT, id="empty")
+
+    def on_key(self, event: events.Key) -> None:
+        # The chat cannot take text; without this, keys typed here would vanish without a trace.
+        if event.is_printable and event.character:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Typed(event.character))
+
+    def on_paste(self, event: events.Paste) -> None:
+        event.stop()
+        if event.text:
+            self.post_message(self.Typed(event.text))
 
     def follow(self) -> None:
         # Anchoring keeps the view at the bottom as replies grow (until the user scrolls up). Only anchor

@@ -13,9 +13,11 @@ class ConfirmScreen(ModalScreen[bool]):
 
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
-    ConfirmScreen > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmScreen > Vertical { width: 64; max-width: 100%; height: auto; border: thick $error; background: $surface;
+                               padding: 1 2; }
     ConfirmScreen Horizontal { height: auto; align: right middle; margin-top: 1; }
     ConfirmScreen Button { margin-left: 2; }
+    ConfirmScreen Label { width: 100%; }  /* wraps at word ends inside the dialog instead of being cut */
     """
 
     BINDINGS = [

@@ -86,7 +86,6 @@ class FakeSession:
         self.name, self.user = name, user
         self.messages: list[dict] = list(messages or [])
         self.created_at = self.updated_at = created
-        self.tier = "memory"
 
     def _ids(self) -> list[int]:
         return self._owner.tokenizer.encode_chat(self.messages) if self.messages else []
@@ -95,7 +94,8 @@ class FakeSession:
         n = len(self._ids())
         return {"name": self.name, "user": self.user, "context_length": n,
                 "cache_size_bytes": n * self._owner.bytes_per_token, "created_at": self.created_at,
-                "updated_at": self.updated_at, "tier": self.tier}
+                # Like zkv_mlx.Session.info(): an open session with an empty context reports "none".
+                "updated_at": self.updated_at, "tier": "memory" if self.messages else "none"}
 
     def chat(self, messages, *, stream: bool = False, **sampling):
         self.messages += messages
@@ -249,6 +249,7 @@ class FakeZKV:
                 lookups = s["hit_tokens"] + s["miss_tokens"]
                 out.update(s, hit_rate=(s["hit_tokens"] / lookups) if lookups else 0.0, fragmentation=0.0,
                            per_user={}, ssd_enabled=True, ssd_blocks=3, ssd_size=3 * per_block,
+                           ssd_spills=3, ssd_promotions=0,
                            ssd_capacity=32 * per_block)
             return out
 

@@ -9,6 +9,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DirectoryTree, Input, Label
 
+from .confirm_screen import ConfirmScreen
+
 
 class FileDialog(ModalScreen[str | None]):
     """Dismisses with the chosen path, or None when cancelled.
@@ -24,6 +26,7 @@ class FileDialog(ModalScreen[str | None]):
     FileDialog { align: center middle; }
     FileDialog > Vertical { width: 80%; height: 80%; border: thick $primary; background: $surface; padding: 0 1; }
     FileDialog DirectoryTree { height: 1fr; }
+    FileDialog Label { width: 100%; }
     FileDialog .hint { color: $text-muted; }
     """
 
@@ -67,6 +70,13 @@ class FileDialog(ModalScreen[str | None]):
             return
         if self.mode == "save" and (not path.name or path.is_dir() or not path.parent.is_dir()):
             self.notify(f"{path}: give a file name in an existing directory", severity="error")
+            return
+        if self.mode == "save" and path.exists():
+            def replace(ok: bool | None) -> None:
+                if ok:
+                    self.dismiss(str(path))
+
+            self.app.push_screen(ConfirmScreen(f"{path} already exists. Replace it?", yes="Replace"), replace)
             return
         self.dismiss(str(path))
 

@@ -15,7 +15,8 @@ class LoadingScreen(Screen[None]):
 
     DEFAULT_CSS = """
     LoadingScreen { align: center middle; }
-    LoadingScreen > Vertical { width: 70; height: auto; border: round $primary; padding: 1 2; }
+    LoadingScreen > Vertical { width: 70; max-width: 100%; height: auto; border: round $primary; padding: 1 2; }
+    LoadingScreen Label { width: 100%; }
     LoadingScreen #elapsed { color: $text-muted; }
     LoadingScreen #error { color: $error; display: none; }
     """

@@ -65,8 +65,15 @@ class SessionActions:
                                            yes="Delete"), delete)
         elif action == "export":
             def export(path: str | None) -> None:
-                if path:
-                    self.run_session_op("export", lambda: self._exported(name, path))
+                if not path:
+                    return
+                if self.turn is not None and name == b.session_name:
+                    # Exporting now would write the state from before this turn: wait for the reply.
+                    self._pending_export = (name, path)
+                    self.notify(f"{name} is generating a reply; it will be exported to {path} when the reply "
+                                "ends.", title="Export after the reply")
+                    return
+                self.run_session_op("export", lambda: self._exported(name, path))
 
             self.push_screen(FileDialog(f"Export session {name} to", mode="save", start=Path.cwd(),
                                         filename=f"{name}{SESSION_SUFFIX}"), export)
@@ -85,6 +92,13 @@ class SessionActions:
             self.notify(str(e), title="Invalid session name", severity="error")
             return False
         return True
+
+    def run_pending_export(self) -> None:
+        """Runs an export that was asked for while the session was generating (called when the turn ends)."""
+        pending, self._pending_export = self._pending_export, None
+        if pending is not None:
+            name, path = pending
+            self.run_session_op("export", lambda: self._exported(name, path))
 
     def action_new_session(self) -> None:
         self.session_action("new")

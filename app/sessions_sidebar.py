@@ -15,6 +15,28 @@ UNAVAILABLE = ("Sessions are not available with this engine build (no sessions A
                "the chat is kept in memory only.")
 
 
+def key_line(rename: bool) -> str:
+    """The sidebar's keys, in lines that fit its width; rename only when the engine has it."""
+    keys = ["n new"] + (["r rename"] if rename else []) + ["d delete", "e export", "i import"]
+    return " · ".join(keys[:3]) + "\n" + " · ".join(keys[3:])
+
+
+# What the tier of a session means; the sidebar and the help screen both use these names.
+TIERS = {
+    "memory": "open: its K/V are in the KV pool",
+    "ssd": "open, but its K/V blocks were moved to the SSD tier",
+    "disk": "saved to its file only (opening it restores the K/V)",
+}
+
+
+def tier_label(tier: str | None) -> str:
+    """The name the sidebar shows for a session's tier. An open session with nothing in its context yet is
+    reported as "none" by the API; it is open, in memory, like any other open session."""
+    if tier == "none":
+        return "memory"
+    return tier or "-"
+
+
 class SessionItem(ListItem):
     """One session; `name` None is the unsaved in-memory chat."""
 
@@ -35,26 +57,28 @@ class SessionItem(ListItem):
         r = self.row
         yield Label(Text.assemble(mark, (r.name, "bold")))
         ctx = "-" if r.context_length is None else f"{human_count(r.context_length)} tok"
-        yield Label(f"  {ctx} · {human_bytes(r.cache_size_bytes)} · {r.tier or '-'}", classes="detail")
+        yield Label(f"  {ctx} · {human_bytes(r.cache_size_bytes)} · {tier_label(r.tier)}", classes="detail")
 
 
 class SessionsSidebar(Vertical):
     """Lists sessions; Enter opens one, n/r/d/e/i act on them (only while the list has focus)."""
 
     DEFAULT_CSS = """
-    SessionsSidebar { width: 32; border-right: vkey $primary-background; padding: 0 1 0 0; }
+    SessionsSidebar { width: 32; max-width: 45%; border-right: vkey $primary-background; padding: 0 1 0 0; }
     SessionsSidebar .title { text-style: bold; color: $primary; padding: 0 1; }
     SessionsSidebar ListView { height: 1fr; background: transparent; }
     SessionsSidebar .detail { color: $text-muted; }
     SessionsSidebar #notice { color: $warning; padding: 0 1 1 1; }
+    SessionsSidebar #keys { color: $text-muted; padding: 0 1; height: auto; }
     """
 
+    # Listed in the sidebar's own key line, not the footer: with them the footer no longer fits 80 columns.
     BINDINGS = [
-        Binding("n", "session('new')", "New"),
-        Binding("r", "session('rename')", "Rename"),
-        Binding("d,delete", "session('delete')", "Delete"),
-        Binding("e", "session('export')", "Export"),
-        Binding("i", "session('import')", "Import"),
+        Binding("n", "session('new')", "New", show=False),
+        Binding("r", "session('rename')", "Rename", show=False),
+        Binding("d,delete", "session('delete')", "Delete", show=False),
+        Binding("e", "session('export')", "Export", show=False),
+        Binding("i", "session('import')", "Import", show=False),
     ]
 
     def __init__(self, **kwargs):
@@ -68,12 +92,14 @@ class SessionsSidebar(Vertical):
         yield Static("Sessions", classes="title")
         yield Static("Loading…", id="notice")
         yield ListView(id="session-list")
+        yield Static("", id="keys")
 
     def set_capabilities(self, sessions: bool, rename: bool) -> None:
         self.available, self.can_rename = sessions, rename
         notice = self.query_one("#notice", Static)
         notice.display = not sessions
         notice.update(UNAVAILABLE)
+        self.query_one("#keys", Static).update(key_line(rename) if sessions else "")
 
     async def show(self, rows: list[SessionRow], current: str | None) -> None:
         """Redraws the list, keeping the cursor on the same session where possible."""

@@ -13,9 +13,10 @@ class TextPromptScreen(ModalScreen[str | None]):
 
     DEFAULT_CSS = """
     TextPromptScreen { align: center middle; }
-    TextPromptScreen > Vertical { width: 60; height: auto; border: thick $primary; background: $surface;
-                                  padding: 1 2; }
+    TextPromptScreen > Vertical { width: 64; max-width: 100%; height: auto; border: thick $primary;
+                                  background: $surface;                                  padding: 1 2; }
     TextPromptScreen .hint { color: $text-muted; }
+    TextPromptScreen Label { width: 100%; }  /* wraps at word ends inside the dialog instead of being cut */
     """
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]

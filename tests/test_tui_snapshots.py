@@ -41,7 +41,7 @@ async def ready(pilot) -> None:
     app = pilot.app
     await until(lambda: app.backend is not None and not isinstance(app.screen, LoadingScreen))
     await until(lambda: app.query_one(SessionsSidebar).query(SessionItem))
-    for widget in app.query("Input"):
+    for widget in app.query("Input, TextArea"):
         widget.cursor_blink = False  # a blinking cursor would make screenshots differ
 
 
@@ -98,3 +98,36 @@ def test_cache_panel_after_prefix_hits(snap_compare):
         await pilot.press("f2")  # hide the sidebar: chat and cache panel only
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_multi_line_message_at_80x24(snap_compare):
+    # Issue #22: a pasted multi-line message is sent whole and shown with its lines; 80 columns hide the cache.
+    from textual import events
+
+    app = make_app(lambda: FakeZKV(sessions=("notes",)), stats_interval=0)
+
+    async def run_before(pilot):
+        await ready(pilot)
+        app.query_one("#prompt").focus()
+        app.post_message(events.Paste("Summarise this:\r\n- paged KV\r\n- prefix cache"))
+        await until(lambda: app.query_one("#prompt").text.count("\n") == 2)
+        await pilot.press("enter")
+        await until(lambda: app.turn is None and app.reply is None and app.conversation)
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
+def test_live_resize_to_30x8(snap_compare):
+    # Issue #22: shrinking a running app hides both panels; the chat and the message box keep the room.
+    app = make_app(lambda: FakeZKV(sessions=("notes",)), stats_interval=0)
+
+    async def run_before(pilot):
+        await ready(pilot)
+        await chat(pilot, "hi")
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.2)
+        await pilot.resize_terminal(30, 8)
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(120, 36), run_before=run_before)
