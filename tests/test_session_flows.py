@@ -105,6 +105,8 @@ def test_load_session_errors_and_save_to_a_directory(model, tmp_path):
     d.mkdir()
     assert s.save(d) == d / "trip.zkvs" and (d / "trip.zkvs").is_file()
     assert model.load_session(str(d / "trip.zkvs")) is s
+    with pytest.raises(SessionError, match=r"the path is empty"):
+        s.save("")
     with pytest.raises(SessionError, match=r"name= renames only a session loaded from a file"):
         model.load_session("trip", name="other")
 

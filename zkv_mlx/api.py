@@ -258,7 +258,12 @@ class ZKV:
         return s
 
     def list_sessions(self, user: str | None = None) -> list[dict]:
-        """Infos of the user's sessions: open ones and those saved in the data dir."""
+        """Infos of the user's sessions: open ones and those saved in the data dir.
+
+        Returns:
+            One dict per session, as `Session.info()` (`created_at` / `updated_at` ISO-8601 UTC strings, None for a
+            file without them; `tier` "disk" and `cache_size_bytes` 0 for sessions that are not open).
+        """
         user = user or "local"
         out = {s.name: s.info() for (u, _), s in self._sessions.items() if u == user}
         d = user_dir(user)
@@ -272,7 +277,8 @@ class ZKV:
                 continue  # a corrupt file is reported when it is opened
             out[name] = {"name": name, "user": user, "context_length": len(meta["token_ids"]),
                          "cache_size_bytes": 0, "created_at": iso_utc(meta.get("created_at")),
-                         "updated_at": iso_utc(meta.get("updated_at")), "tier": "disk", "messages": len(meta["messages"])}
+                         "updated_at": iso_utc(meta.get("updated_at")), "tier": "disk",
+                         "messages": len(meta["messages"])}
         return list(out.values())
 
     def close_session(self, name: str, user: str | None = None) -> None:
@@ -341,7 +347,7 @@ def _open_same_conversation(open_s: Session | None, user: str, name: str, path: 
         return None
     user_arg = "" if user == "local" else f", user={user!r}"
     raise SessionError(f"session {name!r} of user {user!r} {taken} than {path}; open the file under another "
-                       f"name: model.load_session({str(path)!r}{user_arg}, name={name + '-2'!r})")
+                       f"name: model.load_session({str(path)!r}{user_arg}, name={name[:126] + '-2'!r})")
 
 
 _live: "weakref.WeakSet[ZKV]" = weakref.WeakSet()

@@ -140,6 +140,9 @@ class Session:
         Raises:
             SessionError: the file cannot be written (the message names it; an older file stays intact).
         """
+        if path is not None and not str(path):
+            raise SessionError("save(path): the path is empty; pass a file path, a directory, or nothing for the "
+                               "session's own file in the data dir")
         target = self.path if path is None else Path(path)
         if path is not None and target.is_dir():
             target = target / (self.name + session_file.SUFFIX)
