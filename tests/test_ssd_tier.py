@@ -55,6 +55,8 @@ def test_eviction_spills_and_lookup_promotes_with_identical_tokens(tiny_model_di
     # room for about one prompt: every new request evicts (and spills) the previous one's cached blocks
     cfg = make_config(model=path, block_size=8, kv_cache_memory=per_block * 30, ssd_dir=str(tmp_path / "ssd"))
     eng = Engine(lm, cfg)
+    fresh = eng.stats()  # an empty SSD tier reports its capacity, not 0 (issue #17 section 7)
+    assert fresh["ssd_enabled"] and fresh["ssd_blocks"] == 0 and fresh["ssd_capacity"] == eng.ssd.capacity > 0
     first = [run_engine(eng, [x], 16)[0] for x in ids]
     eng.ssd.flush()
     assert eng.ssd.spills > 0

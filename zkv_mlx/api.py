@@ -23,6 +23,7 @@ from . import paths
 from .session import Session, session_path, user_dir
 from .storage import session_file
 from .storage.session_file import SUFFIX, check_name
+from .timestamps import iso_utc
 
 
 class ZKV:
@@ -198,22 +199,44 @@ class ZKV:
         self._sessions[key] = s
         return s
 
-    def load_session(self, path_or_name: str, user: str | None = None) -> Session:
-        """Opens a saved session by name (in the user's data dir) or from a session file path, restoring its
-        K/V without recomputing."""
+    def load_session(self, path_or_name: str | Path, user: str | None = None, *, name: str | None = None) -> Session:
+        """Opens a session by name or from a session file, restoring its K/V without recomputing.
+
+        Args:
+            path_or_name: the name of one of the user's sessions (open, or saved in the data dir; a name wins over
+                a file of the same name in the working directory), else the path of a session file, e.g. one
+                written by `s.save("alice_session.zkvs")` or `s.export(path)`.
+            user: owner (default "local").
+            name: open a file's session under this name instead of the one stored in the file.
+        Returns:
+            The Session. When the file's session is already open (or saved in the data dir) for the user and holds
+            the same conversation (same messages and tokens), that session: loading the file you just saved hands
+            back the open session, unchanged.
+        Raises:
+            SessionError: no such session or file, or the name is taken by a different conversation (then pass
+            `name=` to open the file as another session); SessionFormatError / SessionMismatchError as in
+            `import_session`.
+        """
         user = user or "local"
-        # A session name first (open, then saved in the user's data dir), else a session file path.
-        if session_file.is_valid_name(path_or_name):
-            key = (user, path_or_name)
+        try:
+            key = (user, check_name(path_or_name))
+        except SessionError:
+            key = None  # not a plain name: a path
+        if key is not None:
             if key in self._sessions:
+                if name is not None and name != key[1]:
+                    raise SessionError(f"session {key[1]!r} is already open; name= renames only a session loaded "
+                                       f"from a file: call load_session({key[1]!r}) without name=")
                 return self._sessions[key]
-            if session_path(user, path_or_name).exists():
-                return self._restore(session_path(user, path_or_name), user, name=None, keep_file=True)
-        if _is_file(path_or_name):
-            return self._restore(Path(path_or_name), user, name=None, keep_file=True)
-        if not session_file.is_valid_name(path_or_name):
-            check_name(path_or_name, "session name (and no such session file)")
-        raise SessionError(f"no session named {path_or_name!r} for user {user!r} and no such file")
+            if session_path(user, key[1]).exists():
+                return self._restore(session_path(user, key[1]), user, name=name, keep_file=True)
+        p = Path(path_or_name)
+        if not _is_file(path_or_name):
+            if not session_file.is_valid_name(str(path_or_name)):
+                check_name(str(path_or_name), "session name (and no such session file)")
+            raise SessionError(f"no session named {str(path_or_name)!r} for user {user!r} and no session file at "
+                               f"{p.resolve()}; see model.list_sessions(user={user!r}) for the saved ones")
+        return self._restore(p, user, name=name, keep_file=True)
 
     def open_session(self, name: str, user: str | None = None) -> Session:
         """Opens the user's session by name only: the open one, else the one saved in the user's data dir.
@@ -253,6 +276,10 @@ class ZKV:
         session_file.check_compatible(meta, self.engine.lm.fingerprint, self.engine.kv_format, path)
         name = check_name(name or meta["name"])
         key = (user, name)
+        if keep_file:
+            same = _open_same_conversation(self._sessions.get(key), user, name, path, meta)
+            if same is not None:
+                return same
         if key in self._sessions:
             raise SessionError(f"session {name!r} is already open for user {user!r}")
         if not keep_file and session_path(user, name).exists():
@@ -271,7 +298,12 @@ class ZKV:
         return s
 
     def list_sessions(self, user: str | None = None) -> list[dict]:
-        """Infos of the user's sessions: open ones and those saved in the data dir."""
+        """Infos of the user's sessions: open ones and those saved in the data dir.
+
+        Returns:
+            One dict per session, as `Session.info()` (`created_at` / `updated_at` ISO-8601 UTC strings, None for a
+            file without them; `tier` "disk" and `cache_size_bytes` 0 for sessions that are not open).
+        """
         user = user or "local"
         out = {s.name: s.info() for (u, _), s in self._sessions.items() if u == user}
         d = user_dir(user)
@@ -284,8 +316,9 @@ class ZKV:
             except SessionError:
                 continue  # a corrupt file is reported when it is opened
             out[name] = {"name": name, "user": user, "context_length": len(meta["token_ids"]),
-                         "cache_size_bytes": 0, "created_at": meta.get("created_at"),
-                         "updated_at": meta.get("updated_at"), "tier": "disk", "messages": len(meta["messages"])}
+                         "cache_size_bytes": 0, "created_at": iso_utc(meta.get("created_at")),
+                         "updated_at": iso_utc(meta.get("updated_at")), "tier": "disk",
+                         "messages": len(meta["messages"])}
         return list(out.values())
 
     def close_session(self, name: str, user: str | None = None) -> None:
@@ -326,6 +359,35 @@ class ZKV:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_same_conversation(open_s: Session | None, user: str, name: str, path: Path, meta: dict) -> Session | None:
+    """For `load_session(file)`: the open session when it holds the file's conversation; None to restore the file.
+
+    Raises SessionError when the session's name is taken (open, or saved in the data dir) by another
+    conversation, which loading the file would replace or, on the next save, overwrite.
+    """
+    def same(messages, token_ids) -> bool:
+        return messages == meta["messages"] and list(token_ids) == list(meta["token_ids"])
+
+    saved = session_path(user, name)
+    if open_s is not None:
+        if same(open_s.messages, open_s.token_ids):
+            return open_s
+        taken = "is already open with another conversation"
+    elif saved.exists() and saved.resolve() != path.resolve():
+        try:
+            m = session_file.read_meta(saved)
+        except SessionError:
+            m = None  # unreadable: still not ours to overwrite
+        if m is not None and same(m["messages"], m["token_ids"]):
+            return None
+        taken = f"is already saved in {saved} with another conversation"
+    else:
+        return None
+    user_arg = "" if user == "local" else f", user={user!r}"
+    raise SessionError(f"session {name!r} of user {user!r} {taken} than {path}; open the file under another "
+                       f"name: model.load_session({str(path)!r}{user_arg}, name={name[:126] + '-2'!r})")
 
 
 _live: "weakref.WeakSet[ZKV]" = weakref.WeakSet()

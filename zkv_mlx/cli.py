@@ -196,6 +196,7 @@ def cmd_sessions(args) -> int:
     from .errors import SessionError
     from .session import session_path, user_dir
     from .storage import session_file
+    from .timestamps import iso_utc
 
     user = args.user or "local"
     if args.action == "list":
@@ -205,7 +206,8 @@ def cmd_sessions(args) -> int:
             try:
                 m = session_file.read_meta(f)
                 rows.append({"name": f.name[: -len(session_file.SUFFIX)], "tokens": len(m["token_ids"]),
-                             "messages": len(m["messages"]), "bytes": f.stat().st_size, "model": m.get("model_name")})
+                             "messages": len(m["messages"]), "bytes": f.stat().st_size, "model": m.get("model_name"),
+                             "updated_at": iso_utc(m.get("updated_at"))})
             except SessionError as e:
                 rows.append({"name": f.name, "error": str(e)})
         if args.json:
@@ -225,6 +227,7 @@ def cmd_sessions(args) -> int:
             m = session_file.read_meta(p)
             info = {k: m.get(k) for k in ("name", "user", "model_name", "model_fingerprint", "kv_format",
                                            "block_size", "n_blocks", "created_at", "updated_at")}
+            info.update(created_at=iso_utc(m.get("created_at")), updated_at=iso_utc(m.get("updated_at")))
             info.update(tokens=len(m["token_ids"]), messages=len(m["messages"]), bytes=p.stat().st_size, path=str(p))
             print(json.dumps(info, indent=None if args.json else 2))
         elif args.action == "delete":

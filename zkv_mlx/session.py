@@ -15,6 +15,7 @@ from .errors import SessionError
 from .names import is_valid_name
 from .models.messages import normalize_messages
 from .storage import session_file
+from .timestamps import iso_utc
 
 
 def user_dir(user: str) -> Path:
@@ -106,15 +107,19 @@ class Session:
         self._dirty = True
 
     def info(self) -> dict:
-        """Returns {name, user, context_length, cache_size_bytes, created_at, updated_at, tier, messages}."""
+        """Returns {name, user, context_length, cache_size_bytes, created_at, updated_at, tier, messages}.
+
+        `created_at` / `updated_at` are ISO-8601 UTC strings such as "2024-01-15T10:30:00Z" (the attributes
+        `Session.created_at` / `.updated_at` stay Unix times).
+        """
         per_block = self._model.engine.bytes_per_block
         return {
             "name": self.name,
             "user": self.user,
             "context_length": len(self.token_ids),
             "cache_size_bytes": len(self._pinned) * per_block,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
+            "created_at": iso_utc(self.created_at),
+            "updated_at": iso_utc(self.updated_at),
             "tier": "memory" if self._pinned else ("ssd" if self._model.engine.ssd is not None and self.token_ids
                                                    else "disk" if self.path.exists() else "none"),
             "messages": len(self.messages),
@@ -127,8 +132,24 @@ class Session:
         return session_path(self.user, self.name)
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Writes the session (K/V of its full blocks + tokens + messages) atomically; returns the path."""
-        target = Path(path) if path is not None else self.path
+        """Writes the session (K/V of its full blocks + tokens + messages) atomically.
+
+        Args:
+            path: None for the session's own file in the data dir (`self.path`, which `load_session(name)` and
+                `close()` use); a file path (written as given, e.g. "alice_session.zkvs", for
+                `load_session(path)` or `import_session(path)`); or an existing directory (written as
+                `<dir>/<name>.zkvs`).
+        Returns:
+            The path written.
+        Raises:
+            SessionError: the file cannot be written (the message names it; an older file stays intact).
+        """
+        if path is not None and not str(path):
+            raise SessionError("save(path): the path is empty; pass a file path, a directory, or nothing for the "
+                               "session's own file in the data dir")
+        target = self.path if path is None else Path(path)
+        if path is not None and target.is_dir():
+            target = target / (self.name + session_file.SUFFIX)
         eng = self._model._thread
         pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
         bs = self._model.engine.blocks.block_size

@@ -637,11 +637,11 @@ class Engine:
             "sessions_released": self.sessions_released,
             "prompt_cache_enabled": self.cfg.prompt_cache.enabled,
             "ssd_enabled": self.ssd is not None,
-            "ssd_blocks": len(self.ssd) if self.ssd else 0,
-            "ssd_size": self.ssd.used_bytes if self.ssd else 0,
-            "ssd_capacity": self.ssd.capacity if self.ssd else 0,
-            "ssd_spills": self.ssd.spills if self.ssd else 0,
-            "ssd_promotions": self.ssd.promotions if self.ssd else 0,
+            "ssd_blocks": len(self.ssd) if self.ssd is not None else 0,
+            "ssd_size": self.ssd.used_bytes if self.ssd is not None else 0,
+            "ssd_capacity": self.ssd.capacity if self.ssd is not None else 0,
+            "ssd_spills": self.ssd.spills if self.ssd is not None else 0,
+            "ssd_promotions": self.ssd.promotions if self.ssd is not None else 0,
             "per_user": {u: dict(v) for u, v in self.per_user.items()},
         }
 
