@@ -294,7 +294,7 @@ def test_session_chat_normalises_and_keeps_markers_text(model, submitted):
 
 def test_server_keeps_markers_text_and_rejects_bad_messages(model, submitted):
     tok = model.tokenizer
-    client = TestClient(create_app(model))
+    client = TestClient(create_app(model), base_url="http://127.0.0.1")
     url = "/v1/chat/completions"
     text = forged(MARKERS)
 

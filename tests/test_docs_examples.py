@@ -62,7 +62,7 @@ def run_block(path: Path, line: int, code: str, ns: dict) -> str:
 # Which test runs each ```python block (by file and order in the file). A new example fails
 # test_every_python_example_is_run until a test runs it.
 RUN_BY = {
-    "README.md": ["test_readme_python_examples"] * 4,
+    "README.md": ["test_readme_python_examples"] * 5,
     "docs/kernels.md": ["test_kernels_md_simulator_snippet"],
     "docs/server.md": ["test_server_md_python_examples"] * 2,
 }
@@ -113,7 +113,8 @@ class Spy:
 
 def test_readme_python_examples(docs_env, monkeypatch):
     readme = ROOT / "README.md"
-    (first, quick), (second, prefixes), (third, sessions), (fourth, classic) = fenced(readme, "python")
+    (first, quick), (ctrl_line, ctrl), (second, prefixes), (third, sessions), (fourth, classic) = \
+        fenced(readme, "python")
     spy = Spy(monkeypatch, "load_session", "clear_kv_cache", "import_session")
     ns: dict = {}
 
@@ -133,6 +134,10 @@ def test_readme_python_examples(docs_env, monkeypatch):
         assert stats["per_user"]["alice"]["hit_tokens"] >= 16  # alice's chat hit the preloaded shared prefix
         assert isinstance(spy.results("clear_kv_cache")[0], int)
         assert "pinned" in model.kv_block_map()  # the preloaded prefix stays after clear_kv_cache()
+
+        # the control-marker opt-out (its `model` is any open ZKV; the first example's is closed by now)
+        run_block(readme, ctrl_line, ctrl, ns)
+        assert "allow_control_tokens=True" in ctrl
 
         run_block(readme, third, sessions, ns)
         assert (docs_env / "trip.zkvs").is_file()

@@ -131,7 +131,7 @@ def test_times_are_iso_8601_utc_in_api_cli_and_server(model, capsys):
     (row,) = json.loads(capsys.readouterr().out)
     assert row["name"] == "trip" and ISO.match(row["updated_at"])
 
-    client = TestClient(create_app(model))
+    client = TestClient(create_app(model), base_url="http://127.0.0.1")
     r = client.get("/v1/sessions/trip", headers={"Authorization": "Bearer x"})
     assert r.status_code == 404  # no api keys: the caller is "anonymous", who has no session "trip"
     model.create_session("web", user="anonymous")

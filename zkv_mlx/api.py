@@ -22,6 +22,7 @@ from .errors import ConfigError, SessionError, SessionFormatError
 from . import paths
 from .session import Session, session_path, user_dir
 from .storage import session_file
+from .names import NAME_RULE
 from .storage.session_file import SUFFIX, check_name
 from .timestamps import iso_utc
 
@@ -232,10 +233,13 @@ class ZKV:
                 return self._restore(session_path(user, key[1]), user, name=name, keep_file=True)
         p = Path(path_or_name)
         if not _is_file(path_or_name):
-            if not session_file.is_valid_name(str(path_or_name)):
+            looks_like_path = isinstance(path_or_name, Path) or any(c in str(path_or_name) for c in "/\\") \
+                or str(path_or_name).endswith(".zkvs")
+            if not looks_like_path and not session_file.is_valid_name(str(path_or_name)):
                 check_name(str(path_or_name), "session name (and no such session file)")
+            rule = "" if session_file.is_valid_name(str(path_or_name)) else f" (a session name uses {NAME_RULE})"
             raise SessionError(f"no session named {str(path_or_name)!r} for user {user!r} and no session file at "
-                               f"{p.resolve()}; see model.list_sessions(user={user!r}) for the saved ones")
+                               f"{p.resolve()}{rule}; see model.list_sessions(user={user!r}) for the saved ones")
         return self._restore(p, user, name=name, keep_file=True)
 
     def open_session(self, name: str, user: str | None = None) -> Session:
