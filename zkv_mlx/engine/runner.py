@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..kernels import kernel_path
-from ..kernels.reference import GROUPED_MAX_LEN, decode_plan
 from ..kernels.kv_quant import QuantSpec
+from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata
 from ..models.loader import LoadedModel
-from ..models.paged import AttnContext, forward, install_paged_attention
+from ..models.paged import forward, install_paged_attention
 from ..storage.kv_pool import KVPool
 from .sequence import Sequence
 
@@ -64,14 +63,14 @@ class ModelRunner:
         n_blocks = -(-kv_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
         table = seq.block_table[:n_blocks]
-        ctx = AttnContext(pool=self.pool, offset=start, write_plan=plan,
-                          block_table=table if self.pool.quant is not None else mx.array(table, dtype=mx.int32),
-                          kv_len=kv_len, mass=[[]] if _wants_mass(seq) else None)
+        meta = PrefillMetadata(self.pool, start, plan,
+                               table if self.pool.quant is not None else mx.array(table, dtype=mx.int32), kv_len,
+                               mass=[[]] if _wants_mass(seq) else None)
         if all_logits:
-            out = forward(self.model, tokens, ctx)[0]
+            out = forward(self.model, tokens, meta)[0]
         else:
-            out = forward(self.model, tokens, ctx, last_only=True)[0, -1]
-        self.mass = _sum_mass(ctx)
+            out = forward(self.model, tokens, meta, last_only=True)[0, -1]
+        self.mass = _sum_mass(meta)
         return out
 
     def decode(self, seqs: list[Sequence], tokens: mx.array | None = None) -> mx.array:
@@ -83,34 +82,16 @@ class ModelRunner:
         Returns:
             logits [B, vocab] (lazy).
         """
-        bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
-        lens = [p + 1 - s.evicted for s, p in zip(seqs, positions)]
+        context_lens = [p + 1 - s.evicted for s, p in zip(seqs, positions)]
         if tokens is None:
             tokens = mx.array([[s.all_ids[-1]] for s in seqs], dtype=mx.int32)
         else:
             tokens = tokens[:, None]
-        ctx = AttnContext(pool=self.pool, offset=mx.array(positions, dtype=mx.int32),
-                          write_plan=self._plan(seqs, [[p] for p in positions]))
-        if any(_wants_mass(s) for s in seqs):
-            ctx.mass = [[] for _ in seqs]
-        if kernel_path() == "reference" or not self.pool.has_kernel:
-            ctx.tables = [s.block_table for s in seqs]
-            ctx.lens = lens
-            if self.pool.quant is None:
-                if ctx.mass is None:
-                    ctx.groups = _groups(seqs, lens, bs)
-                ctx.plans = [None if ctx.mass is None and n <= GROUPED_MAX_LEN else decode_plan(s.block_table, n, bs)
-                             for s, n in zip(seqs, lens)]
-        else:
-            n_blocks = max(-(-n // bs) for n in lens)
-            tables = [s.block_table[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(s.block_table))) for s in seqs]
-            ctx.block_tables = mx.array(tables, dtype=mx.int32)
-            ctx.context_lens = mx.array(lens, dtype=mx.int32)
-            ctx.max_len = max(lens)
-            ctx.lens = lens
-        out = forward(self.model, tokens, ctx)[:, -1, :]
-        self.mass = _sum_mass(ctx)
+        meta = decode_metadata(self.pool, positions, self._plan(seqs, [[p] for p in positions]),
+                               [s.block_table for s in seqs], context_lens, any(_wants_mass(s) for s in seqs))
+        out = forward(self.model, tokens, meta)[:, -1, :]
+        self.mass = _sum_mass(meta)
         return out
 
     # -- long-context policies (engine/evict.py) ------------------------------------------------------
@@ -137,25 +118,12 @@ class ModelRunner:
                     arrs[i][dst] = arrs[i][src]
 
 
-def _groups(seqs: list[Sequence], lens: list[int], bs: int):
-    """Short sequences grouped by block count for `grouped_decode_attention` (built once per step)."""
-    by_nb: dict[int, list[int]] = {}
-    for i, n in enumerate(lens):
-        if n <= GROUPED_MAX_LEN:
-            by_nb.setdefault(-(-n // bs), []).append(i)
-    groups = []
-    for nb, members in by_nb.items():
-        tables = mx.array([seqs[i].block_table[:nb] for i in members], dtype=mx.int32)
-        groups.append((members, tables, mx.array([lens[i] for i in members], dtype=mx.int32)))
-    return groups
-
-
 def _wants_mass(seq: Sequence) -> bool:
     return seq.policy is not None and seq.policy.kind == "h2o"
 
 
-def _sum_mass(ctx: AttnContext) -> list | None:
+def _sum_mass(meta: PrefillMetadata | DecodeMetadata) -> list | None:
     """Per sequence: attention mass per block-table index summed over layers and heads (lazy), or None."""
-    if ctx.mass is None:
+    if meta.mass is None:
         return None
-    return [sum(parts[1:], parts[0]) if parts else None for parts in ctx.mass]
+    return [sum(parts[1:], parts[0]) if parts else None for parts in meta.mass]

@@ -65,10 +65,23 @@ def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_le
         [B, n_heads, 1, head_dim] in q's dtype; with return_mass, (that, mass).
     """
     if kernel_path() == "metal":
-        out = _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, kernel_choice() == "metal",
-                     return_mass)
-        if out is not None:
-            return out
+        return metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
+    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
+
+
+def metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False):
+    """`paged_attention` on the Metal kernels (arguments as there). With ZKV_KERNELS=auto a variant that fails
+    to build or run falls back to the reference with one warning; with ZKV_KERNELS=metal it raises KernelError."""
+    out = _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, kernel_choice() == "metal",
+                 return_mass)
+    if out is not None:
+        return out
+    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
+
+
+def reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None,
+                              return_mass=False):
+    """`paged_attention` on the pure-MLX reference (arguments as there)."""
     if return_mass:  # float pools too: same output as paged_attention_reference, plus the mass
         return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len,
                                                    return_mass=True)

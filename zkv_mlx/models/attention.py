@@ -1,0 +1,207 @@
+"""The per-step attention metadata and the one place that picks the attention path.
+
+After vLLM's attention metadata (`block_tables`, `context_lens`, `slot_mapping` for writes) and mlx-lm's single
+dispatch point (`models/base.py: scaled_dot_product_attention`): the runner builds a `PrefillMetadata` or a
+`DecodeMetadata` once per forward pass, `decode_path` picks the decode path there, and `attend` is the only
+function that branches on it.
+
+Paths: prefill always gathers the sequence's blocks and runs the reference prefill attention (design.md §3).
+Decode runs one of
+- "grouped": CPU, float pool. Sequences up to `GROUPED_MAX_LEN` positions in groups of equal block count (one
+  batched graph per group), longer ones (and h2o ones) alone; a sequence's result never depends on the rest of
+  the batch, so batched decode is bitwise equal to solo decode.
+- "quantized": CPU, quantized pool. Each sequence alone, straight from the packed blocks where
+  `mx.quantized_matmul` takes the group size, else from its dequantized blocks.
+- "metal": the paged Metal kernels (which fall back to the reference with one warning when a variant fails).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..kernels import kernel_path, prefill_attention_reference
+from ..kernels.dispatch import metal_paged_attention
+from ..kernels.reference import GROUPED_MAX_LEN, decode_plan, grouped_decode_attention, single_decode_attention
+from ..storage.kv_pool import KVPool, WritePlan
+
+DECODE_PATHS = ("grouped", "quantized", "metal")
+
+
+class _LayerCache:
+    """What mlx-lm's model code asks of the object passed as a layer's cache."""
+
+    __slots__ = ()
+
+    def make_mask(self, *args, **kwargs):
+        # mlx-lm asks the cache for a mask; the paged attention masks by context length itself.
+        return None
+
+
+@dataclass(slots=True)
+class PrefillMetadata(_LayerCache):
+    """One sequence's chunk of L new tokens (B = 1).
+
+    positions: position of the first new token (the rope offset).
+    slot_mapping: where the L new K/V rows go (`KVPool.plan_write`).
+    block_table: the sequence's blocks covering its first `context_len` cache rows (a list for quantized pools,
+        else int32 [nb]); context_len: cache rows to attend over, the new ones included.
+    mass: h2o: [[]] to collect each layer's attention mass per block, else None.
+    """
+
+    pool: KVPool
+    positions: int
+    slot_mapping: WritePlan
+    block_table: list[int] | mx.array
+    context_len: int
+    mass: list[list] | None = None
+
+    is_prefill = True
+
+
+@dataclass(slots=True)
+class DecodeMetadata(_LayerCache):
+    """One new token for each of B sequences.
+
+    positions: int32 [B] position of each new token; slot_mapping: where the B new rows go.
+    path: one of `DECODE_PATHS` (chosen by `decode_path`).
+    block_tables, context_lens: per sequence its block ids and number of cache rows (the new one included).
+    mass: h2o: per sequence, a list collecting each layer's attention mass per block; else None.
+    groups: "grouped" path: [(member indices, block tables int32 [G, nb], context lens int32 [G])].
+    plans: "grouped" path: per sequence its `decode_plan`, None where the sequence is in a group.
+    kernel_args: "metal" path: (block tables int32 [B, nb] zero-padded, context lens int32 [B], max length).
+    """
+
+    pool: KVPool
+    positions: mx.array
+    slot_mapping: WritePlan
+    path: str
+    block_tables: list[list[int]]
+    context_lens: list[int]
+    mass: list[list] | None = None
+    groups: list | None = None
+    plans: list | None = None
+    kernel_args: tuple | None = None
+
+    is_prefill = False
+
+
+def decode_path(pool: KVPool) -> str:
+    """Picks the decode attention path (see the module docstring): the one place that does.
+
+    Returns:
+        "metal" when the kernels are in use (`ZKV_KERNELS`, kernels/dispatch.py), else "grouped" for a float
+        pool and "quantized" for a quantized one.
+    """
+    if kernel_path() == "metal":
+        return "metal"
+    return "grouped" if pool.quant is None else "quantized"
+
+
+def decode_metadata(pool: KVPool, positions: list[int], slot_mapping: WritePlan, block_tables: list[list[int]],
+                    context_lens: list[int], want_mass: bool) -> DecodeMetadata:
+    """Builds one decode step's metadata (once for all layers).
+
+    Args:
+        positions: each sequence's new token position; block_tables, context_lens: per sequence.
+        want_mass: collect attention mass per block (h2o).
+    """
+    bs = pool.block_size
+    meta = DecodeMetadata(pool, mx.array(positions, dtype=mx.int32), slot_mapping, decode_path(pool), block_tables,
+                          context_lens, mass=[[] for _ in block_tables] if want_mass else None)
+    if meta.path == "grouped":
+        if not want_mass:
+            meta.groups = _groups(block_tables, context_lens, bs)
+        meta.plans = [None if not want_mass and n <= GROUPED_MAX_LEN else decode_plan(t, n, bs)
+                      for t, n in zip(block_tables, context_lens)]
+    elif meta.path == "metal":
+        n_blocks = max(-(-n // bs) for n in context_lens)
+        padded = [t[:n_blocks] + [0] * (n_blocks - min(n_blocks, len(t))) for t in block_tables]
+        meta.kernel_args = (mx.array(padded, dtype=mx.int32), mx.array(context_lens, dtype=mx.int32),
+                            max(context_lens))
+    return meta
+
+
+def _groups(block_tables: list[list[int]], context_lens: list[int], bs: int) -> list:
+    """Short sequences grouped by block count for `grouped_decode_attention` (built once per step)."""
+    by_nb: dict[int, list[int]] = {}
+    for i, n in enumerate(context_lens):
+        if n <= GROUPED_MAX_LEN:
+            by_nb.setdefault(-(-n // bs), []).append(i)
+    groups = []
+    for nb, members in by_nb.items():
+        tables = mx.array([block_tables[i][:nb] for i in members], dtype=mx.int32)
+        groups.append((members, tables, mx.array([context_lens[i] for i in members], dtype=mx.int32)))
+    return groups
+
+
+def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scale: float) -> mx.array:
+    """Attention of the new queries over the pool (their own K/V rows already written).
+
+    Args:
+        q: [B, n_heads, L, head_dim] rotated queries.
+    Returns:
+        [B, n_heads, L, head_dim].
+    """
+    if meta.is_prefill:
+        return _prefill(q, layer, meta, scale)
+    if meta.path == "grouped":
+        return _grouped(q, layer, meta, scale)
+    if meta.path == "quantized":
+        return _quantized(q, layer, meta, scale)
+    return _metal(q, layer, meta, scale)
+
+
+def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float) -> mx.array:
+    keys, values = meta.pool.gather(layer, meta.block_table, meta.context_len)
+    if meta.mass is None:
+        return prefill_attention_reference(q, keys, values, scale)
+    per_pos: list = []
+    out = prefill_attention_reference(q, keys, values, scale, mass_out=per_pos)
+    bs, n = meta.pool.block_size, meta.context_len
+    nb = -(-n // bs)
+    meta.mass[0].append(mx.pad(per_pos[0], (0, nb * bs - n)).reshape(nb, bs).sum(axis=1))
+    return out
+
+
+def _grouped(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+    B = q.shape[0]
+    kp, vp = meta.pool.k[layer], meta.pool.v[layer]
+    outs: list = [None] * B
+    for members, tables, lens in meta.groups or ():
+        if len(members) == B:  # the whole batch in one group
+            return grouped_decode_attention(q, kp, vp, tables, lens, scale)
+        o = grouped_decode_attention(q[mx.array(members, dtype=mx.int32)], kp, vp, tables, lens, scale)
+        for j, i in enumerate(members):
+            outs[i] = o[j : j + 1]
+    for i, (t, n) in enumerate(zip(meta.block_tables, meta.context_lens)):
+        if outs[i] is None:
+            outs[i] = single_decode_attention(q if B == 1 else q[i : i + 1], kp, vp, t, n, scale,
+                                              None if meta.mass is None else meta.mass[i],
+                                              meta.plans[i] if meta.plans else None)
+    return outs[0] if B == 1 else mx.concatenate(outs, axis=0)
+
+
+def _quantized(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+    pool, outs = meta.pool, []
+    for i, (t, n) in enumerate(zip(meta.block_tables, meta.context_lens)):
+        if pool.reads_quantized:  # straight from the packed blocks (mx.quantized_matmul)
+            outs.append(pool.decode_attention(layer, q[i : i + 1], t, n, scale))
+            continue
+        keys, values = pool.gather(layer, t, n)
+        outs.append(prefill_attention_reference(q[i : i + 1], keys, values, scale))
+    return outs[0] if q.shape[0] == 1 else mx.concatenate(outs, axis=0)
+
+
+def _metal(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+    pool = meta.pool
+    tables, lens, max_len = meta.kernel_args
+    if meta.mass is None:
+        return metal_paged_attention(q, pool.k_pool(layer), pool.v_pool(layer), tables, lens, scale, max_len)
+    out, mass = metal_paged_attention(q, pool.k_pool(layer), pool.v_pool(layer), tables, lens, scale, max_len,
+                                      return_mass=True)
+    bs = pool.block_size
+    for i, parts in enumerate(meta.mass):
+        parts.append(mass[i, : -(-meta.context_lens[i] // bs)])
+    return out
