@@ -5,192 +5,28 @@ template), so no Hugging Face files are needed. We rebuild it as a
 ``tokenizers.Tokenizer`` configured to split text exactly like llama.cpp does
 for the same ``tokenizer.ggml.pre`` type, and can write it back out as a
 ``tokenizer.json`` for an mlx-lm model directory.
+
+By concern: the GGUF vocabulary in ``gguf_vocab.py``, chat template rendering in ``chat_template.py``, the
+streaming detokenizer in ``detokenizer.py``; their public names are importable from here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..storage.atomic import atomic_write
+from .chat_template import CHATML_TEMPLATE, compile_template, render_template
 from .control_text import ControlText
+from .detokenizer import StreamDetokenizer
+from .gguf_vocab import eog_ids, gguf_vocabulary
 from .messages import normalize_messages
 
 __all__ = ["Tokenizer", "StreamDetokenizer", "tokenizer_from_gguf_metadata", "CHATML_TEMPLATE"]
-
-# Used when a model ships no chat template: plain ChatML, the format of most small instruct models.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# llama.cpp treats any of these token texts as end-of-generation, whatever the GGUF eos id
-# says (llama-vocab.cpp, special_eog_ids); matching it keeps generation stopping identical.
-_EOG_TOKEN_TEXTS = (
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|end_of_text|>",
-    "<EOT>",
-    "_<EOT>",
-    "<end_of_utterance>",
-)
-
-# GGUF token types (gguf.TokenType): 3 = control (special), 4 = user-defined (added, not special).
-_TOKEN_TYPE_CONTROL = 3
-_TOKEN_TYPE_USER_DEFINED = 4
-
-# tokenizer.ggml.pre values whose llama.cpp split is {"\p{N}", <GPT-2 regex>}: every digit alone,
-# then the GPT-2 regex. Digits(individual_digits=True) + ByteLevel(use_regex=True) is the same.
-_PRE_DIGITS_THEN_GPT2 = frozenset(
-    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-)
-# Values whose llama.cpp split is the GPT-2 regex alone ("default" is llama.cpp's fallback
-# when the key is absent).
-_PRE_GPT2 = frozenset({"gpt2", "default", "mpt", "olmo", "jais", "trillion"})
-
-# Longest run of tokens the stream detokenizer holds back waiting for a UTF-8 sequence to
-# complete. A character is at most 4 bytes and every token is at least 1 byte, so a real
-# incomplete character never needs more; past this the U+FFFD is genuine and is emitted.
-_MAX_PENDING_TOKENS = 8
-
-
-def _scalar(value: Any) -> Any:
-    """Return a Python scalar from a 0-d mx.array / numpy value / Python scalar."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _int_list(value: Any) -> list[int]:
-    """Return a list of ints from an mx.array, numpy array or sequence."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    return [int(v) for v in value]
-
-
-def _meta_int(meta: Mapping[str, Any], key: str) -> int | None:
-    value = meta.get(key)
-    return None if value is None else int(_scalar(value))
-
-
-def _meta_bool(meta: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = meta.get(key)
-    return default if value is None else bool(_scalar(value))
-
-
-class StreamDetokenizer:
-    """Incremental detokenizer for generated tokens.
-
-    Each ``add`` decodes only a short window of trailing ids (the tokens since the
-    last emitted chunk plus the ones before it, for context), so the cost per call
-    does not grow with the length of the output. Text whose decoding ends with
-    U+FFFD is held back: the last token(s) ended inside a multi-byte UTF-8
-    character, which completes with a later token.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        """Create a detokenizer.
-
-        Args:
-            decode: Function decoding a list of token ids to text (for example
-                ``lambda ids: tokenizer.decode(ids)``). It must be context-free
-                enough that decoding a window of trailing ids gives the tail of the
-                full decoding, which holds for byte-level BPE.
-        """
-        self._decode = decode
-        self._window: list[int] = []  # ids from the prefix offset on; older ids are dropped
-        self._read = 0  # index in _window of the first id whose text has not been emitted
-        self._prefix_text: str | None = None  # cached decode(_window[:_read])
-        self._chunks: list[str] = []
-        self._text_cache = ""
-        self._num_tokens = 0
-
-    def add(self, token_id: int) -> str:
-        """Add one generated token.
-
-        Args:
-            token_id: The token id.
-
-        Returns:
-            The newly completed text (possibly ``""`` while a UTF-8 sequence is incomplete).
-        """
-        self._window.append(int(token_id))
-        self._num_tokens += 1
-        if self._prefix_text is None:
-            self._prefix_text = self._decode(self._window[: self._read])
-        prefix_text = self._prefix_text
-        new_text = self._decode(self._window)
-        pending = len(self._window) - self._read
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            chunk = new_text[len(prefix_text) :]
-            # The just-emitted tokens become the context window for the next call.
-            self._window = self._window[self._read :]
-            self._read = len(self._window)
-            self._prefix_text = None
-            return self._emit(chunk)
-        if pending > _MAX_PENDING_TOKENS:
-            # Not an incomplete character but genuinely invalid bytes: emit them as U+FFFD
-            # and restart without context so the window stays bounded.
-            chunk = new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else new_text
-            self._window = []
-            self._read = 0
-            self._prefix_text = ""
-            return self._emit(chunk)
-        return ""
-
-    def flush(self) -> str:
-        """Emit whatever is held back (an incomplete sequence decodes as U+FFFD).
-
-        Returns:
-            The remaining text; ``""`` if nothing was pending.
-        """
-        if self._read == len(self._window):
-            return ""
-        prefix_text = self._decode(self._window[: self._read])
-        new_text = self._decode(self._window)
-        chunk = new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else new_text
-        self._window = []
-        self._read = 0
-        self._prefix_text = ""
-        return self._emit(chunk)
-
-    def reset(self) -> None:
-        """Forget all tokens and text, to reuse the detokenizer for a new output."""
-        self._window = []
-        self._read = 0
-        self._prefix_text = None
-        self._chunks = []
-        self._text_cache = ""
-        self._num_tokens = 0
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far (by ``add`` and ``flush``)."""
-        if self._chunks:
-            # Joined lazily and cached, so reading .text every step stays cheap.
-            self._text_cache += "".join(self._chunks)
-            self._chunks = []
-        return self._text_cache
-
-    @property
-    def num_tokens(self) -> int:
-        """Number of tokens added so far."""
-        return self._num_tokens
-
-    def _emit(self, chunk: str) -> str:
-        if chunk:
-            self._chunks.append(chunk)
-        return chunk
 
 
 class Tokenizer:
@@ -345,20 +181,14 @@ class Tokenizer:
         Raises:
             ValueError: The template failed to render or called ``raise_exception``.
         """
-        from jinja2 import TemplateError
-
-        template = self._get_template()
-        try:
-            return template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-                raise_exception=_raise_exception,
-                **kwargs,
-            )
-        except TemplateError as e:
-            raise ValueError(f"chat template failed to render: {e}") from e
+        return render_template(
+            self._get_template(),
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **kwargs,
+        )
 
     def encode_chat(
         self,
@@ -411,16 +241,7 @@ class Tokenizer:
 
     def _get_template(self):
         if self._compiled_template is None:
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(
-                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-            )
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = _strftime_now
-            self._compiled_template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            self._compiled_template = compile_template(self.chat_template)
         return self._compiled_template
 
     # -- serialization ---------------------------------------------------------------
@@ -512,7 +333,7 @@ class Tokenizer:
         return cls(
             tok,
             bos_token_id=tid("bos_token"),
-            eos_token_ids=_eog_ids(tok, eos_id),
+            eos_token_ids=eog_ids(tok, eos_id),
             eos_token_id=eos_id,
             chat_template=template,
             add_bos_token=bool(cfg.get("add_bos_token", False)),
@@ -532,32 +353,6 @@ class Tokenizer:
         )
 
 
-def _raise_exception(message: str):
-    from jinja2 import TemplateError
-
-    raise TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False):
-    # Same as transformers: keep non-ASCII text as is (Jinja's own tojson escapes it to \uXXXX).
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _eog_ids(tok: HFTokenizer, eos_token_id: int | None) -> set[int]:
-    """End-of-generation ids: the model's eos plus llama.cpp's list of end-of-turn tokens
-    that this vocabulary has as *special* tokens (a plain-text token is never a stop)."""
-    ids = set() if eos_token_id is None else {int(eos_token_id)}
-    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
-    for text in _EOG_TOKEN_TEXTS:
-        if text in special:
-            ids.add(tok.token_to_id(text))
-    return ids
-
-
 def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
     """Build a byte-level BPE tokenizer from GGUF metadata.
 
@@ -572,96 +367,5 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         ValueError: The tokenizer is not byte-level BPE (``tokenizer.ggml.model`` is not
             ``'gpt2'``), its pre-tokenizer type is unknown, or tokens/merges are missing.
     """
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(
-            f"unsupported GGUF tokenizer: tokenizer.ggml.model is {model!r}; only byte-level BPE "
-            "GGUF tokenizers (tokenizer.ggml.model = 'gpt2') are supported"
-        )
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ValueError("GGUF metadata has no tokenizer.ggml.tokens: the file carries no tokenizer vocabulary")
-    tokens = list(tokens)
-    merges_raw = meta.get("tokenizer.ggml.merges")
-    if not merges_raw:
-        raise ValueError("GGUF metadata has no tokenizer.ggml.merges: a byte-level BPE tokenizer needs them")
-    pre = meta.get("tokenizer.ggml.pre") or "default"
-
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError("GGUF tokenizer.ggml.tokens has duplicate entries; cannot build a BPE vocabulary")
-    merges = []
-    for m in merges_raw:
-        # Byte-level tokens never contain a literal space (it is mapped to 'Ġ'), so one split is exact.
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise ValueError(f"malformed GGUF merge {m!r}: expected two tokens separated by a space")
-        merges.append((a, b))
-
-    bpe = models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False)
-    tok = HFTokenizer(bpe)
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _PRE_DIGITS_THEN_GPT2:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    elif pre in _PRE_GPT2:
-        tok.pre_tokenizer = byte_level
-    else:
-        raise ValueError(
-            f"unsupported GGUF pre-tokenizer: tokenizer.ggml.pre is {pre!r}; supported values are "
-            f"{sorted(_PRE_DIGITS_THEN_GPT2 | _PRE_GPT2)}"
-        )
-    tok.decoder = decoders.ByteLevel()
-
-    # Special tokens: control tokens are matched in the input text before BPE, as llama.cpp
-    # does when parsing specials; user-defined tokens are matched too but are not "special".
-    token_types = meta.get("tokenizer.ggml.token_type")
-    types = _int_list(token_types) if token_types is not None else [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise ValueError(
-            f"GGUF tokenizer.ggml.token_type has {len(types)} entries but there are {len(tokens)} tokens"
-        )
-    special = [
-        AddedToken(tokens[i], special=True, normalized=False)
-        for i, t in enumerate(types)
-        if t == _TOKEN_TYPE_CONTROL
-    ]
-    user = [
-        AddedToken(tokens[i], special=False, normalized=False)
-        for i, t in enumerate(types)
-        if t == _TOKEN_TYPE_USER_DEFINED
-    ]
-    if special:
-        tok.add_special_tokens(special)
-    if user:
-        tok.add_tokens(user)
-
-    bos_id = _meta_int(meta, "tokenizer.ggml.bos_token_id")
-    eos_id = _meta_int(meta, "tokenizer.ggml.eos_token_id")
-    add_bos = _meta_bool(meta, "tokenizer.ggml.add_bos_token", False)
-    add_eos = _meta_bool(meta, "tokenizer.ggml.add_eos_token", False)
-    if (add_bos and bos_id is not None) or (add_eos and eos_id is not None):
-        # Same as llama.cpp's add_bos/add_eos: one BOS before, one EOS after the whole text.
-        single, pair, st = "$A", "$A $B", {}
-        if add_bos and bos_id is not None:
-            single, pair = f"{tokens[bos_id]} {single}", f"{tokens[bos_id]} $A {tokens[bos_id]} $B"
-            st[tokens[bos_id]] = bos_id
-        if add_eos and eos_id is not None:
-            single, pair = f"{single} {tokens[eos_id]}", f"{pair} {tokens[eos_id]}"
-            st[tokens[eos_id]] = eos_id
-        tok.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=list(st.items())
-        )
-
-    return Tokenizer(
-        tok,
-        bos_token_id=bos_id,
-        eos_token_ids=_eog_ids(tok, eos_id),
-        eos_token_id=eos_id,
-        chat_template=meta.get("tokenizer.chat_template") or None,
-        add_bos_token=add_bos,
-        pad_token_id=_meta_int(meta, "tokenizer.ggml.padding_token_id"),
-        unk_token_id=_meta_int(meta, "tokenizer.ggml.unknown_token_id"),
-    )
+    tok, kwargs = gguf_vocabulary(meta)
+    return Tokenizer(tok, **kwargs)
