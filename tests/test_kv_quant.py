@@ -6,8 +6,6 @@ import pytest
 
 from zkv_mlx.config import KVCacheConfig, make_config
 from zkv_mlx.engine import Engine, SamplingParams
-from zkv_mlx.engine import engine as engine_mod
-from zkv_mlx.engine.runner import ModelRunner
 from zkv_mlx.errors import ConfigError
 from zkv_mlx.kernels.kv_quant import (QuantSpec, dequantize_channels, dequantize_tokens, pack, quantize_channels,
                                       quantize_tokens, unpack)
@@ -159,16 +157,9 @@ def test_tail_slots_are_reused():
 # -- through the engine -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def quant_engine(monkeypatch, tiny_model_dir):
-    # Until the engine passes its KV config to the runner itself (engine.py: ModelRunner(..., kv=cfg.kv)).
-    class Runner(ModelRunner):
-        def __init__(self, lm, num_blocks, block_size, kv_dtype, kv=None):
-            super().__init__(lm, num_blocks, block_size, kv_dtype, kv=self.kv)
-
+def quant_engine(tiny_model_dir):
     def make(quant, **kw):
         cfg = make_config(model=str(tiny_model_dir("llama")), kv_cache_memory="16MB", kv_quant=quant, **kw)
-        Runner.kv = cfg.kv
-        monkeypatch.setattr(engine_mod, "ModelRunner", Runner)
         return Engine(load_model(cfg.model, cfg.weights_dtype), cfg)
 
     return make

@@ -27,6 +27,12 @@ def _exp2_parts(x):
 _exp2_parts_compiled = mx.compile(_exp2_parts, shapeless=True)
 
 
+def _exp_inline(x: mx.array) -> mx.array:
+    # exp_nonpositive's ops, for use inside an mx.compile'd function (fused with the caller's graph)
+    p, bits = _exp2_parts(x)
+    return p * mx.view(bits, mx.float32)
+
+
 def exp_nonpositive(x: mx.array) -> mx.array:
     """exp(x) for float32 x <= 0 (and -inf -> 0), as a fused polynomial.
 
@@ -172,13 +178,7 @@ def _masked_probs(s: mx.array, lens: mx.array) -> mx.array:
     """Softmax over the last axis of [G, H, R, L] scores, positions >= lens[g] masked (fast exp)."""
     s = s.astype(mx.float32)
     s = mx.where(mx.arange(s.shape[-1])[None, None, None, :] < lens[:, None, None, None], s, -float("inf"))
-    y = mx.maximum((s - s.max(axis=-1, keepdims=True)) * _LOG2E, -127.0)
-    e = mx.round(y)
-    f = y - e
-    poly = _C[6]
-    for c in _C[5::-1]:
-        poly = poly * f + c
-    e = poly * mx.view((e.astype(mx.int32) + 127) << 23, mx.float32)
+    e = _exp_inline(s - s.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 
@@ -191,13 +191,7 @@ def _decode_probs(s: mx.array, length: mx.array) -> mx.array:
     h, rep, n, _, bs = s.shape
     s = mx.diagonal(s, 0, 0, 3).reshape(rep, n * bs, h).astype(mx.float32)  # each query head's own kv head
     s = mx.where((mx.arange(n * bs) < length)[None, :, None], s, -float("inf"))
-    y = mx.maximum((s - s.max(axis=1, keepdims=True)) * _LOG2E, -127.0)  # exp as in exp_nonpositive
-    e = mx.round(y)
-    f = y - e
-    poly = _C[6]
-    for c in _C[5::-1]:
-        poly = poly * f + c
-    e = poly * mx.view((e.astype(mx.int32) + 127) << 23, mx.float32)
+    e = _exp_inline(s - s.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 

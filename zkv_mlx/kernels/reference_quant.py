@@ -120,8 +120,7 @@ def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], 
     Returns:
         [1, n_heads, 1, D] in q's dtype.
     """
-    kp, ks, kb = k
-    _, h, bs, _ = kp.shape
+    _, h, bs, _ = k[0].shape
     n_heads, d = q.shape[1], q.shape[-1]
     rep = n_heads // h
     nb = -(-length // bs)
@@ -134,6 +133,25 @@ def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], 
     else:
         parts = [(slice(a, a + n), n) for a, n in runs]
         vparts = parts
+    scores = _key_scores(qh, k, parts, nq, k_bits, group_size, k_channel)
+    if tail is not None:
+        scores.append((qh @ tail.astype(mx.float32).swapaxes(-1, -2))[None])
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=0)
+    s = s.transpose(1, 2, 0, 3).reshape(h, rep, nb * bs)
+    if sinks is not None:
+        s = mx.concatenate([qh @ sinks.astype(mx.float32).swapaxes(-1, -2), s[..., sinks.shape[1]:]], axis=-1)
+    p = _probs(s, mx.array(length, dtype=mx.int32))
+    p = p.reshape(h, rep, nb, bs).transpose(2, 0, 1, 3)  # [nb, H, rep, BS]
+    out = _value_sum(p, v, vparts, group_size, v_bits)
+    return out.reshape(1, n_heads, 1, d).astype(q.dtype)
+
+
+def _key_scores(qh: mx.array, k: tuple, parts: list, nq: int, k_bits: int, group_size: int,
+                k_channel: bool) -> list:
+    # Scores of qh [H, rep, D] against the first nq blocks of `parts`, read quantized: [n, H, rep, BS] per part.
+    kp, ks, kb = k
+    _, h, bs, _ = kp.shape
+    d = qh.shape[-1]
     scores = []
     left = nq
     for sel, n in parts:
@@ -153,14 +171,11 @@ def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], 
             s = mx.quantized_matmul(qh[None], pk, ks[sl].astype(mx.float32), kb[sl].astype(mx.float32),
                                     transpose=True, group_size=group_size, bits=k_bits)
         scores.append(s)  # [n, H, rep, BS]
-    if tail is not None:
-        scores.append((qh @ tail.astype(mx.float32).swapaxes(-1, -2))[None])
-    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=0)
-    s = s.transpose(1, 2, 0, 3).reshape(h, rep, nb * bs)
-    if sinks is not None:
-        s = mx.concatenate([qh @ sinks.astype(mx.float32).swapaxes(-1, -2), s[..., sinks.shape[1]:]], axis=-1)
-    p = _probs(s, mx.array(length, dtype=mx.int32))
-    p = p.reshape(h, rep, nb, bs).transpose(2, 0, 1, 3)  # [nb, H, rep, BS]
+    return scores
+
+
+def _value_sum(p: mx.array, v: tuple, vparts: list, group_size: int, v_bits: int) -> mx.array:
+    # p [nb, H, rep, BS] @ dequant(V) summed over the blocks, read quantized: [H, rep, D].
     vpk, vs, vb = v
     out, start = None, 0
     for sel, n in vparts:
@@ -168,7 +183,7 @@ def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], 
                                 transpose=False, group_size=group_size, bits=v_bits).sum(axis=0)
         out = o if out is None else out + o
         start += n
-    return out.reshape(1, n_heads, 1, d).astype(q.dtype)
+    return out
 
 
 @mx.compile
