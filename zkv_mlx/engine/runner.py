@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..kernels.kv_quant import QuantSpec
-from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata
+from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata, prefill_metadata
 from ..models.loader import LoadedModel
 from ..models.paged import forward, install_paged_attention
 from ..storage.kv_pool import KVPool
@@ -59,13 +59,10 @@ class ModelRunner:
             logits [vocab] of the last position, or [end - start, vocab] (lazy).
         """
         tokens = mx.array(seq.all_ids[start:end], dtype=mx.int32)[None]
-        kv_len = end - seq.evicted
-        n_blocks = -(-kv_len // self.block_size)
+        context_len = end - seq.evicted
+        n_blocks = -(-context_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
-        table = seq.block_table[:n_blocks]
-        meta = PrefillMetadata(self.pool, start, plan,
-                               table if self.pool.quant is not None else mx.array(table, dtype=mx.int32), kv_len,
-                               mass=[[]] if _wants_mass(seq) else None)
+        meta = prefill_metadata(self.pool, start, plan, seq.block_table[:n_blocks], context_len, _wants_mass(seq))
         if all_logits:
             out = forward(self.model, tokens, meta)[0]
         else:

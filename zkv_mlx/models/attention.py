@@ -2,8 +2,8 @@
 
 After vLLM's attention metadata (`block_tables`, `context_lens`, `slot_mapping` for writes) and mlx-lm's single
 dispatch point (`models/base.py: scaled_dot_product_attention`): the runner builds a `PrefillMetadata` or a
-`DecodeMetadata` once per forward pass, `decode_path` picks the decode path there, and `attend` is the only
-function that branches on it.
+`DecodeMetadata` once per forward pass (`prefill_metadata`, `decode_metadata`), `decode_path` picks the decode
+path there, and `attend` is the only function that branches on it.
 
 Paths: prefill always gathers the sequence's blocks and runs the reference prefill attention (design.md §3).
 Decode runs one of
@@ -97,6 +97,18 @@ def decode_path(pool: KVPool) -> str:
     if kernel_path() == "metal":
         return "metal"
     return "grouped" if pool.quant is None else "quantized"
+
+
+def prefill_metadata(pool: KVPool, start: int, slot_mapping: WritePlan, block_table: list[int], context_len: int,
+                     want_mass: bool) -> PrefillMetadata:
+    """Builds the metadata of one prefill chunk (new tokens from position `start`).
+
+    Args:
+        block_table: the sequence's blocks covering its first `context_len` cache rows.
+        want_mass: collect attention mass per block (h2o).
+    """
+    table = block_table if pool.quant is not None else mx.array(block_table, dtype=mx.int32)
+    return PrefillMetadata(pool, start, slot_mapping, table, context_len, mass=[[]] if want_mass else None)
 
 
 def decode_metadata(pool: KVPool, positions: list[int], slot_mapping: WritePlan, block_tables: list[list[int]],
