@@ -108,14 +108,13 @@ class KVPool(ChannelKeySlabs, BlockBytes):
         self._plan_channel_keys(plan, blocks, offsets, positions)
         return plan
 
-    def write(self, layer: int, keys: mx.array, values: mx.array, blocks, offsets: mx.array | None = None) -> None:
+    def write(self, layer: int, keys: mx.array, values: mx.array, plan: WritePlan) -> None:
         """Stores new rows.
 
         Args:
             keys, values: [N, n_kv_heads, head_dim] rows for N token positions.
-            blocks: a `WritePlan`, or [N] int32 block ids with `offsets` [N] int32 in-block offsets.
+            plan: where they go (`plan_write`; the slot mapping of the step, the same for every layer).
         """
-        plan = blocks if isinstance(blocks, WritePlan) else WritePlan(blocks, offsets)
         if plan.cols is None:
             plan.cols = (plan.blocks[:, None], plan.offsets[:, None])
         b, o = plan.cols
