@@ -96,3 +96,34 @@ def enforce(seq: Sequence, n_new: int, runner, release, private) -> list[int]:
         seq.mass[:] = [m for i, m in enumerate(seq.mass) if i not in dropped]
         seq.seen[:] = [s for i, s in enumerate(seq.seen) if i not in dropped]
     return gone
+
+
+def n_new(seq: Sequence, prefill_chunk: int) -> int:
+    """Tokens the next step writes for a sequence under a policy (a prefill chunk, or the decode token)."""
+    if seq.in_prefill:
+        return min(seq.policy.chunk, seq.prefill_len - seq.num_computed, prefill_chunk)
+    return seq.num_tokens - seq.num_computed
+
+
+def drops(seq: Sequence, prefill_chunk: int) -> bool:
+    """Whether the policy drops blocks of `seq` before its next step (evictions() is non-empty)."""
+    if seq.is_finished or not seq.block_table:
+        return False
+    return seq.cache_len + n_new(seq, prefill_chunk) > seq.policy.budget
+
+
+def apply(seqs: list[Sequence], prefill_chunk: int, runner, blocks) -> int:
+    """Drops blocks of the sequences about to outgrow their budget (before blocks are allocated).
+
+    Args:
+        seqs: running sequences with a policy. runner: the ModelRunner. blocks: the BlockManager.
+    Returns:
+        The number of blocks dropped.
+    """
+    n = 0
+    for seq in seqs:
+        if seq.is_finished or not seq.block_table:
+            continue
+        n += len(enforce(seq, n_new(seq, prefill_chunk), runner, lambda b: blocks.release([b]),
+                         lambda b: blocks.private_copy(b, runner.copy_block)))
+    return n

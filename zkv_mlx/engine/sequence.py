@@ -97,7 +97,9 @@ class Sequence:
     params: SamplingParams
     user: str = "local"
     seq_id: int = field(default_factory=lambda: next(_ids))
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # generated tokens whose values are known
+    # decode tokens sampled but not read back yet (pipelined decode, engine.InFlight): they follow output_ids
+    num_inflight: int = 0
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     prefill_len: int = 0  # tokens to prefill when admitted (prompt, or prompt + output after preemption)
@@ -123,7 +125,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
 
     @property
     def num_slots(self) -> int:
@@ -147,17 +149,8 @@ class Sequence:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt + generated token ids known so far (without tokens still in flight)."""
         return self.prompt_ids + self.output_ids
-
-    @property
-    def num_known_tokens(self) -> int:
-        """Leading tokens whose ids are final (pipelined decode leaves trailing placeholders, -1)."""
-        n = self.num_tokens
-        for t in reversed(self.output_ids):
-            if t >= 0:
-                break
-            n -= 1
-        return n
 
     @property
     def max_hit_tokens(self) -> int | None:
