@@ -2,7 +2,7 @@
 
 Each concern lives in its own room, built here and wired together by passing what each needs:
 cache/prefix_cache.py (hash roots, prefixes, counters), engine/tiers.py (SSD spill and promote),
-engine/sessions.py (session pins, imports), engine/requests.py (validation), engine/evict.py (long-context
+engine/sessions.py (session pins, imports), engine/requests.py (validation), engine/drop.py (long-context
 policies), engine/output.py (stop checks and events). engine/thread.py runs it on its own thread.
 """
 
@@ -21,7 +21,7 @@ from ..cache.prefix_cache import PrefixCache
 from ..config import EngineConfig, PolicyConfig, check_policy
 from ..errors import ZkvError
 from ..models.loader import LoadedModel
-from . import evict
+from . import drop
 from .output import Event, Outputs
 from .requests import check_prompt
 from .runner import ModelRunner
@@ -102,7 +102,7 @@ class Engine:
             self.blocks.hold(entry.pinned_blocks)  # the pin is a reference that is never dropped
 
     def _register(self, seq: Sequence) -> None:
-        if seq.evicted:  # blocks computed after a drop depend on a shortened context: never published
+        if seq.dropped:  # blocks computed after a drop depend on a shortened context: never published
             return
         self.blocks.register_full_blocks(seq, min(seq.num_computed, len(seq.all_ids)))
 
@@ -225,9 +225,9 @@ class Engine:
         # h2o ranks blocks by attention mass: before it drops any, take the in-flight step's mass (only then, so
         # decode stays pipelined on the steps that drop nothing: block_size - 1 of every block_size)
         chunk = self.cfg.prefill_chunk
-        if self._inflight is not None and any(s.policy.kind == "h2o" and evict.drops(s, chunk) for s in running):
+        if self._inflight is not None and any(s.policy.kind == "h2o" and drop.will_drop(s, chunk) for s in running):
             self._resolve()
-        self.policy_dropped_blocks += evict.apply(running, chunk, self.runner, self.blocks)
+        self.policy_dropped_blocks += drop.apply(running, chunk, self.runner, self.blocks)
 
     def _prefill(self, seq: Sequence, start: int, end: int) -> int:
         """Runs one prefill chunk; the last one samples the first token. Returns the tokens sampled (0 or 1)."""
@@ -239,7 +239,7 @@ class Engine:
         else:
             mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
         seq.num_computed = end
-        evict.add_mass(seq, mass and mass[0], end - start)
+        drop.add_mass(seq, mass and mass[0], end - start)
         if last:
             self.out.postprocess(seq, token)
         else:
@@ -263,7 +263,7 @@ class Engine:
         if not can_sample_lazily(seqs):
             for i, (seq, token) in enumerate(zip(seqs, sample(logits, seqs))):
                 seq.num_computed += 1
-                evict.add_mass(seq, mass and mass[i], 1)
+                drop.add_mass(seq, mass and mass[i], 1)
                 self.out.postprocess(seq, token)
             return sampled + len(seqs)
         tokens = sample_lazy(logits, seqs)
@@ -284,7 +284,7 @@ class Engine:
         for j, (seq, token) in enumerate(zip(f.seqs, f.tokens.tolist())):
             if seq.is_finished:
                 continue  # finished while this step was in flight: its speculative token is dropped
-            evict.add_mass(seq, f.mass and f.mass[j], 1)
+            drop.add_mass(seq, f.mass and f.mass[j], 1)
             seq.num_inflight -= 1
             self.out.postprocess(seq, token)
         return len(f.seqs)

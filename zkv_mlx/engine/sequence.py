@@ -117,9 +117,9 @@ class Sequence:
     block_hashes: list = field(default_factory=list)
     num_registered: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the cache at first admission
-    # long-context policy (cache/policy.py, engine/evict.py)
+    # long-context policy (cache/policy.py, engine/drop.py)
     policy: object = None  # KVPolicy, or None to keep every token
-    evicted: int = 0  # tokens dropped from the cache: position p lives at cache index p - evicted
+    dropped: int = 0  # tokens a policy dropped from the cache: position p lives at cache index p - dropped
     mass: list = field(default_factory=list)  # h2o: attention mass received, per block-table index
     seen: list = field(default_factory=list)  # h2o: queries that could attend to each table index
 
@@ -133,17 +133,22 @@ class Sequence:
         if self.policy is None:
             return self.num_tokens
         if self.num_computed < self.prefill_len or self.prefill_len == 0:  # prefill: one chunk at a time
-            return min(self.num_tokens, self.num_computed + self.policy.chunk) - self.evicted
-        return self.num_tokens - self.evicted
+            return min(self.num_tokens, self.num_computed + self.policy.chunk) - self.dropped
+        return self.num_tokens - self.dropped
+
+    @property
+    def evicted(self) -> int:
+        """Old name of `dropped` (kept for runner.py and eval/ppl.py; "evict" now means the pool's reuse)."""
+        return self.dropped
 
     @property
     def cache_len(self) -> int:
         """Tokens whose K/V the sequence holds in the pool."""
-        return self.num_computed - self.evicted
+        return self.num_computed - self.dropped
 
     def reset_cache_state(self) -> None:
-        """Forgets evictions (after preemption the sequence is recomputed from scratch)."""
-        self.evicted = 0
+        """Forgets dropped blocks (after preemption the sequence is recomputed from scratch)."""
+        self.dropped = 0
         self.mass.clear()
         self.seen.clear()
 
