@@ -239,19 +239,6 @@ def test_free_returns_blocks_in_reverse_table_order():
     assert m.num_free_blocks == 3
 
 
-def test_slot_mapping_values():
-    m = BlockManager(8, 4)
-    filler, s = Seq(1, 8), Seq(2, 6)
-    m.allocate(filler)  # blocks 0, 1
-    m.allocate(s)  # blocks 2, 3
-    assert s.block_table == [2, 3]
-    assert m.slot_mapping(s, 0, 6) == [8, 9, 10, 11, 12, 13]
-    assert m.slot_mapping(s, 3, 5) == [11, 12]
-    assert m.slot_mapping(s, 5, 5) == []
-    with pytest.raises(ValueError, match="9 out of range .* 8 slots"):
-        m.slot_mapping(s, 0, 9)
-
-
 def test_usage_dict():
     m = BlockManager(5, 2)
     s = Seq(1, 3)

@@ -15,12 +15,12 @@ from zkv_mlx.errors import ConfigError
 def test_window_drops_oldest_non_sink_blocks():
     p = KVPolicy("window", budget=64, block_size=8, sinks=4)
     assert p.sink_blocks == 1 and p.recent_blocks == 0
-    assert p.evictions(56, 8) == []  # exactly at the budget
-    assert p.evictions(64, 1) == [1]  # one token over: the oldest block after the sinks
-    assert p.evictions(60, 8) == [1]  # table [0..7], the tail (index 7) half full
-    assert p.evictions(64, 16) == [1, 2]
-    assert KVPolicy("window", 64, 8, sinks=0).evictions(64, 1) == [0]  # truncation: no sinks
-    assert KVPolicy("window", 64, 8, sinks=9).evictions(64, 1) == [2]  # 9 sink tokens = 2 blocks
+    assert p.drops(56, 8) == []  # exactly at the budget
+    assert p.drops(64, 1) == [1]  # one token over: the oldest block after the sinks
+    assert p.drops(60, 8) == [1]  # table [0..7], the tail (index 7) half full
+    assert p.drops(64, 16) == [1, 2]
+    assert KVPolicy("window", 64, 8, sinks=0).drops(64, 1) == [0]  # truncation: no sinks
+    assert KVPolicy("window", 64, 8, sinks=9).drops(64, 1) == [2]  # 9 sink tokens = 2 blocks
 
 
 def test_h2o_keeps_sinks_recent_and_heavy_blocks():
@@ -28,11 +28,11 @@ def test_h2o_keeps_sinks_recent_and_heavy_blocks():
     assert p.sink_blocks == 1 and p.recent_blocks == 4
     # 12 full blocks: index 0 sink, 8..11 recent; candidates 1..7 ranked by score (ties: older first)
     scores = [0.0, 0.5, 0.1, 0.9, 0.1, 0.3, 0.8, 0.2, 0, 0, 0, 0]
-    assert p.evictions(96, 1, scores) == [2]
-    assert p.evictions(96, 17, scores) == [2, 4, 7]
-    assert p.evictions(96, 40, scores) == [1, 2, 4, 5, 7]
+    assert p.drops(96, 1, scores) == [2]
+    assert p.drops(96, 17, scores) == [2, 4, 7]
+    assert p.drops(96, 40, scores) == [1, 2, 4, 5, 7]
     with pytest.raises(ValueError):
-        p.evictions(96, 1, None)
+        p.drops(96, 1, None)
 
 
 def test_rotation_shifts_move_kept_blocks_by_the_tokens_dropped_after_them():
@@ -80,20 +80,20 @@ def test_window_keeps_exact_block_ids(lm1):
     r, _ = _run(lm1, pol, ids, 8)
     # blocks are taken in order 0, 1, 2, ... and each chunk past 48 tokens drops the oldest non-sink block
     assert r.seq.block_table == [0, 5, 6, 7, 8, 9]
-    assert r.seq.evicted == 32 and r.seq.cache_len == 48
+    assert r.seq.dropped == 32 and r.seq.cache_len == 48
     assert r.free[-4:] == [1, 2, 3, 4]
 
 
 def test_h2o_drops_the_lightest_candidate_block_by_id(lm1):
     pol = KVPolicy("h2o", budget=48, block_size=8, sinks=4, recent=16)
     r, _ = _run(lm1, pol, list(range(300, 348)), 8)  # 48 tokens: blocks 0..5, at the budget
-    assert r.seq.block_table == [0, 1, 2, 3, 4, 5] and r.seq.evicted == 0
+    assert r.seq.block_table == [0, 1, 2, 3, 4, 5] and r.seq.dropped == 0
     # candidates are table indices 1..3 (0 holds the sinks, 4..5 are recent); make index 3 the lightest
     r.seq.mass[:] = [0.0, 5.0, 4.0, 1.0, 0.0, 0.0]
     r.seq.seen[:] = [0, 8, 8, 8, 0, 0]
     r.seq.prompt_ids = list(range(300, 356))
     r.chunk(48, 56)
-    assert r.seq.block_table == [0, 1, 2, 4, 5, 6] and r.seq.evicted == 8
+    assert r.seq.block_table == [0, 1, 2, 4, 5, 6] and r.seq.dropped == 8
     assert r.held_positions == list(range(24)) + list(range(32, 56))
 
 
@@ -108,7 +108,7 @@ def test_kept_keys_are_positioned_within_the_cache(lm1, kind):
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 2000, size=77).tolist()
     r, logits = _run(lm1, pol, ids, 8)
-    assert r.seq.evicted > 0
+    assert r.seq.dropped > 0
     held = r.held_positions
     assert len(held) == r.seq.cache_len <= 48
     assert held[:8] == list(range(8))  # the sink block
@@ -121,29 +121,29 @@ def test_kept_keys_are_positioned_within_the_cache(lm1, kind):
 
 
 def test_h2o_score_is_decayed_attention_mass_per_query(lm1):
-    from zkv_mlx.engine import evict
+    from zkv_mlx.engine import drop
 
     pol = KVPolicy("h2o", budget=48, block_size=8, sinks=4, recent=16, half_life=8.0)
     r, _ = _run(lm1, pol, list(range(200, 240)), 8)  # 40 tokens: below the budget, nothing dropped
     heads = lm1.model.model.layers[0].self_attn.n_heads
-    assert r.seq.evicted == 0
+    assert r.seq.dropped == 0
     # the last chunk's mass: every one of its 8 queries spreads one unit per head over the blocks
     assert float(r.runner.mass[0].sum()) == pytest.approx(8 * heads, rel=1e-4)
     assert r.seq.seen == [40, 32, 24, 16, 8]  # queries that have seen each block
     # by hand: a half-life of 8 tokens halves the old score per 8-query chunk
     seq = r.seq
     seq.mass[:], seq.seen[:] = [], []
-    evict.add_mass(seq, mx.array([4.0, 8.0]), 8)
+    drop.add_mass(seq, mx.array([4.0, 8.0]), 8)
     assert seq.mass == [0.5, 1.0] and seq.seen == [8, 8]
-    evict.add_mass(seq, mx.array([0.0, 8.0, 16.0]), 4)  # 4 queries: the old score keeps 0.5 ** 0.5
+    drop.add_mass(seq, mx.array([0.0, 8.0, 16.0]), 4)  # 4 queries: the old score keeps 0.5 ** 0.5
     k = 0.5 ** 0.5
     assert seq.mass == pytest.approx([k * 0.5, k * 1.0 + (1 - k) * 2.0, 4.0])
     # scores are logs of the mass times the recency prior exp(-age / recency), age = tokens from the cache's end
     age = [24, 16, 8]
     want = [np.log(m) - a / pol.recency for m, a in zip([k * 0.5, k + (1 - k) * 2.0, 4.0], age)]
-    assert evict.scores(seq, 4) == pytest.approx(want + [float("inf")])
+    assert drop.scores(seq, 4) == pytest.approx(want + [float("inf")])
     seq.mass[0] = 0.0  # no mass at all: ranks lowest
-    assert evict.scores(seq, 4)[0] == float("-inf")
+    assert drop.scores(seq, 4)[0] == float("-inf")
 
 
 @pytest.mark.parametrize("recency,dropped", [(0.0, 3), (8.0, 1), (64.0, 3)])
@@ -156,7 +156,7 @@ def test_h2o_recency_prior_decides_between_old_heavy_and_new_light_blocks(lm1, r
     r.seq.seen[:] = [0, 8, 8, 8, 0, 0]
     r.seq.prompt_ids = list(range(300, 356))
     r.chunk(48, 56)
-    assert r.seq.block_table == [b for b in range(7) if b != dropped] and r.seq.evicted == 8
+    assert r.seq.block_table == [b for b in range(7) if b != dropped] and r.seq.dropped == 8
 
 
 # -- the engine --------------------------------------------------------------------------------------------

@@ -79,8 +79,7 @@ def test_ttl_expiry_and_byte_cap_and_pins():
     a = Seq(ids(13), HashKey(PUB, ALICE))
     computed(m, a)  # full blocks 0, 1, 2 cached
     pinned = m.pool.blocks[0]
-    m.pool.touch([pinned])
-    pinned.pinned = True
+    m.pool.touch([pinned])  # a pin is a reference that is never dropped
     m.free(a)
     assert list(m.pool.lru) == [2, 1]  # block 0 stays referenced by its pin
     for b in m.pool.blocks:

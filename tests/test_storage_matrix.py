@@ -94,7 +94,7 @@ def _pool_memory(path: str, fmt: dict) -> tuple[int, int]:
 def _load_once():
     # Every engine of this module loads the same tiny model: load it once (weights are read-only; each engine
     # still builds its own pool, SSD index and sessions, which is what the paths below exercise).
-    from zkv_mlx.engine import engine as engine_mod
+    from zkv_mlx.engine import thread as engine_mod  # EngineThread loads the model
 
     loaded = {}
     real = engine_mod.load_model

@@ -9,26 +9,57 @@ and `num_registered` (full blocks already published to the cache).
 
 from __future__ import annotations
 
-from .block_pool import BlockPool
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from .block_pool import Block, BlockPool
+
+
+class LowerTier(Protocol):
+    """A slower store below the pool (the SSD tier) that the block manager consults on a miss."""
+
+    def contains(self, block_hash: bytes) -> bool: ...
+
+    def load(self, block_hash: bytes, token_ids, block_id: int) -> bool:
+        """Stages the stored K/V of `block_hash` for `block_id`; False when it is gone."""
+
+    def spill(self, block: Block) -> None:
+        """Copies a cached block down before its contents are dropped from the pool."""
+
+
+@dataclass(slots=True, frozen=True)
+class BlockStats:
+    """Pool occupancy: blocks by state, and how many cached contents were dropped so far."""
+
+    total: int
+    used: int
+    free: int
+    cached_free: int  # free blocks that still hold cached contents (revivable by a prefix hit)
+    cached: int  # blocks registered in the prefix cache, referenced or not
+    evictions: int
 
 
 class BlockManager:
     """Maps sequences to KV blocks of `block_size` token slots each."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, lower_tier: LowerTier | None = None) -> None:
         """Creates the pool.
 
         Args:
             num_blocks: Total KV blocks available.
             block_size: Token slots per block.
+            lower_tier: where cached blocks spill before reuse and misses are looked up (None: memory only).
         """
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
-        # A lower tier (the SSD store): object with contains(hash) -> bool and load(hash, token_ids, block_id)
-        # -> bool, which writes the block's K/V into the pool. None: memory only.
-        self.secondary = None
+        self.pool = BlockPool(num_blocks, on_evict=None if lower_tier is None else lower_tier.spill)
+        self.lower_tier = lower_tier
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -65,19 +96,19 @@ class BlockManager:
     def _n_matchable(self, seq) -> int:
         # Full blocks a lookup may match: never the one holding the last token, and no more than the sequence
         # allows (`max_hit_tokens`, e.g. under a long-context policy).
-        n = min(seq.num_tokens - 1, getattr(seq, "num_known_tokens", seq.num_tokens))
+        n = min(seq.num_tokens - 1, len(seq.all_ids))  # tokens in flight have no ids yet
         cap = getattr(seq, "max_hit_tokens", None)
         return (n if cap is None else min(n, cap)) // self.block_size
 
     def _secondary_hits(self, seq, start: int) -> int:
         # Number of full blocks after `start` found in the lower tier (contiguous run).
-        if self.secondary is None or getattr(seq, "hash_key", None) is None:
+        if self.lower_tier is None or getattr(seq, "hash_key", None) is None:
             return 0
         n_full = self._n_matchable(seq)
         hashes = self._hash_upto(seq, n_full)
         n = 0
         for h in hashes[start:]:
-            if not self.secondary.contains(h):
+            if not self.lower_tier.contains(h):
                 break
             n += 1
         return n
@@ -165,7 +196,7 @@ class BlockManager:
         for j in range(min(len(new), self._secondary_hits(seq, n_hit))):
             i = n_hit
             block, toks = new[j], seq.all_ids[i * bs:(i + 1) * bs]
-            if not self.secondary.load(seq.block_hashes[i], toks, block.block_id):
+            if not self.lower_tier.load(seq.block_hashes[i], toks, block.block_id):
                 break
             self.pool.cache_full_block(block, seq.block_hashes[i], toks)
             n_hit += 1
@@ -211,38 +242,94 @@ class BlockManager:
         self.pool.free_blocks(self.pool.blocks[i] for i in reversed(seq.block_table))
         seq.block_table.clear()
 
-    def slot_mapping(self, seq, start: int, end: int) -> list[int]:
-        """Flat KV slot indices for token positions start..end-1.
-
-        Args:
-            seq: An allocated sequence.
-            start: First token position (inclusive).
-            end: Last token position (exclusive).
-
-        Returns:
-            `block_id * block_size + offset` per position.
-        """
-        capacity = len(seq.block_table) * self.block_size
-        if not 0 <= start <= end <= capacity:
-            raise ValueError(
-                f"positions {start}..{end} out of range for sequence {seq.seq_id} "
-                f"with {capacity} slots"
-            )
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def stats(self) -> BlockStats:
+        """Pool occupancy snapshot."""
+        p = self.pool
+        return BlockStats(total=p.num_blocks, used=p.num_used_blocks, free=p.num_free_blocks,
+                          cached_free=p.num_cached_free_blocks, cached=p.num_cached_blocks, evictions=p.evictions)
 
     def usage(self) -> dict[str, int]:
-        """Pool occupancy snapshot.
+        """Pool occupancy snapshot as {blocks_total, blocks_used, blocks_free, blocks_cached}."""
+        s = self.stats()
+        return {"blocks_total": s.total, "blocks_used": s.used, "blocks_free": s.free, "blocks_cached": s.cached}
 
-        Returns:
-            {blocks_total, blocks_used, blocks_free, blocks_cached}.
+    # -- verbs on block ids for the engine's rooms (sessions, prefixes, policies, tiers) -----------------
+    def hold(self, block_ids: list[int]) -> None:
+        """Takes a reference on blocks (reviving cached free ones): a pin that keeps them resident."""
+        self.pool.touch([self.pool.blocks[i] for i in block_ids])
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drops one reference from each block, in the order given (see BlockPool.free_blocks)."""
+        self.pool.free_blocks([self.pool.blocks[i] for i in block_ids])
+
+    def new_blocks(self, n: int) -> list[int]:
+        """Takes `n` free blocks (one reference each); ValueError when fewer are free."""
+        return [b.block_id for b in self.pool.get_new_blocks(n)]
+
+    def private_copy(self, block_id: int, copy) -> int:
+        """Copy on write: a block other sequences use, or that the prefix cache publishes, is copied first.
+
+        Args:
+            copy: copy(src, dst) copies a block's K/V. Returns the id to write (the same one if already private).
         """
-        return {
-            "blocks_total": self.pool.num_blocks,
-            "blocks_used": self.pool.num_used_blocks,
-            "blocks_free": self.pool.num_free_blocks,
-            "blocks_cached": self.pool.num_cached_blocks,
-        }
+        b = self.pool.blocks[block_id]
+        if b.ref_count == 1 and b.block_hash is None:
+            return block_id
+        new = self.pool.get_new_blocks(1)[0]
+        copy(block_id, new.block_id)
+        self.pool.free_blocks([b])
+        return new.block_id
+
+    def publish(self, block_ids: list[int], hash_key, token_ids: list[int]) -> None:
+        """Registers full blocks holding `token_ids` (in order, from position 0) in the prefix cache.
+
+        A position the cache already has a block for keeps that block (first wins).
+        """
+        bs, parent = self.block_size, None
+        for i, b in enumerate(block_ids):
+            toks = token_ids[i * bs:(i + 1) * bs]
+            parent = h = hash_key.block_hash(parent, i, toks, bs)
+            if self.pool.get_cached_block(h, toks) is None:
+                self.pool.cache_full_block(self.pool.blocks[b], h, toks)
+
+    def trim_cache(self, ttl: float | None, cap_blocks: int | None) -> None:
+        """Drops cached free blocks idle longer than `ttl` seconds and beyond `cap_blocks` (None: no limit)."""
+        if ttl is not None:
+            self.pool.evict_expired(time.monotonic(), ttl)
+        if cap_blocks is not None:
+            self.pool.enforce_cap(cap_blocks)
+
+    def clear_cached(self, block_ids: list[int] | None = None) -> int:
+        """Forgets cached free blocks without spilling them (all, or those of `block_ids`); returns how many."""
+        if block_ids is None:
+            return self.pool.clear_cached()
+        n = 0
+        for i in block_ids:
+            b = self.pool.blocks[i]
+            if b.ref_count == 0 and b.block_hash is not None:
+                self.pool.drop_cached(b, spill=False)
+                n += 1
+        return n
+
+    def cached_blocks(self) -> list[Block]:
+        """Every block holding cached contents (referenced or not), by id."""
+        return [b for b in self.pool.blocks if b.block_hash is not None]
+
+    def block_states(self, pinned: set[int]) -> list[str]:
+        """State of every block: pinned (ids given), shared (several references), used, cached, free."""
+        out = []
+        for b in self.pool.blocks:
+            if b.block_id in pinned:
+                out.append("pinned")
+            elif b.ref_count > 1:
+                out.append("shared")
+            elif b.ref_count == 1:
+                out.append("used")
+            elif b.block_hash is not None:
+                out.append("cached")
+            else:
+                out.append("free")
+        return out
 
 
 def _slots(seq) -> int:

@@ -17,10 +17,7 @@ from .free_queue import FreeBlockQueue
 
 @dataclass(slots=True, eq=False)  # identity equality: two blocks are never "the same" by value
 class Block:
-    """One KV block.
-
-    `pinned` is carried for higher layers (e.g. sessions) and is not acted upon by the pool.
-    """
+    """One KV block (its K/V live in the KVPool under the same id)."""
 
     block_id: int
     ref_count: int = 0
@@ -30,17 +27,17 @@ class Block:
     prev_free: object = field(default=None, repr=False)
     next_free: object = field(default=None, repr=False)
     last_used: float = 0.0
-    pinned: bool = False
 
 
 class BlockPool:
     """Owns every block; hands them out by reference count."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_evict=None) -> None:
         """Creates all blocks up front.
 
         Args:
             num_blocks: Pool size; block ids are 0..num_blocks-1 and never change.
+            on_evict: called with a cached block just before its contents are dropped (the SSD tier spills it).
         """
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
@@ -52,8 +49,7 @@ class BlockPool:
         # Cached blocks nobody references, least recently used first (what TTL and the size cap trim).
         self.lru: OrderedDict[int, Block] = OrderedDict()
         self.evictions = 0
-        # Called with a cached block just before its contents are dropped (the SSD tier spills it here).
-        self.on_evict = None
+        self.on_evict = on_evict
 
     @property
     def num_free_blocks(self) -> int:

@@ -1,6 +1,6 @@
 """Long-context KV policies: which whole blocks a sequence drops when it outgrows its KV budget.
 
-Pure bookkeeping (no MLX): the engine (engine/evict.py) frees the chosen blocks, re-rotates the keys of older
+Pure bookkeeping (no MLX): the engine (engine/drop.py) frees the chosen blocks, re-rotates the keys of older
 kept blocks so positions stay "within the cache" as StreamingLLM does, and feeds back attention mass for H2O.
 
 - window (StreamingLLM, Xiao et al. 2023): keep the blocks holding the first `sinks` tokens and the most recent
@@ -93,7 +93,7 @@ class KVPolicy:
                 + (f" and {self.recent_blocks * self.block_size} recent tokens" if self.kind == "h2o" else "")
                 + f" at block size {self.block_size}; use --budget {self.min_budget} or more")
 
-    def evictions(self, cache_len: int, n_new: int, scores: list[float] | None = None) -> list[int]:
+    def drops(self, cache_len: int, n_new: int, scores: list[float] | None = None) -> list[int]:
         """Table indices of the blocks to drop so that `cache_len + n_new <= budget`.
 
         Args:

@@ -18,7 +18,7 @@ import mlx.core as mx
 from .sequence import SamplingParams, Sequence
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
-NO_TOKEN = -2        # "this row has no token to pick" (distinct from the engine's PENDING = -1)
+NO_TOKEN = -2        # "this row has no token to pick" (never a vocabulary id)
 
 _INF = float("inf")
 _F32_MAX = 3.4028234663852886e38  # largest finite float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..cache import BlockManager
 from ..errors import OutOfKVMemory
@@ -23,23 +24,38 @@ class Batch:
         return bool(self.prefill or self.decode or self.finished)
 
 
+class Admissions(Protocol):
+    """Told of each sequence's first admission (the prefix cache counts its hits)."""
+
+    def count_admission(self, seq: Sequence) -> None: ...
+
+
+class Pressure(Protocol):
+    """Asked to free blocks when a waiting sequence does not fit (resident sessions release one)."""
+
+    def relieve_pressure(self) -> bool:
+        """True if it freed something (the scheduler tries again)."""
+
+
 class Scheduler:
     """Waiting/running queues over a BlockManager.
 
     Args:
         blocks: the block manager. max_num_seqs: running sequences at most. prefill_chunk: prompt tokens per
         step at most (long prompts are prefilled over several steps while others keep decoding).
+        admissions, pressure: see the protocols above (None: nobody counts; nothing can be freed).
     """
 
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, prefill_chunk: int,
+                 admissions: Admissions | None = None, pressure: Pressure | None = None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.on_admit = lambda seq: None  # the engine counts prefix-cache hits here
-        self.on_pressure = lambda: False  # the engine may free blocks (release idle sessions); True if it did
+        self.admissions = admissions
+        self.pressure = pressure
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -47,7 +63,7 @@ class Scheduler:
         if seq.policy is not None:  # it holds at most its budget (+ the block being filled)
             slots = min(slots, seq.policy.budget + seq.policy.block_size)
         need = self.blocks.blocks_needed(slots)
-        total = self.blocks.pool.num_blocks
+        total = self.blocks.num_blocks
         if need > total:
             bs = self.blocks.block_size
             raise OutOfKVMemory(
@@ -68,7 +84,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
-                if self.on_pressure():
+                if self.pressure is not None and self.pressure.relieve_pressure():
                     continue
                 break
             self.waiting.popleft()
@@ -77,7 +93,8 @@ class Scheduler:
             seq.num_computed = hit
             if first:
                 seq.num_cached_tokens = hit
-                self.on_admit(seq)
+                if self.admissions is not None:
+                    self.admissions.count_admission(seq)
             seq.prefill_len = seq.num_tokens  # after a preemption this includes the output so far
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

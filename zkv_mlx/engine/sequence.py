@@ -97,7 +97,9 @@ class Sequence:
     params: SamplingParams
     user: str = "local"
     seq_id: int = field(default_factory=lambda: next(_ids))
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # generated tokens whose values are known
+    # decode tokens sampled but not read back yet (pipelined decode, engine.InFlight): they follow output_ids
+    num_inflight: int = 0
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     prefill_len: int = 0  # tokens to prefill when admitted (prompt, or prompt + output after preemption)
@@ -115,15 +117,15 @@ class Sequence:
     block_hashes: list = field(default_factory=list)
     num_registered: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the cache at first admission
-    # long-context policy (cache/policy.py, engine/evict.py)
+    # long-context policy (cache/policy.py, engine/drop.py)
     policy: object = None  # KVPolicy, or None to keep every token
-    evicted: int = 0  # tokens dropped from the cache: position p lives at cache index p - evicted
+    dropped: int = 0  # tokens a policy dropped from the cache: position p lives at cache index p - dropped
     mass: list = field(default_factory=list)  # h2o: attention mass received, per block-table index
     seen: list = field(default_factory=list)  # h2o: queries that could attend to each table index
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_inflight
 
     @property
     def num_slots(self) -> int:
@@ -131,33 +133,29 @@ class Sequence:
         if self.policy is None:
             return self.num_tokens
         if self.num_computed < self.prefill_len or self.prefill_len == 0:  # prefill: one chunk at a time
-            return min(self.num_tokens, self.num_computed + self.policy.chunk) - self.evicted
-        return self.num_tokens - self.evicted
+            return min(self.num_tokens, self.num_computed + self.policy.chunk) - self.dropped
+        return self.num_tokens - self.dropped
+
+    @property
+    def evicted(self) -> int:
+        """Old name of `dropped` (kept for runner.py and eval/ppl.py; "evict" now means the pool's reuse)."""
+        return self.dropped
 
     @property
     def cache_len(self) -> int:
         """Tokens whose K/V the sequence holds in the pool."""
-        return self.num_computed - self.evicted
+        return self.num_computed - self.dropped
 
     def reset_cache_state(self) -> None:
-        """Forgets evictions (after preemption the sequence is recomputed from scratch)."""
-        self.evicted = 0
+        """Forgets dropped blocks (after preemption the sequence is recomputed from scratch)."""
+        self.dropped = 0
         self.mass.clear()
         self.seen.clear()
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt + generated token ids known so far (without tokens still in flight)."""
         return self.prompt_ids + self.output_ids
-
-    @property
-    def num_known_tokens(self) -> int:
-        """Leading tokens whose ids are final (pipelined decode leaves trailing placeholders, -1)."""
-        n = self.num_tokens
-        for t in reversed(self.output_ids):
-            if t >= 0:
-                break
-            n -= 1
-        return n
 
     @property
     def max_hit_tokens(self) -> int | None:
