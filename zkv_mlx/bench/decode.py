@@ -47,7 +47,7 @@ def _mlx_lm_round(model, prompt: list[int], tokens: int) -> tuple[float, float]:
 
 
 def run(args) -> int:
-    from ..cli import engine_kwargs, open_model
+    from ..cli_common import engine_kwargs, open_model
     from ..models.loader import load_model
 
     kw = engine_kwargs(args)
@@ -65,7 +65,7 @@ def run(args) -> int:
     fp16 = None
     if quant:
         # The same engine with an unquantized KV cache, for "ratio_vs_fp16" and the prefill peak memory.
-        if model.engine.runner.pool.quant is None:
+        if not model.info["kv_quantized"]:
             log(args, "warning: the engine ignored --kv-quant (its runner was built without the KV config)")
         log(args, "loading the unquantized-KV engine...")
         # the baseline is an fp16 KV cache (--kv-dtype overrides it)
@@ -98,7 +98,7 @@ def run(args) -> int:
     extra = {}
     if fp16 is not None:
         fp16.close()
-        extra = {"kv_quant": args.kv_quant, "kv_format": model.engine.runner.pool.format_name,
+        extra = {"kv_quant": args.kv_quant, "kv_format": model.info["kv_format"],
                  "fp16_tok_s": round(median(f_dec), 2), "baseline_kv_dtype": args.kv_dtype or "float16", "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
                  "prefill_peak_bytes": max(q_peak), "prefill_peak_bytes_fp16": max(f_peak)}
     result = {
