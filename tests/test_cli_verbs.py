@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,27 @@ def test_faces_never_read_the_engine_behind_the_api():
                 if isinstance(node, ast.Attribute) and node.attr in ("engine", "_thread"):
                     hits.append(f"{f.relative_to(ROOT)}:{node.lineno}")
     assert hits == []
+
+
+def test_sessions_import_path_new_name_then_info_export_delete(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from zkv_mlx import ZKV
+    from zkv_mlx.cli import main
+
+    tiny = str(tiny_model_dir("llama"))
+    monkeypatch.setenv("ZKV_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZKV_CACHE_DIR", str(tmp_path / "cache"))
+    with ZKV(tiny, kv_cache_memory="32MB") as m:
+        s = m.create_session(name="trip")
+        s.chat("Hello", temperature=0, max_tokens=4)
+        src = s.save(tmp_path / "trip.zkvs")
+    flags = ["--model", tiny, "--kv-cache-memory", "32MB"]
+    assert main(["sessions", "import", str(src), "paris", *flags]) == 0
+    assert "imported session 'paris'" in capsys.readouterr().out
+    assert main(["sessions", "info", "paris", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "paris"
+    assert main(["sessions", "export", "paris", str(tmp_path / "out.zkvs")]) == 0
+    assert (tmp_path / "out.zkvs").read_bytes()[:8] == src.read_bytes()[:8]
+    assert main(["sessions", "delete", "paris"]) == 0
+    assert main(["sessions", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [r["name"] for r in rows] == ["trip"]  # saved by close(); "paris" is gone
