@@ -168,7 +168,7 @@ def test_cli_sessions_export_end_to_end(tmp_path, planted):
 def test_export_copy_failing_midway_keeps_old_dest(tmp_path, monkeypatch):
     import shutil
 
-    from zkv_mlx.cli import _export_file
+    from zkv_mlx.saved_sessions import copy_file as _export_file
 
     src = tmp_path / "src.zkvs"
     session_file.write(src, _session_data())

@@ -18,12 +18,15 @@ from collections.abc import Iterator
 
 from .config import EngineConfig, PolicyConfig, check_policy, load_toml, make_config
 from .engine import EngineThread, SamplingParams
+from .engine_facts import EngineFacts, read_facts
+from .models.messages import normalize_messages  # noqa: F401  (public: the faces' one message normalisation)
 from .errors import ConfigError, SessionError, SessionFormatError
 from . import paths
-from .session import Session, session_path, user_dir
+from .saved_sessions import delete_file, open_same_conversation, saved_sessions
+from .session import Session, session_path
 from .storage import session_file
 from .names import NAME_RULE
-from .storage.session_file import SUFFIX, check_name
+from .storage.session_file import check_name
 from .timestamps import iso_utc
 
 
@@ -45,8 +48,14 @@ class ZKV:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._thread = EngineThread(self.config).start()
         _live.add(self)
-        self.engine = self._thread.engine
-        self.tokenizer = self.engine.lm.tokenizer
+        self.facts: EngineFacts = self._thread.call(read_facts)
+        self.tokenizer = self.facts.tokenizer
+
+    @property
+    def engine(self):
+        """The Engine, for tests and debugging only: it belongs to the engine thread, so read it through
+        `self._thread.call(fn)`; the API itself uses `self.facts` and `call`."""
+        return self._thread.engine
 
     # -- generation -----------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], *, stream: bool = False, user: str | None = None, **sampling):
@@ -166,17 +175,11 @@ class ZKV:
     @property
     def info(self) -> dict:
         """What is loaded and how."""
-        lm = self.engine.lm
+        f = self.facts
         return {
-            "model": lm.name,
-            "path": str(lm.path),
-            "family": lm.family,
-            "fingerprint": lm.fingerprint,
-            "weights": lm.weights_format,
-            "max_context": self.engine.max_context,
-            "kv_dtype": str(self.engine.runner.pool.dtype).split(".")[-1],
-            "kv_blocks": self.engine.runner.pool.num_blocks,
-            "block_size": self.engine.runner.pool.block_size,
+            "model": f.model_name, "path": f.model_path, "family": f.family, "fingerprint": f.fingerprint,
+            "weights": f.weights, "max_context": f.max_context, "kv_dtype": f.kv_dtype, "kv_blocks": f.kv_blocks,
+            "block_size": f.block_size, "kv_format": f.kv_format, "kv_quantized": f.kv_quantized,
         }
 
     # -- sessions -------------------------------------------------------------------------------------
@@ -277,11 +280,11 @@ class ZKV:
     def _restore(self, path: Path, user: str, name: str | None, keep_file: bool) -> Session:
         data = session_file.read(path)
         meta = data.meta
-        session_file.check_compatible(meta, self.engine.lm.fingerprint, self.engine.kv_format, path)
+        session_file.check_compatible(meta, self.facts.fingerprint, self.facts.kv_format, path)
         name = check_name(name or meta["name"])
         key = (user, name)
         if keep_file:
-            same = _open_same_conversation(self._sessions.get(key), user, name, path, meta)
+            same = open_same_conversation(self._sessions.get(key), user, name, path, meta)
             if same is not None:
                 return same
         if key in self._sessions:
@@ -289,7 +292,7 @@ class ZKV:
         if not keep_file and session_path(user, name).exists():
             raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
         ids = meta["token_ids"]
-        vocab = self.engine.lm.model.model.embed_tokens.weight.shape[0]
+        vocab = self.facts.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:  # such ids would index past the embedding on the next turn or save
             raise SessionFormatError(f"{path}: token id {bad} is outside this model's vocabulary of {vocab} ids "
@@ -310,14 +313,8 @@ class ZKV:
         """
         user = user or "local"
         out = {s.name: s.info() for (u, _), s in self._sessions.items() if u == user}
-        d = user_dir(user)
-        for f in sorted(d.glob("*" + SUFFIX)) if d.is_dir() else []:
-            name = f.name[: -len(SUFFIX)]
-            if name in out:
-                continue
-            try:
-                meta = session_file.read_meta(f)
-            except SessionError:
+        for name, _, meta in saved_sessions(user):
+            if name in out or isinstance(meta, SessionError):
                 continue  # a corrupt file is reported when it is opened
             out[name] = {"name": name, "user": user, "context_length": len(meta["token_ids"]),
                          "cache_size_bytes": 0, "created_at": iso_utc(meta.get("created_at")),
@@ -341,10 +338,8 @@ class ZKV:
         s = self._sessions.pop(key, None)
         if s is not None:
             s.release()
-        p = session_path(user, name)
-        if s is None and not p.exists():
+        if not delete_file(user, name) and s is None:
             raise SessionError(f"no session named {name!r} for user {user!r}")
-        p.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Saves sessions with unsaved turns, then stops the engine thread."""
@@ -363,35 +358,6 @@ class ZKV:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _open_same_conversation(open_s: Session | None, user: str, name: str, path: Path, meta: dict) -> Session | None:
-    """For `load_session(file)`: the open session when it holds the file's conversation; None to restore the file.
-
-    Raises SessionError when the session's name is taken (open, or saved in the data dir) by another
-    conversation, which loading the file would replace or, on the next save, overwrite.
-    """
-    def same(messages, token_ids) -> bool:
-        return messages == meta["messages"] and list(token_ids) == list(meta["token_ids"])
-
-    saved = session_path(user, name)
-    if open_s is not None:
-        if same(open_s.messages, open_s.token_ids):
-            return open_s
-        taken = "is already open with another conversation"
-    elif saved.exists() and saved.resolve() != path.resolve():
-        try:
-            m = session_file.read_meta(saved)
-        except SessionError:
-            m = None  # unreadable: still not ours to overwrite
-        if m is not None and same(m["messages"], m["token_ids"]):
-            return None
-        taken = f"is already saved in {saved} with another conversation"
-    else:
-        return None
-    user_arg = "" if user == "local" else f", user={user!r}"
-    raise SessionError(f"session {name!r} of user {user!r} {taken} than {path}; open the file under another "
-                       f"name: model.load_session({str(path)!r}{user_arg}, name={name[:126] + '-2'!r})")
 
 
 _live: "weakref.WeakSet[ZKV]" = weakref.WeakSet()

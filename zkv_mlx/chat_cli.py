@@ -7,7 +7,7 @@ import time
 
 
 def run_chat(args) -> int:
-    from .cli import open_model, sampling_kwargs
+    from .cli_common import open_model, sampling_kwargs
 
     print("zkv-mlx chat: loading the model...", file=sys.stderr, flush=True)
     model = open_model(args)

@@ -92,7 +92,10 @@ class Session:
 
     @property
     def _pinned(self) -> list[int]:
-        return self._model.engine.session_pins.get(self._key, [])
+        key, t = self._key, self._model._thread
+        if not t._thread.is_alive():  # after model.close(): no thread to ask, and no race either
+            return list(t.engine.session_pins.get(key, []))
+        return t.call(lambda e: list(e.session_pins.get(key, [])))
 
     def release(self) -> None:
         """Lets the session's blocks be evicted (they stay cached, and spill to SSD when reused)."""
@@ -112,15 +115,15 @@ class Session:
         `created_at` / `updated_at` are ISO-8601 UTC strings such as "2024-01-15T10:30:00Z" (the attributes
         `Session.created_at` / `.updated_at` stay Unix times).
         """
-        per_block = self._model.engine.bytes_per_block
+        facts, pinned = self._model.facts, self._pinned
         return {
             "name": self.name,
             "user": self.user,
             "context_length": len(self.token_ids),
-            "cache_size_bytes": len(self._pinned) * per_block,
+            "cache_size_bytes": len(pinned) * facts.bytes_per_block,
             "created_at": iso_utc(self.created_at),
             "updated_at": iso_utc(self.updated_at),
-            "tier": "memory" if self._pinned else ("ssd" if self._model.engine.ssd is not None and self.token_ids
+            "tier": "memory" if pinned else ("ssd" if facts.has_ssd and self.token_ids
                                                    else "disk" if self.path.exists() else "none"),
             "messages": len(self.messages),
         }
@@ -152,7 +155,8 @@ class Session:
             target = target / (self.name + session_file.SUFFIX)
         eng = self._model._thread
         pinned = eng.call(lambda e: e.full_blocks(self.user, self.token_ids))
-        bs = self._model.engine.blocks.block_size
+        f = self._model.facts
+        bs = f.block_size
         need = len(self.token_ids) // bs
         if len(pinned) < need:
             # Some blocks were evicted (and not on SSD): recompute the conversation once to bring them back.
@@ -166,19 +170,18 @@ class Session:
                 f"{len(pinned)} could be recovered; the previous file (if any) is kept. Free KV memory (close other "
                 "sessions or raise --kv-cache-memory) and save again")
         ks, vs = eng.call(lambda e: e.export_kv(pinned))
-        e = self._model.engine
         meta = {
-            "name": self.name, "user": self.user, "model_fingerprint": e.lm.fingerprint, "model_name": e.lm.name,
-            "kv_format": e.kv_format, "dtype": ks[0].dtype.name if ks else "float32",
+            "name": self.name, "user": self.user, "model_fingerprint": f.fingerprint, "model_name": f.model_name,
+            "kv_format": f.kv_format, "dtype": ks[0].dtype.name if ks else "float32",
             "block_shape": list(ks[0].shape[1:]) if ks else [1],
             "v_block_shape": list(vs[0].shape[1:]) if vs else [1],
-            "n_layers": e.runner.pool.n_layers, "n_kv_heads": e.runner.pool.n_kv_heads,
-            "block_size": bs, "head_dim": e.runner.pool.head_dim, "n_blocks": len(pinned),
+            "n_layers": f.n_layers, "n_kv_heads": f.n_kv_heads,
+            "block_size": bs, "head_dim": f.head_dim, "n_blocks": len(pinned),
             "token_ids": self.token_ids, "messages": self.messages,
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
         data = session_file.SessionData(meta=meta, k=ks, v=vs)
-        sec = getattr(e.runner.pool, "sink_section_bytes", 0)
+        sec = f.sink_section_bytes
         if sec and ks and ks[0].dtype == np.uint8:
             # Sink keys exist only in a sequence's first block: store those sections once, not per block.
             flags = np.ascontiguousarray(ks[0][:, -sec:-sec + 4]).view(np.uint32)[:, 0]

@@ -51,7 +51,7 @@ def _round(model, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
 
 
 def run(args) -> int:
-    from ..cli import open_model
+    from ..cli_common import open_model
 
     streams, plen = args.streams, args.prompt_tokens
     if streams < 1 or args.tokens < 1 or plen < 1 or args.rounds < 1:

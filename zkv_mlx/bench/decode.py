@@ -46,8 +46,23 @@ def _mlx_lm_round(model, prompt: list[int], tokens: int) -> tuple[float, float]:
     return prefill, decode
 
 
+def _fp16_baseline(args, model, prompt):
+    """The same engine with an unquantized KV cache, for "ratio_vs_fp16" and the prefill peak memory."""
+    from ..api import ZKV
+    from ..cli_common import engine_kwargs
+
+    if not model.info["kv_quantized"]:
+        log(args, "warning: the engine ignored --kv-quant (its runner was built without the KV config)")
+    log(args, "loading the unquantized-KV engine...")
+    # the issue's baseline is an fp16 KV cache (--kv-dtype overrides it)
+    kw = dict(engine_kwargs(args), kv_quant="none", kv_group_size=None, kv_dtype=args.kv_dtype or "float16")
+    fp16 = ZKV(args.model, config=args.config, **kw)
+    _zkv_round(fp16, prompt[:64], 4)
+    return fp16
+
+
 def run(args) -> int:
-    from ..cli import engine_kwargs, open_model
+    from ..cli_common import engine_kwargs, open_model
     from ..models.loader import load_model
 
     kw = engine_kwargs(args)
@@ -62,18 +77,7 @@ def run(args) -> int:
     ref = load_model(args.model, model.config.weights_dtype).model
     prompt = bench_tokens(model.tokenizer, args.context)
     quant = getattr(args, "kv_quant", None) not in (None, "none")
-    fp16 = None
-    if quant:
-        # The same engine with an unquantized KV cache, for "ratio_vs_fp16" and the prefill peak memory.
-        if model.engine.runner.pool.quant is None:
-            log(args, "warning: the engine ignored --kv-quant (its runner was built without the KV config)")
-        log(args, "loading the unquantized-KV engine...")
-        # the issue's baseline is an fp16 KV cache (--kv-dtype overrides it)
-        kw = dict(engine_kwargs(args), kv_quant="none", kv_group_size=None, kv_dtype=args.kv_dtype or "float16")
-        from ..api import ZKV
-
-        fp16 = ZKV(args.model, config=args.config, **kw)
-        _zkv_round(fp16, prompt[:64], 4)
+    fp16 = _fp16_baseline(args, model, prompt) if quant else None
     f_dec, q_peak, f_peak = [], [], []
     # Warm-up both (kernels, allocator) on a short prompt.
     _zkv_round(model, prompt[:64], 4)
@@ -98,21 +102,13 @@ def run(args) -> int:
     extra = {}
     if fp16 is not None:
         fp16.close()
-        extra = {"kv_quant": args.kv_quant, "kv_format": model.engine.runner.pool.format_name,
-                 "fp16_tok_s": round(median(f_dec), 2), "baseline_kv_dtype": args.kv_dtype or "float16", "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
+        extra = {"kv_quant": args.kv_quant, "kv_format": model.info["kv_format"], "fp16_tok_s": round(median(f_dec), 2),
+                 "baseline_kv_dtype": args.kv_dtype or "float16", "ratio_vs_fp16": round(median(z_dec) / median(f_dec), 3),
                  "prefill_peak_bytes": max(q_peak), "prefill_peak_bytes_fp16": max(f_peak)}
-    result = {
-        "context": args.context,
-        "tokens": args.tokens,
-        "rounds": args.rounds,
-        "zkv_tok_s": round(median(z_dec), 2),
-        "mlx_lm_tok_s": round(median(m_dec), 2),
-        "ratio": round(median(z_dec) / median(m_dec), 3),
-        "prefill_zkv_tok_s": round(median(z_pre), 1),
-        "prefill_mlx_lm_tok_s": round(median(m_pre), 1),
-        **extra,
-        "weights": model.info["weights"],
-        "machine": machine(),
-    }
+    result = {"context": args.context, "tokens": args.tokens, "rounds": args.rounds,
+              "zkv_tok_s": round(median(z_dec), 2), "mlx_lm_tok_s": round(median(m_dec), 2),
+              "ratio": round(median(z_dec) / median(m_dec), 3),
+              "prefill_zkv_tok_s": round(median(z_pre), 1), "prefill_mlx_lm_tok_s": round(median(m_pre), 1),
+              **extra, "weights": model.info["weights"], "machine": machine()}
     emit(result)
     return 0

@@ -27,7 +27,7 @@ def _segments(model, prompt, tokens: int, segment: int, policy) -> list[float]:
 
 
 def run(args) -> int:
-    from ..cli import open_model
+    from ..cli_common import open_model
     from ..config import PolicyConfig
 
     kind = args.kv_policy if args.kv_policy not in (None, "full") else "window"

@@ -27,7 +27,7 @@ def ttft(model, ids: list[int]) -> tuple[float, int]:
 
 
 def run(args) -> int:
-    from ..cli import open_model
+    from ..cli_common import open_model
 
     if args.max_context is None:
         args.max_context = args.prefix_tokens + 2 * args.suffix_tokens + 64

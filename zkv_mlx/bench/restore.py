@@ -20,9 +20,9 @@ def _first_token(model, ids) -> float:
 
 
 def run(args) -> int:
-    from ..cli import open_model
+    from ..cli_common import open_model
     from ..session import Session
-    from ..storage import session_file
+    from ..saved_sessions import read_file
 
     if args.max_context is None:
         args.max_context = args.tokens + 64
@@ -44,7 +44,7 @@ def run(args) -> int:
                 Session(model, "bench", "local", [], ids).save(f)
             model.clear_kv_cache()
             t0 = time.perf_counter()
-            session_file.read(f)
+            read_file(f)
             reads.append(time.perf_counter() - t0)
             model.clear_kv_cache()
             t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 
@@ -18,6 +18,39 @@ from .state import ServerState, current_user, get_state
 
 DESCRIPTION = ("OpenAI-compatible API of zkv-mlx. Errors are JSON: "
                '{"error": {"message", "type", "param", "code"}}. See docs/server.md.')
+
+
+# The model, stats and health routes (completions and sessions have their own modules).
+router = APIRouter()
+
+
+@router.get("/v1/models", tags=["models"])
+async def list_models(request: Request, user: str = Depends(current_user)):
+    return {"object": "list", "data": [get_state(request).model_card()]}
+
+
+@router.get("/v1/models/{model_id}", tags=["models"], responses={404: {"description": "unknown model"}})
+async def get_model(model_id: str, request: Request, user: str = Depends(current_user)):
+    """The loaded model; `default` names it too."""
+    srv = get_state(request)
+    srv.check_model(model_id)
+    return srv.model_card()
+
+
+@router.get("/v1/kv/stats", tags=["kv"])
+async def kv_stats(request: Request, user: str = Depends(current_user)):
+    """KV pool and prefix-cache statistics; `per_user` holds only the caller's own entry."""
+    stats = dict(await run_in_threadpool(get_state(request).model.kv_cache_stats))
+    per_user = stats.get("per_user")
+    if isinstance(per_user, dict):
+        stats["per_user"] = {user: per_user[user]} if user in per_user else {}
+    stats["user"] = user
+    return stats
+
+
+@router.get("/health", tags=["health"])
+async def health():
+    return {"status": "ok"}
 
 
 def create_app(model, api_keys: dict[str, str] | None = None, require_key: bool = False,
@@ -63,29 +96,5 @@ def create_app(model, api_keys: dict[str, str] | None = None, require_key: bool 
     app.include_router(completions.router)
     app.include_router(sessions.router)
 
-    @app.get("/v1/models", tags=["models"])
-    async def list_models(request: Request, user: str = Depends(current_user)):
-        return {"object": "list", "data": [get_state(request).model_card()]}
-
-    @app.get("/v1/models/{model_id}", tags=["models"], responses={404: {"description": "unknown model"}})
-    async def get_model(model_id: str, request: Request, user: str = Depends(current_user)):
-        """The loaded model; `default` names it too."""
-        srv = get_state(request)
-        srv.check_model(model_id)
-        return srv.model_card()
-
-    @app.get("/v1/kv/stats", tags=["kv"])
-    async def kv_stats(request: Request, user: str = Depends(current_user)):
-        """KV pool and prefix-cache statistics; `per_user` holds only the caller's own entry."""
-        stats = dict(await run_in_threadpool(get_state(request).model.kv_cache_stats))
-        per_user = stats.get("per_user")
-        if isinstance(per_user, dict):
-            stats["per_user"] = {user: per_user[user]} if user in per_user else {}
-        stats["user"] = user
-        return stats
-
-    @app.get("/health", tags=["health"])
-    async def health():
-        return {"status": "ok"}
-
+    app.include_router(router)
     return app

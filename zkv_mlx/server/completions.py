@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .bridge import EventStream
 from .errors import APIError, from_engine_error
 from ..errors import MessageError
-from ..models.messages import normalize_messages
+from ..api import normalize_messages
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import ServerState, current_user, get_state
 

@@ -11,7 +11,7 @@ def serve(args) -> int:
     """Runs the server for parsed `zkv-mlx serve` arguments (see cli.py)."""
     import uvicorn
 
-    from ..cli import open_model
+    from ..cli_common import open_model
     from .app import create_app
     from .auth import load_api_keys
     from ..config import parse_size

@@ -1,0 +1,92 @@
+"""The command line imports only the verb that runs; faces never read the engine behind the API."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zkv_mlx.cli import build_parser
+from zkv_mlx.commands.sessions import operands
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_parsing_imports_no_verb_and_no_engine():
+    code = ("import sys, zkv_mlx.cli as c; c.build_parser().parse_args(['sessions', 'list']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('zkv_mlx.commands.', 'zkv_mlx.bench', "
+            "'zkv_mlx.server', 'zkv_mlx.eval', 'zkv_mlx.api', 'zkv_mlx.engine', 'mlx'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def _verbs(parser):
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            if sub._subparsers is not None:
+                yield from _verbs(sub)
+            else:
+                yield name, sub.get_default("func")
+
+
+def test_every_verb_names_an_importable_function():
+    seen = dict(_verbs(build_parser()))
+    assert {"generate", "chat", "stats", "serve", "sessions", "doctor", "decode", "kvmem", "ppl"} <= set(seen)
+    for name, func in seen.items():
+        module, _, attr = func.target.partition(":")
+        assert callable(getattr(importlib.import_module("zkv_mlx." + module), attr)), name
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["sessions", "import", "trip.zkvs", "paris"], ("paris", "trip.zkvs")),
+    (["sessions", "import", "trip.zkvs"], (None, "trip.zkvs")),
+    (["sessions", "export", "paris", "out.zkvs"], ("paris", "out.zkvs")),
+    (["sessions", "delete", "paris"], ("paris", None)),
+])
+def test_sessions_operands_are_a_name_and_a_path(argv, expect):
+    assert operands(build_parser().parse_args(argv)) == expect
+
+
+FACES = ["app", "zkv_mlx/server", "zkv_mlx/commands", "zkv_mlx/bench", "zkv_mlx/cli.py", "zkv_mlx/cli_common.py",
+         "zkv_mlx/chat_cli.py"]
+
+
+def test_faces_never_read_the_engine_behind_the_api():
+    # ZKV.engine belongs to the engine thread; faces use ZKV's methods and `info` instead.
+    hits = []
+    for face in FACES:
+        p = ROOT / face
+        for f in [p] if p.is_file() else sorted(p.rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr in ("engine", "_thread"):
+                    hits.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert hits == []
+
+
+def test_sessions_import_path_new_name_then_info_export_delete(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from zkv_mlx import ZKV
+    from zkv_mlx.cli import main
+
+    tiny = str(tiny_model_dir("llama"))
+    monkeypatch.setenv("ZKV_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZKV_CACHE_DIR", str(tmp_path / "cache"))
+    with ZKV(tiny, kv_cache_memory="32MB") as m:
+        s = m.create_session(name="trip")
+        s.chat("Hello", temperature=0, max_tokens=4)
+        src = s.save(tmp_path / "trip.zkvs")
+    flags = ["--model", tiny, "--kv-cache-memory", "32MB"]
+    assert main(["sessions", "import", str(src), "paris", *flags]) == 0
+    assert "imported session 'paris'" in capsys.readouterr().out
+    assert main(["sessions", "info", "paris", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "paris"
+    assert main(["sessions", "export", "paris", str(tmp_path / "out.zkvs")]) == 0
+    assert (tmp_path / "out.zkvs").read_bytes()[:8] == src.read_bytes()[:8]
+    assert main(["sessions", "delete", "paris"]) == 0
+    assert main(["sessions", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [r["name"] for r in rows] == ["trip"]  # saved by close(); "paris" is gone
