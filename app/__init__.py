@@ -37,7 +37,8 @@ def run_tui(model_factory: Callable[[], object], **options) -> int:
     if app.load_error:
         print(f"zkv-mlx: error: {app.load_error}", file=sys.stderr)
         return 1
-    return code or 0
+    # A crash inside Textual ends run() with no return value but return_code 1: never report it as success.
+    return code or app.return_code or 0
 
 
 __all__ = ["make_app", "run_tui"]

@@ -53,7 +53,7 @@ class ZkvChatApp(SessionActions, App[int]):
     TITLE = "zkv-mlx"
     CSS = """
     #body { height: 1fr; }
-    #main { width: 1fr; }
+    #main { width: 1fr; min-width: 24; }
     #status { height: 1; color: $text-muted; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
     BINDINGS = [
@@ -113,7 +113,9 @@ class ZkvChatApp(SessionActions, App[int]):
             self.backend.close()
 
     def on_resize(self, event: events.Resize) -> None:
-        self._fit_to(event.size.width, event.size.height)
+        # After the screen has taken the new size: showing a panel while the layout still has the old, narrow
+        # width would squeeze the message box to nothing.
+        self.call_after_refresh(self._fit_to, event.size.width, event.size.height)
 
     def _fit_to(self, width: int, height: int) -> None:
         """Applies the narrow-terminal rule (AUTO_HIDE, SHORT) to the main screen's panels."""

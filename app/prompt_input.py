@@ -26,7 +26,7 @@ class PromptInput(TextArea):
     """
 
     DEFAULT_CSS = """
-    PromptInput { height: auto; min-height: 3; max-height: 8; border: tall $border-blurred; padding: 0 1; }
+    PromptInput { height: auto; min-height: 3; max-height: 8; min-width: 12; border: tall $border-blurred; padding: 0 1; }
     PromptInput:focus { border: tall $border; }
     """
 

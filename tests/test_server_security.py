@@ -131,7 +131,8 @@ def test_foreign_host_is_refused_loopback_names_are_served(served):
         for path in ("/v1/sessions", "/v1/sessions/x/export", "/health"):
             err = _error(httpx.get(served.url + path, headers={**AUTH, "Host": host}), 421)
             assert err["code"] == "host_not_allowed" and repr(host) in err["message"]
-            assert "--allow-host" in err["message"]
+            assert "--allow-host" in err["message"] and "allowed_hosts" in err["message"]
+            assert "[::1]" in err["message"]  # as a Host header writes it
     for host in (f"127.0.0.1:{p}", f"localhost:{p}", f"[::1]:{p}", "LOCALHOST:1234", "127.0.0.1"):
         assert httpx.get(served.url + "/v1/sessions", headers={**AUTH, "Host": host}).status_code == 200, host
 
@@ -160,6 +161,7 @@ def test_foreign_origin_cannot_change_state_the_allowed_front_end_can(served):
     pre = httpx.options(served.url + "/v1/sessions", headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in pre.headers
+    assert _error(pre, 403)["code"] == "origin_not_allowed"  # JSON like every other error
     # The server's own origin (its /docs page) and the allow-listed front end are served, the latter with CORS.
     own = httpx.post(served.url + "/v1/sessions", json={"name": "own-origin"},
                      headers={**AUTH, "Origin": served.url})
@@ -187,18 +189,35 @@ def test_allow_list_and_limits_are_checked_when_the_app_is_built():
             normalize_origin(bad)
     with pytest.raises(ConfigError, match="--max-body"):
         create_app(object(), max_body="lots")
-    with pytest.raises(ConfigError, match="--allow-host"):
-        create_app(object(), allowed_hosts=["http://x/"])
+    for bad in ("http://x/", "evil.example:99", "", "a b"):
+        with pytest.raises(ConfigError, match="--allow-host"):
+            create_app(object(), allowed_hosts=[bad])
+    from zkv_mlx.server.guard import check_host_name
+
+    assert [check_host_name(h) for h in ("[::2]", "LocalDev.Test", "10.0.0.5")] == ["::2", "localdev.test", "10.0.0.5"]
 
 
 def test_cli_serve_rejects_bad_guard_flags_before_loading(capsys):
     from zkv_mlx.cli import main
 
     for flags, word in ((["--allow-origin", "front.example"], "--allow-origin"),
-                        (["--max-body", "lots"], "--max-body"), (["--max-upload", "0"], "--max-upload")):
+                        (["--max-body", "lots"], "--max-body"), (["--max-upload", "0"], "--max-upload"),
+                        (["--allow-host", "evil.example:99"], "--allow-host")):
         assert main(["serve", "--model", "/nonexistent", *flags]) == 1
         err = capsys.readouterr().err
         assert word in err and "Traceback" not in err and "nonexistent" not in err
+
+
+def test_cli_serve_refuses_a_busy_port_before_loading(capsys):
+    from zkv_mlx.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "Traceback" not in err and "nonexistent" not in err
 
 
 # -- 2. key before body, body caps ------------------------------------------------------------------------
@@ -283,6 +302,41 @@ BAD = [  # (endpoint body, the field the 400 must name, code)
     (PROMPT | {"prompt": [1, True]}, "prompt.1", "invalid_type"),
     (PROMPT | {"frobnicate": 1}, "frobnicate", "unknown_parameter"),
 ]
+MSG = {"role": "user", "content": "hi"}
+BAD_MESSAGES = [  # fields inside a message: never silently ignored
+    (MSG | {"foo": 1}, "unknown_parameter"),
+    (MSG | {"name": "bob"}, "unsupported_parameter"),
+    (MSG | {"tool_call_id": "z"}, "unsupported_parameter"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+     "unsupported_parameter"),
+    (MSG | {"function_call": {"name": "f"}}, "unsupported_parameter"),
+    (MSG | {"refusal": "no"}, "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize("msg, code", BAD_MESSAGES, ids=[c + "-" + "-".join(m) for m, c in BAD_MESSAGES])
+def test_unknown_and_unimplemented_message_fields_are_400(served, msg, code):
+    err = _error(httpx.post(served.url + "/v1/chat/completions", json=CHAT | {"messages": [MSG, msg]},
+                            headers=AUTH), 400)
+    assert err["code"] == code and err["param"].startswith("messages.1"), err
+    field = next(k for k in msg if k not in ("role", "content"))
+    assert field in err["message"], err
+
+
+def test_nan_and_infinite_numbers_are_400_saying_finite(served):
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for bad in ("NaN", "Infinity"):  # what JavaScript's JSON.stringify never sends, but Python's json does
+            body = json.dumps(CHAT).replace('"max_tokens": 1', f'"max_tokens": 1, "{field}": {bad}')
+            err = _error(httpx.post(served.url + "/v1/chat/completions", content=body,
+                                    headers={**AUTH, "Content-Type": "application/json"}), 400)
+            assert err["param"] == field and "finite" in err["message"], err
+
+
+def test_image_parts_get_the_apis_message(served):
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]
+    err = _error(httpx.post(served.url + "/v1/chat/completions",
+                            json=CHAT | {"messages": [{"role": "user", "content": parts}]}, headers=AUTH), 400)
+    assert "messages[0]" in err["message"] and "image_url" in err["message"], err
 
 
 @pytest.mark.parametrize("body, param, code", BAD, ids=[f"{p}-{c}" for _, p, c in BAD])

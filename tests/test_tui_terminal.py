@@ -327,3 +327,21 @@ async def test_help_lists_rename_when_the_engine_has_it():
         await pilot.press("f1")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         assert "r rename" in app.screen.text
+
+
+@aio
+async def test_resize_from_tiny_back_to_wide_keeps_the_message_box():
+    """30x8 -> 120x8 -> 30x8 -> 120x36: the panels come back only once the screen has its new width, so the
+    message box is never squeezed to zero columns (Textual crashed wrapping its placeholder at width 0)."""
+    app, _ = app_with(FakeZKV(sessions=("alpha",)))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await loaded(pilot)
+        prompt = app.query_one(PromptInput)
+        for w, h in [(30, 8), (120, 8), (30, 8), (120, 36), (31, 9), (121, 37)]:
+            await pilot.resize_terminal(w, h)
+            await pilot.pause(0.2)
+            assert app.is_running and app.return_code is None
+            assert prompt.size.width >= 12 and fully_visible(app, prompt)
+        assert app.query_one(SessionsSidebar).display and app.query_one("#cache").display
+        await pilot.press(*"ok")
+        assert prompt.text == "ok"

@@ -13,7 +13,7 @@ from . import completions, sessions
 from .auth import Auth
 from .errors import install_handlers
 from .guard import (DEFAULT_MAX_BODY, DEFAULT_MAX_UPLOAD, LOOPBACK_NAMES, KeyAndBodyGuard, OriginGuard,
-                    normalize_origin)
+                    check_host_name, normalize_origin)
 from .state import ServerState, current_user, get_state
 
 DESCRIPTION = ("OpenAI-compatible API of zkv-mlx. Errors are JSON: "
@@ -79,9 +79,7 @@ def create_app(model, api_keys: dict[str, str] | None = None, require_key: bool 
         raise ConfigError(f"max_queue: {max_queue!r} must be an integer >= 1")
     max_body, max_upload = parse_size(max_body, "--max-body"), parse_size(max_upload, "--max-upload")
     origins = frozenset(normalize_origin(o).lower() for o in allowed_origins)
-    hosts = list(allowed_hosts or [])
-    if any(not isinstance(h, str) or not h.strip() or "/" in h for h in hosts):
-        raise ConfigError(f"--allow-host {hosts!r}: give host names without scheme or port, e.g. myhost.local")
+    hosts = ["*" if h == "*" else check_host_name(h) for h in (allowed_hosts or [])]
     app = FastAPI(title="zkv-mlx", version=__version__, description=DESCRIPTION)
     auth = Auth(api_keys, require_key)
     app.state.zkv = ServerState(model, auth, max_queue)
@@ -92,7 +90,7 @@ def create_app(model, api_keys: dict[str, str] | None = None, require_key: bool 
         app.add_middleware(CORSMiddleware, allow_origins=sorted(origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
     app.add_middleware(OriginGuard, origins=origins,
-                       hosts=None if "*" in hosts else LOOPBACK_NAMES | {h.strip("[]").lower() for h in hosts})
+                       hosts=None if "*" in hosts else LOOPBACK_NAMES | set(hosts))
     app.include_router(completions.router)
     app.include_router(sessions.router)
 

@@ -59,12 +59,17 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None, str]:
     kind, ctx = str(err.get("type", "")), err.get("ctx") or {}
     if kind == "json_invalid":
         return f"the request body is not valid JSON: {ctx.get('error', err.get('msg'))}", None, "invalid_json"
-    if kind in ("unsupported_parameter", "dependent_parameter"):  # raised by schemas.py, message names the field
-        return err.get("msg", kind), ctx.get("param"), "unsupported_parameter" if kind[0] == "u" else "invalid_value"
     # Drop "body" and pydantic's union-member tags ("str", "list[str]", "function-after[...]") from the path.
     loc = [str(p) for p in err.get("loc", ())[1:]
            if isinstance(p, int) or (str(p).isidentifier() and str(p) not in _TYPE_TAGS)]
     param = ".".join(loc) or None
+    if kind in ("unsupported_parameter", "dependent_parameter"):  # raised by schemas.py, message names the field
+        # inside a message, the path to it: "messages.1" + "name"
+        full = ".".join(x for x in (param, ctx.get("param")) if x)
+        msg = err.get("msg", kind)
+        if param:
+            msg = full + msg[len(ctx.get("param", "")):] if msg.startswith(str(ctx.get("param"))) else msg
+        return msg, full or None, "unsupported_parameter" if kind[0] == "u" else "invalid_value"
     if kind == "extra_forbidden":
         return (f"{param}: unknown parameter; this server does not know it (docs/server.md lists the fields it "
                 "implements)", param, "unknown_parameter")

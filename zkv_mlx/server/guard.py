@@ -34,6 +34,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_host_name(name) -> str:
+    """An `--allow-host` value as compared with `Host` headers: lower case, no brackets; raises ConfigError for a
+    value with a scheme, path or port (the guard accepts any port)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--allow-host {name!r}: give a host name, e.g. myhost.local")
+    bare = name.strip().strip("[]").lower()
+    try:
+        ipaddress.ip_address(bare)
+        return bare
+    except ValueError:
+        pass
+    if any(c in bare for c in "/:@ ") or bare.startswith("."):
+        raise ConfigError(f"--allow-host {name!r}: give the host name only, without scheme, port or path "
+                          f"(any port is accepted), e.g. --allow-host {urlsplit('//' + bare).hostname or 'myhost.local'}")
+    return bare
+
+
 def normalize_origin(url: str) -> str:
     """`scheme://host[:port]` of a front end's URL, as browsers send it in `Origin`; raises ConfigError."""
     try:
@@ -93,17 +110,25 @@ class OriginGuard:
         host = _header(scope, b"host")
         if host is not None and self.allowed_hosts is not None:
             if _host_name(host) not in self.allowed_hosts:
+                names = ", ".join(sorted(f"[{h}]" if ":" in h else h for h in self.allowed_hosts))
                 return await _answer(scope, receive, send, APIError(
-                    421, f"Host {host!r} is not served here: this server answers only to "
-                         f"{', '.join(sorted(self.allowed_hosts))}; start it with --allow-host NAME to add a name",
+                    421, f"Host {host!r} is not served here: this server answers only to {names} (any port); "
+                         "to add a name, start it with --allow-host NAME (create_app(allowed_hosts=[NAME]))",
                     code="host_not_allowed"))
+        if scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method") is not None:
+            origin = _header(scope, b"origin")
+            if origin is not None and origin.lower() not in self.allowed_origins:
+                return await _answer(scope, receive, send, APIError(  # JSON, not CORS middleware's text/plain
+                    403, f"CORS preflight from origin {origin!r} refused; to serve a browser front end there, start "
+                         f"the server with --allow-origin {origin}", code="origin_not_allowed"))
         if scope["method"] in STATE_CHANGING:
             origin = _header(scope, b"origin")
             if origin is not None:
                 own = host is not None and origin.lower() in (f"http://{host}".lower(), f"https://{host}".lower())
                 if not own and origin.lower() not in self.allowed_origins:
                     fix = ("serve the front end from an http(s) origin and start the server with --allow-origin "
-                           "URL" if origin == "null" else f"start the server with --allow-origin {origin}")
+                           "URL" if origin == "null" else f"start the server with --allow-origin {origin} "
+                           f"(create_app(allowed_origins=[{origin!r}]))")
                     return await _answer(scope, receive, send, APIError(
                         403, f"requests from origin {origin!r} are refused; to serve a browser front end there, "
                              f"{fix}", code="origin_not_allowed"))

@@ -15,7 +15,7 @@ def serve(args) -> int:
     from .app import create_app
     from .auth import load_api_keys
     from ..config import parse_size
-    from .guard import is_loopback, normalize_origin
+    from .guard import check_host_name, is_loopback, normalize_origin
 
     if args.require_key and not args.api_keys:
         raise ConfigError("--require-key needs --api-keys FILE (no key could ever be accepted)")
@@ -31,6 +31,9 @@ def serve(args) -> int:
                  max_upload=args.max_upload)
     for url in args.allow_origin:  # bad flags fail before the (slow) model load
         normalize_origin(url)
+    for name in args.allow_host:
+        check_host_name(name)
+    _check_port_free(args.host, args.port)
     parse_size(args.max_body, "--max-body"), parse_size(args.max_upload, "--max-upload")
     model = open_model(args)
     try:
@@ -44,3 +47,23 @@ def serve(args) -> int:
         model.close()
     return 0
 
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raises ConfigError when `host:port` cannot be bound (before the model load, not after it)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r}: cannot resolve it ({e.strerror}); use e.g. 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server may "
+                              f"be using it: pick another, e.g. --port {port + 1}") from None

@@ -73,10 +73,25 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
+# Message fields this server does not implement -> the values that mean "not used" (accepted).
+MESSAGE_UNIMPLEMENTED = {
+    "name": lambda v: v is None, "tool_calls": _is_empty, "tool_call_id": lambda v: v is None,
+    "function_call": lambda v: v is None, "refusal": lambda v: v is None, "audio": _is_empty,
+}
+
+
+class ChatMessage(_Strict):
+    """One message. `content` parts are checked by `normalize_messages` (the Python API's rule, so the same
+    message gets the same error everywhere, e.g. an image part)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unimplemented(cls, data):
+        return _refuse_unimplemented(data, MESSAGE_UNIMPLEMENTED)
 
 
 class StreamOptions(_Strict):
@@ -88,8 +103,8 @@ class _Sampling(_Strict):
 
     model: str = Field("default", description='"default" or the id from GET /v1/models')
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 = greedy (default 1.0)")
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy (default 1.0)")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = Field(None, description="accepted for compatibility; the user is the API key's")
@@ -97,8 +112,8 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     # Extensions (as in vLLM and llama.cpp's server).
     top_k: int | None = Field(None, ge=0, le=MAX_TOKENS_LIMIT)
-    min_p: float | None = Field(None, ge=0.0, lt=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_p: float | None = Field(None, ge=0.0, lt=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
