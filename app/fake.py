@@ -298,7 +298,7 @@ class FakeZKV:
             raise SessionFormatError(f"{path}: not a session file ({e})") from None
         name = check_name(name or data["name"])
         if name in self._sessions:
-            raise SessionError(f"session {name!r} already exists; import it with name=...")
+            raise SessionError(f"session {name!r} already exists; import it under another name, e.g. {name + '-2'!r}")
         self._sessions[name] = FakeSession(self, name, data["user"], data["messages"])
         return self._sessions[name]
 

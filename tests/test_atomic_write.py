@@ -163,6 +163,10 @@ def test_cli_sessions_export_end_to_end(tmp_path, planted):
     r = _cli(["sessions", "export", "trip", str(d)], tmp_path)
     _one_line_error(r, "is a directory", str(d))
     assert _tree(tmp_path) == before
+    # "newdir/" names a directory even when there is none yet: refused, no file called "newdir" appears
+    r = _cli(["sessions", "export", "trip", str(tmp_path / "newdir") + "/"], tmp_path)
+    _one_line_error(r, "is a directory", "newdir")
+    assert _tree(tmp_path) == before
 
 
 def test_export_copy_failing_midway_keeps_old_dest(tmp_path, monkeypatch):

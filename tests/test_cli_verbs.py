@@ -84,9 +84,34 @@ def test_sessions_import_path_new_name_then_info_export_delete(tiny_model_dir, t
     assert "imported session 'paris'" in capsys.readouterr().out
     assert main(["sessions", "info", "paris", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "paris"
+    saved = next((tmp_path / "data").rglob("paris.zkvs"))
     assert main(["sessions", "export", "paris", str(tmp_path / "out.zkvs")]) == 0
-    assert (tmp_path / "out.zkvs").read_bytes()[:8] == src.read_bytes()[:8]
+    assert (tmp_path / "out.zkvs").read_bytes() == saved.read_bytes()  # export copies the saved file whole
+    from zkv_mlx.storage import session_file
+
+    a, b = session_file.read(src), session_file.read(tmp_path / "out.zkvs")
+    assert b.meta["name"] == "paris" and a.meta["token_ids"] == b.meta["token_ids"]
     assert main(["sessions", "delete", "paris"]) == 0
     assert main(["sessions", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert [r["name"] for r in rows] == ["trip"]  # saved by close(); "paris" is gone
+
+
+def test_plain_chat_opens_creates_and_saves_the_named_session(tiny_model_dir, tmp_path):
+    """`zkv-mlx chat --plain --session NAME` (also what piped input gets) keeps its turns in that session."""
+    import os
+
+    from zkv_mlx.storage import session_file
+
+    env = dict(os.environ, ZKV_DATA_DIR=str(tmp_path / "data"), ZKV_CACHE_DIR=str(tmp_path / "cache"))
+    exe = str(Path(sys.executable).parent / "zkv-mlx")
+    cmd = [exe, "chat", "--plain", "--model", str(tiny_model_dir("llama")), "--kv-cache-memory", "16MB",
+           "--max-tokens", "3", "--temp", "0", "--session", "plain1"]
+    for turns in ("hi\n", "again\n"):  # created by the first run, reopened by the second
+        r = subprocess.run(cmd, input=turns, capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+    p = next((tmp_path / "data").rglob("plain1.zkvs"))
+    users = [m["content"] for m in session_file.read_meta(p)["messages"] if m["role"] == "user"]
+    assert users == ["hi", "again"]
+    r = subprocess.run(cmd[:-1] + ["a/b"], input="hi\n", capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "invalid session name 'a/b'" in r.stderr and "Traceback" not in r.stderr

@@ -153,10 +153,39 @@ def test_old_files_without_or_with_odd_times_still_list_and_load(model):
     assert listed["created_at"] is None and listed["updated_at"] is None
     s2 = model.load_session("old")
     assert ISO.match(s2.info()["created_at"])  # a time is assigned when the file has none
+    # a hand-edited time that is no time is neither shown nor written back
+    model.close_session("old")
+    data = session_file.read(p)
+    data.meta["created_at"], data.meta["updated_at"] = "yesterday", 1e30
+    session_file.write(p, data)
+    (listed,) = model.list_sessions()
+    assert listed["created_at"] is None and listed["updated_at"] is None
+    s3 = model.load_session("old")
+    assert ISO.match(s3.info()["created_at"]) and ISO.match(s3.info()["updated_at"])
+    s3.save()
+    meta = session_file.read_meta(p)
+    assert isinstance(meta["created_at"], float) and isinstance(meta["updated_at"], float)
 
 
 @pytest.mark.parametrize("t,want", [(1705314600, "2024-01-15T10:30:00Z"), (1705314600.9, "2024-01-15T10:30:00Z"),
                                     (0, "1970-01-01T00:00:00Z"), (None, None), (float("inf"), None), (1e300, None),
-                                    ("2024-01-15T10:30:00Z", "2024-01-15T10:30:00Z"), (True, None)])
+                                    ("2024-01-15T10:30:00Z", "2024-01-15T10:30:00Z"), (True, None),
+                                    ("yesterday", None)])
 def test_iso_utc(t, want):
     assert iso_utc(t) == want
+
+
+def test_importing_a_taken_name_suggests_a_name_that_works(model, tmp_path):
+    s = model.create_session("dup")
+    s.chat("Hi", **GREEDY)
+    f = s.export(tmp_path / "dup.zkvs")
+    s.save()
+    model.close_session("dup")
+    with pytest.raises(SessionError) as e:
+        model.import_session(str(f))
+    msg = str(e.value)
+    sug = re.search(r"name='([^']+)'", msg).group(1)
+    assert sug == "dup-2" and f"zkv-mlx sessions import PATH {sug}" in msg and "name=..." not in msg
+    assert model.import_session(str(f), name=sug).name == sug  # the suggested fix works as written
+    model.delete_session(sug)
+    model.delete_session("dup")

@@ -290,7 +290,11 @@ class ZKV:
         if key in self._sessions:
             raise SessionError(f"session {name!r} is already open for user {user!r}")
         if not keep_file and session_path(user, name).exists():
-            raise SessionError(f"session {name!r} already exists for user {user!r}; import it with name=...")
+            sug = next(f"{name}-{i}" for i in range(2, 10**6) if not session_path(user, f"{name}-{i}").exists()
+                       and (user, f"{name}-{i}") not in self._sessions)
+            raise SessionError(f"session {name!r} already exists for user {user!r}; import it under another name, "
+                               f"e.g. {sug!r} (Python: name={sug!r}; CLI: zkv-mlx sessions import PATH {sug}; "
+                               f"server: POST /v1/sessions/import?name={sug})")
         ids = meta["token_ids"]
         vocab = self.facts.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)

@@ -7,10 +7,22 @@ import time
 
 
 def run_chat(args) -> int:
+    from .api import SessionError
     from .cli_common import open_model, sampling_kwargs
+    from .names import check_name
 
+    name = getattr(args, "session", None)
+    if name is not None:
+        check_name(name)  # a bad name fails before the (slow) model load
     print("zkv-mlx chat: loading the model...", file=sys.stderr, flush=True)
     model = open_model(args)
+    session = None
+    if name is not None:  # open (or create) it: each turn is kept, saved on exit
+        try:
+            session = model.open_session(name, user=args.user)
+        except SessionError:
+            session = model.create_session(name, user=args.user)
+        print(f"session: {name} ({len(session.messages)} messages so far)", file=sys.stderr)
     info = model.info
     print(f"model: {info['model']} ({info['weights']} weights, {info['kv_blocks']} KV blocks of {info['block_size']})",
           file=sys.stderr)
@@ -30,6 +42,8 @@ def run_chat(args) -> int:
                 break
             if text == "/reset":
                 messages = messages[:1] if args.system else []
+                if session is not None:
+                    session.clear()
                 print("(conversation cleared)")
                 continue
             if text == "/stats":
@@ -41,7 +55,10 @@ def run_chat(args) -> int:
             t0 = time.perf_counter()
             reply, n = [], 0
             try:
-                for chunk in model.chat(messages, stream=True, user=args.user, **sampling_kwargs(args)):
+                stream = session.chat(_turn(session, messages, text), stream=True, **sampling_kwargs(args)) \
+                    if session is not None else \
+                    model.chat(messages, stream=True, user=args.user, **sampling_kwargs(args))
+                for chunk in stream:
                     reply.append(chunk)
                     n += 1
                     sys.stdout.write(chunk)
@@ -54,3 +71,8 @@ def run_chat(args) -> int:
     finally:
         model.close()
     return 0
+
+
+def _turn(session, messages: list[dict], text: str):
+    """What a session's next turn sends: the system prompt too when the session is still empty."""
+    return messages[-2:] if not session.messages and messages[0]["role"] == "system" else text

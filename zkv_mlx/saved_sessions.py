@@ -54,7 +54,7 @@ def export_file(src: Path, dest: str) -> None:
 def copy_file(src, dest: str) -> None:
     """Copies `src` to `dest` through `atomic_write` (SessionError names a directory or unwritable `dest`)."""
     d = Path(dest)
-    if d.is_dir():
+    if d.is_dir() or str(dest).endswith(("/", "\\")):  # "newdir/" names a directory even before it exists
         raise SessionError(f"cannot export to {dest}: it is a directory; give a file path such as "
                            f"{d / Path(src).name}")
     try:

@@ -15,7 +15,7 @@ from .errors import SessionError
 from .names import is_valid_name
 from .models.messages import normalize_messages
 from .storage import session_file
-from .timestamps import iso_utc
+from .timestamps import epoch_or_none, iso_utc
 
 
 def user_dir(user: str) -> Path:
@@ -42,8 +42,8 @@ class Session:
         self.user = user
         self.messages: list[dict] = list(messages or [])
         self.token_ids: list[int] = list(token_ids or [])  # conversation tokens whose K/V are computed
-        self.created_at = created_at or time.time()
-        self.updated_at = updated_at or self.created_at
+        self.created_at = epoch_or_none(created_at) or time.time()  # a hand-edited "yesterday" is not kept
+        self.updated_at = epoch_or_none(updated_at) or self.created_at
         self._dirty = True
 
     # -- conversation -----------------------------------------------------------------------------------
