@@ -7,7 +7,6 @@ import time
 
 
 def run_chat(args) -> int:
-    from .api import SessionError
     from .cli_common import open_model, sampling_kwargs
     from .names import check_name
 
@@ -16,13 +15,7 @@ def run_chat(args) -> int:
         check_name(name)  # a bad name fails before the (slow) model load
     print("zkv-mlx chat: loading the model...", file=sys.stderr, flush=True)
     model = open_model(args)
-    session = None
-    if name is not None:  # open (or create) it: each turn is kept, saved on exit
-        try:
-            session = model.open_session(name, user=args.user)
-        except SessionError:
-            session = model.create_session(name, user=args.user)
-        print(f"session: {name} ({len(session.messages)} messages so far)", file=sys.stderr)
+    session = None if name is None else _open_or_create(model, name, args.user)
     info = model.info
     print(f"model: {info['model']} ({info['weights']} weights, {info['kv_blocks']} KV blocks of {info['block_size']})",
           file=sys.stderr)
@@ -76,3 +69,15 @@ def run_chat(args) -> int:
 def _turn(session, messages: list[dict], text: str):
     """What a session's next turn sends: the system prompt too when the session is still empty."""
     return messages[-2:] if not session.messages and messages[0]["role"] == "system" else text
+
+
+def _open_or_create(model, name: str, user: str | None):
+    """The named session, opened or created: each turn is kept, and saved when the model closes."""
+    from .api import SessionError
+
+    try:
+        session = model.open_session(name, user=user)
+    except SessionError:
+        session = model.create_session(name, user=user)
+    print(f"session: {name} ({len(session.messages)} messages so far)", file=sys.stderr)
+    return session
