@@ -9,7 +9,6 @@ to check that the UI degrades gracefully when an engine build lacks them.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import time
 import zlib
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from zkv_mlx.errors import SessionError, SessionFormatError
 from zkv_mlx.names import check_name
+from zkv_mlx.streams import EventQueue, stream_texts
 
 ALL_FEATURES = frozenset({"sessions", "rename", "block_map", "prefix_stats", "usage"})
 BLOCK_SIZE = 4
@@ -58,24 +58,16 @@ def reply_for(messages: list[dict]) -> str:
     return f"You said: **{last}**\n\n- paged KV blocks\n- prefix caching\n\nAnything else?"
 
 
-class FakeHandle:
+class FakeHandle(EventQueue):
     """Like the engine's RequestHandle: iterate for events, cancel() from any thread."""
 
     def __init__(self, owner: "FakeZKV", ids: list[int], text: str, user: str):
-        self._events: queue.Queue = queue.Queue()
+        super().__init__()
         self._cancelled = threading.Event()
-        self.done = False
         threading.Thread(target=owner._generate, args=(self, ids, text, user), daemon=True).start()
 
     def cancel(self) -> None:
         self._cancelled.set()
-
-    def __iter__(self):
-        while not self.done:
-            ev = self._events.get()
-            if ev.kind in ("done", "error"):
-                self.done = True
-            yield ev
 
 
 class FakeSession:
@@ -182,17 +174,7 @@ class FakeZKV:
             messages = [{"role": "user", "content": messages}]
         handle = FakeHandle(self, self.tokenizer.encode_chat(messages), reply_for(messages), user or "local")
 
-        def texts():
-            try:
-                for ev in handle:
-                    if ev.kind == "error":
-                        raise ev.error
-                    if ev.text:
-                        yield ev.text
-            finally:
-                handle.cancel()
-
-        return texts() if stream else "".join(texts())
+        return stream_texts(handle) if stream else "".join(stream_texts(handle))
 
     def _generate(self, handle: FakeHandle, ids: list[int], text: str, user: str) -> None:
         cached = self._lookup(ids, user)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from .config import EngineConfig, PolicyConfig, check_policy, load_toml, make_config
 from .engine import EngineThread, SamplingParams
+from .streams import EventQueue, stream_texts  # noqa: F401  (public: what handles and fakes share)
 from .engine_facts import EngineFacts, read_facts
 from .models.messages import normalize_messages  # noqa: F401  (public: the faces' one message normalisation)
 from .errors import ConfigError, SessionError, SessionFormatError
@@ -103,22 +104,11 @@ class ZKV:
         policy = self._policy(sampling)
         params = SamplingParams(**_sampling(sampling))
         handle = self._thread.submit(ids, params, user or "local", policy)
-        it = self._texts(handle)
+        it = stream_texts(handle)
         if stream:
             return it
         return "".join(it)
 
-    @staticmethod
-    def _texts(handle) -> Iterator[str]:
-        try:
-            for ev in handle:
-                if ev.kind == "error":
-                    raise ev.error
-                if ev.text:
-                    yield ev.text
-        finally:
-            if not handle.done:  # the caller stopped iterating: stop generating
-                handle.cancel()
 
     def submit(self, prompt_ids: list[int], user: str | None = None, **sampling):
         """Low-level: queue token ids and get a RequestHandle yielding engine Events (ids, text, usage)."""

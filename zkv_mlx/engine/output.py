@@ -100,3 +100,4 @@ class Outputs:
         listener = self.listeners.pop(seq.seq_id, None)
         if listener:
             listener(Event("error", error=error, finish_reason="error"))
+

@@ -13,28 +13,18 @@ from ..config import EngineConfig, PolicyConfig
 from ..errors import ZkvError
 from ..models.loader import load_model
 from .engine import Engine
+from ..streams import EventQueue
 from .output import Event
 from .sequence import SamplingParams, Sequence
 
 
-class RequestHandle:
+class RequestHandle(EventQueue):
     """A submitted request as seen from the caller's thread: iterate for events, cancel to stop."""
 
     def __init__(self, thread: "EngineThread"):
+        super().__init__()
         self._thread = thread
-        self._events: queue.Queue[Event] = queue.Queue()
         self.seq: Sequence | None = None
-        self.done = False
-
-    def _push(self, ev: Event) -> None:
-        self._events.put(ev)
-
-    def __iter__(self):
-        while not self.done:
-            ev = self._events.get()
-            if ev.kind in ("done", "error"):
-                self.done = True
-            yield ev
 
     def cancel(self) -> None:
         """Stops generation (blocks are freed on the engine thread)."""
