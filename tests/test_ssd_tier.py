@@ -145,3 +145,33 @@ def test_pool_block_layout_is_what_export_gives(kw):
     assert (ks[0].shape[1:], ks[0].dtype.name) == (k_shape, k_dtype)
     assert (vs[0].shape[1:], vs[0].dtype.name) == (v_shape, v_dtype)
     assert (k_shape != v_shape) == (kv.quant == "k8v4" or kv.channel_keys)
+
+
+ISSUE_CHILD = r"""
+import json, sys
+from zkv_mlx import ZKV
+m = ZKV(kv_cache_memory="256MB", kv_quant=sys.argv[1])
+para = ("The quick brown fox jumps over the lazy dog while the river runs past the old mill, and the miller counts "
+        "the sacks of flour he will carry to the market in town before the sun goes down. ")
+m.generate(para * 3, max_tokens=2, temperature=0)
+s = m.kv_cache_stats()
+print(json.dumps({"hit_tokens": s["hit_tokens"], "ssd_promotions": s["ssd_promotions"]}))
+m.close()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int4", "k8v4"])
+def test_issue_input_two_processes_in_a_row_hit_the_ssd_tier(quant, tmp_path):
+    """Issue 17 section 1, as reported: the second process promoted nothing for int4/k8v4 (block files torn)."""
+    import json
+
+    env = dict(os.environ, ZKV_CACHE_DIR=str(tmp_path / "cache"), ZKV_DATA_DIR=str(tmp_path / "data"))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", ISSUE_CHILD, quant], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0] == {"hit_tokens": 0, "ssd_promotions": 0}
+    assert runs[1]["hit_tokens"] > 0 and runs[1]["ssd_promotions"] > 0, runs
