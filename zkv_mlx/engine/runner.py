@@ -33,9 +33,9 @@ class ModelRunner:
 
     def _plan(self, seqs: list[Sequence], positions: list[list[int]]):
         bs = self.block_size
-        # position p lives at cache index p - evicted (long-context policies drop whole blocks)
-        blocks = [s.block_table[(p - s.evicted) // bs] for s, ps in zip(seqs, positions) for p in ps]
-        offsets = [(p - s.evicted) % bs for s, ps in zip(seqs, positions) for p in ps]
+        # position p lives at cache index p - dropped (long-context policies drop whole blocks)
+        blocks = [s.block_table[(p - s.dropped) // bs] for s, ps in zip(seqs, positions) for p in ps]
+        offsets = [(p - s.dropped) % bs for s, ps in zip(seqs, positions) for p in ps]
         if self.pool.tail_k:
             # Free the tail rows of partial blocks whose sequence ended or gave the block back.
             for b, s in list(self._tail_owner.items()):
@@ -59,7 +59,7 @@ class ModelRunner:
             logits [vocab] of the last position, or [end - start, vocab] (lazy).
         """
         tokens = mx.array(seq.all_ids[start:end], dtype=mx.int32)[None]
-        context_len = end - seq.evicted
+        context_len = end - seq.dropped
         n_blocks = -(-context_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
         meta = prefill_metadata(self.pool, start, plan, seq.block_table[:n_blocks], context_len, _wants_mass(seq))
@@ -80,7 +80,7 @@ class ModelRunner:
             logits [B, vocab] (lazy).
         """
         positions = [s.num_tokens - 1 for s in seqs]
-        context_lens = [p + 1 - s.evicted for s, p in zip(seqs, positions)]
+        context_lens = [p + 1 - s.dropped for s, p in zip(seqs, positions)]
         if tokens is None:
             tokens = mx.array([[s.all_ids[-1]] for s in seqs], dtype=mx.int32)
         else:
@@ -91,7 +91,7 @@ class ModelRunner:
         self.mass = _sum_mass(meta)
         return out
 
-    # -- long-context policies (engine/evict.py) ------------------------------------------------------
+    # -- long-context policies (engine/drop.py) ------------------------------------------------------
     def shift_keys(self, block_ids: list[int], delta: int) -> None:
         """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively)."""
         if self.pool.quant is not None:

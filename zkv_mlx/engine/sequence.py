@@ -137,11 +137,6 @@ class Sequence:
         return self.num_tokens - self.dropped
 
     @property
-    def evicted(self) -> int:
-        """Old name of `dropped` (kept for runner.py and eval/ppl.py; "evict" now means the pool's reuse)."""
-        return self.dropped
-
-    @property
     def cache_len(self) -> int:
         """Tokens whose K/V the sequence holds in the pool."""
         return self.num_computed - self.dropped

@@ -110,21 +110,21 @@ class _PolicyRun:
         self.held_positions: list[int] = []  # token positions the cache holds, in cache order
 
     def chunk(self, start: int, end: int) -> mx.array:
-        from ..engine import evict
+        from ..engine import drop
 
         seq, bs = self.seq, self.policy.block_size
         seq.num_computed = start
         old = list(seq.block_table)
-        gone = set(evict.enforce(seq, end - start, self.runner, self.free.append, lambda b: b))
+        gone = set(drop.enforce(seq, end - start, self.runner, self.free.append, lambda b: b))
         self.held_positions = [p for i, b in enumerate(old) if b not in gone
                                for p in self.held_positions[i * bs:(i + 1) * bs]] + list(range(start, end))
-        while len(seq.block_table) * bs < end - seq.evicted:
+        while len(seq.block_table) * bs < end - seq.dropped:
             seq.block_table.append(self.free.pop(0))
         logits = self.runner.prefill(seq, start, end, all_logits=True)
         mass = self.runner.mass
         mx.eval(logits)
         seq.num_computed = end
-        evict.add_mass(seq, mass and mass[0], end - start)
+        drop.add_mass(seq, mass and mass[0], end - start)
         return logits
 
 
