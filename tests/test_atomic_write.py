@@ -165,7 +165,7 @@ def test_cli_sessions_export_end_to_end(tmp_path, planted):
     assert _tree(tmp_path) == before
     # "newdir/" names a directory even when there is none yet: refused, no file called "newdir" appears
     r = _cli(["sessions", "export", "trip", str(tmp_path / "newdir") + "/"], tmp_path)
-    _one_line_error(r, "is a directory", "newdir")
+    _one_line_error(r, "no such directory", "mkdir -p")
     assert _tree(tmp_path) == before
 
 

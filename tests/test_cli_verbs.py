@@ -110,8 +110,28 @@ def test_plain_chat_opens_creates_and_saves_the_named_session(tiny_model_dir, tm
     for turns in ("hi\n", "again\n"):  # created by the first run, reopened by the second
         r = subprocess.run(cmd, input=turns, capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0, r.stderr
+        assert r.stdout.count("assistant> ") == 1 and r.stdout.index("\nyou> ") > r.stdout.index("assistant> ")
     p = next((tmp_path / "data").rglob("plain1.zkvs"))
     users = [m["content"] for m in session_file.read_meta(p)["messages"] if m["role"] == "user"]
     assert users == ["hi", "again"]
     r = subprocess.run(cmd[:-1] + ["a/b"], input="hi\n", capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and "invalid session name 'a/b'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_counts_below_one_fail_in_one_line_before_loading(capsys):
+    from zkv_mlx.cli import main
+
+    for argv in (["bench", "decode", "--context", "0"], ["bench", "decode", "--rounds", "0"],
+                 ["bench", "batch", "--streams", "-1"], ["bench", "longctx", "--segment", "0"]):
+        assert main([*argv, "--model", "/nonexistent"]) == 1
+        err = capsys.readouterr().err
+        assert argv[2] in err and "must be >= 1" in err and "nonexistent" not in err and "Traceback" not in err
+
+
+def test_chat_refuses_a_bad_session_name_before_loading(capsys):
+    from zkv_mlx.cli import main
+
+    for extra in ([], ["--plain"]):  # the TUI and the plain loop alike
+        assert main(["chat", "--model", "/nonexistent", "--session", "a/b", *extra]) == 1
+        err = capsys.readouterr().err
+        assert "invalid session name 'a/b'" in err and "nonexistent" not in err

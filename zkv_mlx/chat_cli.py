@@ -59,7 +59,8 @@ def run_chat(args) -> int:
             except KeyboardInterrupt:
                 sys.stdout.write(" [stopped]")
             dt = time.perf_counter() - t0
-            print(f"\n({n} chunks in {dt:.1f}s)", file=sys.stderr)
+            sys.stdout.write("\n")  # the reply's own line, also when stdout is a file
+            print(f"({n} chunks in {dt:.1f}s)", file=sys.stderr)
             messages.append({"role": "assistant", "content": "".join(reply)})
     finally:
         model.close()

@@ -54,9 +54,12 @@ def export_file(src: Path, dest: str) -> None:
 def copy_file(src, dest: str) -> None:
     """Copies `src` to `dest` through `atomic_write` (SessionError names a directory or unwritable `dest`)."""
     d = Path(dest)
-    if d.is_dir() or str(dest).endswith(("/", "\\")):  # "newdir/" names a directory even before it exists
+    if d.is_dir():
         raise SessionError(f"cannot export to {dest}: it is a directory; give a file path such as "
                            f"{d / Path(src).name}")
+    if str(dest).endswith(("/", "\\")):  # "newdir/" names a directory that is not there
+        raise SessionError(f"cannot export to {dest}: there is no such directory; create it first "
+                           f"(mkdir -p {dest}) and export to {d / Path(src).name}")
     try:
         with open(src, "rb") as fin, atomic_write(d) as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)

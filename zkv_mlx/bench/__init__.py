@@ -1,7 +1,18 @@
 """`zkv-mlx bench ...`: benchmarks printing JSON, comparing side by side in one run (A/B alternating, medians)."""
 
 
+# The counts each benchmark takes (its own int options and --rounds): a 0 would load the models and then fail.
+COUNTS = ("rounds", "context", "tokens", "streams", "prompt_tokens", "prefix_tokens", "suffix_tokens", "segment")
+
+
 def run_bench(args) -> int:
+    from ..errors import ConfigError
+
+    for name in COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value}: must be >= 1 (see zkv-mlx bench {args.bench} --help for the default)")
     if args.bench == "decode":
         from .decode import run
 

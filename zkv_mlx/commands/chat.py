@@ -8,6 +8,10 @@ from ..cli_common import open_model, sampling_kwargs
 
 
 def run(args) -> int:
+    if getattr(args, "session", None) is not None:
+        from ..names import check_name
+
+        check_name(args.session)  # the TUI and the plain loop refuse a bad name before the (slow) model load
     if args.plain or not (sys.stdin.isatty() and sys.stdout.isatty()):
         from ..chat_cli import run_chat
 
