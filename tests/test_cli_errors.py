@@ -181,3 +181,19 @@ def test_doctor_dir_overrides(tmp_path):
     r = run_cli(["doctor"], tmp_path, {"ZKV_DATA_DIR": str(data), "ZKV_CACHE_DIR": str(cache)})
     assert r.returncode == 0, r.stderr
     assert str(data) in r.stdout and str(cache) in r.stdout
+
+
+def test_bad_flags_are_one_line_and_exit_1(capsys):
+    """argparse's own errors follow the CLI's format (README): one line `zkv-mlx: error: ...`, exit 1."""
+    from zkv_mlx.cli import main
+
+    for argv, word in ((["generate", "--kv-quant", "int3", "--prompt", "hi"], "--kv-quant"),
+                       (["generate", "--kv-dtype", "int8"], "--kv-dtype"),
+                       (["bench", "decode", "--context", "x"], "--context"), (["frob"], "frob")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("zkv-mlx: error: ") and word in err, err
+        assert "usage:" not in err and "--help" in err
+    with pytest.raises(SystemExit) as e:  # --help is not an error
+        main(["generate", "--help"])
+    assert e.value.code == 0

@@ -161,8 +161,16 @@ def _add_tool_verbs(sub) -> None:
     add_kv_quality_commands(sub, bsub)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line `zkv-mlx: error: ...` naming where the help is, exit 1
+    (argparse's own prints the whole usage block and exits 2). Subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(1, f"zkv-mlx: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zkv-mlx", description="Local LLM inference with a smart paged KV cache.")
+    parser = _Parser(prog="zkv-mlx", description="Local LLM inference with a smart paged KV cache.")
     parser.add_argument("--version", action="version", version=f"zkv-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_verbs(sub)
@@ -174,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `zkv-mlx` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad flag: 1 after its one line (--help and --version still exit 0 as argparse does)
+        if not e.code:
+            raise
+        return int(e.code)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
