@@ -94,11 +94,20 @@ class CachePanel(VerticalScroll, can_focus=False):
         yield BlockMap(id="block-map")
         yield Static("", id="prefix-note")
 
+    def _figures_width(self) -> int:
+        # Inside the scrollbar when one shows (a short terminal): bars as wide as the panel would wrap there, make the
+        # content taller, and keep the scrollbar (and the wrapped bars) even after the terminal grows again.
+        w = self.scrollable_content_region.width
+        return max(10, w - 1) if w else 30
+
+    def on_resize(self, event) -> None:
+        if self.stats is not None:
+            self.query_one("#figures", Static).update(stats_view(self.stats, self._figures_width()))
+
     def show(self, stats: CacheStats) -> None:
         self.stats = stats
         self.updates += 1
-        width = max(10, self.content_size.width - 1) if self.content_size.width else 30
-        self.query_one("#figures", Static).update(stats_view(stats, width))
+        self.query_one("#figures", Static).update(stats_view(stats, self._figures_width()))
         states, exact = stats.states()
         bmap = self.query_one(BlockMap)
         bmap.states, bmap.exact = tuple(states), exact

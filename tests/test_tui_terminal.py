@@ -345,3 +345,24 @@ async def test_resize_from_tiny_back_to_wide_keeps_the_message_box():
         assert app.query_one(SessionsSidebar).display and app.query_one("#cache").display
         await pilot.press(*"ok")
         assert prompt.text == "ok"
+
+
+@aio
+async def test_cache_figures_fit_inside_the_scrollbar_of_a_short_terminal():
+    """At 120x8 the cache panel scrolls; its bars must fit beside the scrollbar (wrapped bars made the panel taller,
+    which kept the scrollbar, and the wrapped layout, after the terminal grew again)."""
+    app, _ = app_with(FakeZKV(sessions=("alpha",)))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await loaded(pilot)
+        await send(pilot, "hi")
+        await pilot.pause(0.5)
+        figures, cache = app.query_one("#figures"), app.query_one("#cache")
+        tall = figures.size.height
+        await pilot.resize_terminal(120, 8)
+        await pilot.pause(0.3)
+        await send(pilot, "again")
+        await pilot.pause(0.5)
+        assert cache.show_vertical_scrollbar and figures.size.height == tall  # no line wrapped
+        await pilot.resize_terminal(120, 36)
+        await pilot.pause(0.5)
+        assert not cache.show_vertical_scrollbar and figures.size.height == tall
