@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..names import NAME_PATTERN
+
 # mx.random.key takes an unsigned 64-bit seed; OpenAI's seed is a signed 64-bit integer.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1
@@ -143,7 +145,8 @@ class CompletionRequest(_Sampling):
         return _refuse_unimplemented(data, COMPLETION_UNIMPLEMENTED)
 
 
-SESSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# The API's one name rule (zkv_mlx/names.py); pydantic's regex engine has no trailing-newline `$` quirk.
+SESSION_NAME = f"^{NAME_PATTERN}$"
 
 
 class SessionCreate(_Strict):
