@@ -97,6 +97,23 @@ class LayerPlan:
         return groups
 
 
+def describe(plan: LayerPlan, kv_dtype: mx.Dtype) -> dict:
+    """The plan as `zkv-mlx doctor --model` prints it: per group kind, window, slots, heads, head dims and KV bytes
+    per token (`kv_dtype` storage; K and V of every slot of the group), plus notes."""
+    groups = []
+    for g in plan.groups():
+        per_token = g["slots"] * g["n_kv_heads"] * (g["k_head_dim"] + g["v_head_dim"]) * kv_dtype.size
+        groups.append(dict(g, kv_bytes_per_token=per_token))
+    notes = list(plan.notes)
+    if any(g["dense"] for g in plan.groups()):
+        notes.append("some layers use their fetched K/V themselves (own softmax, soft-capping, ...): they get dense "
+                     "K/V gathered from the pool and decode one sequence at a time")
+    if plan.has_state:
+        notes.append("state layers (SSM / linear attention) are kept per sequence; prefix hits resume them from "
+                     "snapshots at block boundaries")
+    return {"groups": groups, "sinks": plan.sinks, "vocab_size": plan.vocab_size, "notes": notes}
+
+
 def make_template(model: nn.Module) -> list:
     """`make_cache()` with each leaf classified; raises ModelLoadError for cache kinds the engine lacks."""
     from mlx_lm.models import cache as C
