@@ -187,7 +187,8 @@ class _ProbeCache(sdpa_hook.HookedCache):
             self.own_softmax = True  # K/V changed between fetch and attention: dense
         if not (mask is None or isinstance(mask, str) or any(mask is m and w == self.window for m, w in self.masks)):
             self.own_softmax = True  # a mask of the model's own making: dense
-        k, v = self.real
+        # untouched fetched K/V: attend over the real ones; else the model's own (poisoned-derived) arrays
+        k, v = self.real if not self.own_softmax else (keys, values)
         return orig(queries, k, v, cache=None, scale=scale, mask=mask, sinks=sinks)
 
 
@@ -305,9 +306,6 @@ def _assemble(model, template, probes, logits) -> LayerPlan:
         return ("kv", slot)
 
     new_template = [assign(t) for t in template]
-    if not any(s.paged for s in slots):
-        raise ModelLoadError(f"{_name(model)}: no attention layer has a pageable K/V geometry "
-                             f"(K/V shapes {probes[0].k_shape} / {probes[0].v_shape}); use mlx-lm for this model")
     unpaged = [s for s in slots if not s.paged]
     if unpaged:
         notes.append(f"{len(unpaged)} attention layer(s) keep mlx-lm's own KV per sequence (K/V geometry "
