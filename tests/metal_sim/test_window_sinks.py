@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from zkv_mlx.errors import ConfigError
 from zkv_mlx.kernels import metal, registry
 from zkv_mlx.kernels.reference_quant import paged_attention_reference_quantized
 
@@ -151,3 +152,30 @@ def test_thread_order_does_not_matter(simulator, monkeypatch):
             *_, other = _run(case, monkeypatch)
         for a, b in zip(*((x,) if isinstance(x, mx.array) else x for x in (forward, other))):
             np.testing.assert_array_equal(np.array(b.astype(mx.float32)), np.array(a.astype(mx.float32)))
+
+
+@pytest.mark.parametrize("return_mass", [False, True])
+def test_dispatcher_passes_window_and_sinks(return_mass, monkeypatch):
+    """paged_attention(..., window=, sinks=) on ZKV_KERNELS=metal (simulator) equals the reference path."""
+    from zkv_mlx.kernels import dispatch, paged_attention
+
+    from .test_dispatch import random_case
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", fake_metal_kernel)
+    registry.clear()
+    dispatch.reset()
+    q, k, v, tables, lens, max_len = random_case(4, dtype=mx.float32, max_ctx=250)
+    sinks = mx.array([0.5, -1.0, 2.0, 0.0, 1.5, -0.5])
+    kw = dict(window=40, sinks=sinks)
+    monkeypatch.setenv("ZKV_KERNELS", "reference")
+    want = paged_attention(q, k, v, tables, lens, 0.125, max_len, return_mass, **kw)
+    monkeypatch.setenv("ZKV_KERNELS", "metal")
+    got = paged_attention(q, k, v, tables, lens, 0.125, max_len, return_mass, **kw)
+    for a, b in zip(*((x,) if isinstance(x, mx.array) else x for x in (got, want))):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=2e-5)
+    plain = paged_attention(q, k, v, tables, lens, 0.125, max_len)  # the window and sinks did change the result
+    assert not np.allclose(np.array(plain), np.array(got if not return_mass else got[0]), atol=1e-3)
+    with pytest.raises(ConfigError, match="window=-3"):
+        paged_attention(q, k, v, tables, lens, 0.125, max_len, window=-3)
+    registry.clear()
+    dispatch.reset()
