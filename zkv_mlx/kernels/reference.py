@@ -110,13 +110,14 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
                             sinks: mx.array | None = None) -> mx.array:
     """Decode attention for one sequence, reading its K/V blocks once (CPU-friendly reference).
 
-    The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so
-    instead of copying K/V into [H_kv, L, D] this computes q against every row of the sequence's blocks in one
-    GEMM (all heads: cheap here, the GEMM is bound by reading K), keeps each query head's own kv head (the
-    block diagonal) before the softmax (exp is the costly op on the CPU), and multiplies V by the block-diagonal
-    probabilities. Contiguous runs of block ids are slices of the pool, so K/V are never copied (only the small
-    score rows are concatenated across runs); many scattered blocks are gathered instead. With a window only
-    the blocks it touches are read (earlier entries of block_table are never used).
+    The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so instead
+    of copying K/V into [H_kv, L, D] this treats each (block, kv head) as one small matrix of a batched matmul
+    over pool slices read in place: scores [n, H_kv, rep, BS] = q grouped by kv head [1, H_kv, rep, D] @ K^T
+    (no wasted products of a query head with another head's keys), one softmax over all blocks' positions
+    (the fast exp: exp is the costly op on the CPU), then (P @ V) summed over the blocks. Contiguous runs of
+    block ids are slices of the pool, so K/V are never copied; many scattered blocks are gathered instead.
+    With a window only the blocks it touches are read (earlier entries of block_table are never used). The
+    result depends only on this sequence, so it is the same alone as in any batch.
 
     Args:
         q: [1, n_heads, 1, D]; k_pool, v_pool: the layer's pool arrays.
@@ -140,27 +141,24 @@ def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, blo
         parts = [(k_pool[idx], v_pool[idx], nb)]
     else:  # slices of the pool: no copy of K/V
         parts = [(k_pool[a:a + n], v_pool[a:a + n], n) for a, n in runs]
-    q2 = q.reshape(n_heads, d) * scale
-    # every query head against every row of each run: [H_kv, rep, n, H_kv, BS]
-    scores = [(q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
-              for k, _, n in parts]
-    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=2)
+    qh = (q.reshape(1, h_kv, rep, d) * scale)  # query heads grouped by their kv head
+    # every (block, kv head) pair: [n, H_kv, rep, BS]
+    scores = [qh @ k.astype(q.dtype).swapaxes(-1, -2) for k, _, n in parts]
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=0)
     if sinks is None:
-        p = _decode_probs(s, bounds)  # [rep, nb * BS, H_kv] float32
-    else:  # query head kvh * rep + r -> [rep, 1, H_kv]
-        p = _decode_probs_sinks(s, bounds, sinks.astype(mx.float32).reshape(h_kv, rep).T[:, None, :])
+        p = _decode_probs(s, bounds)  # [nb, H_kv, rep, BS] float32
+    else:  # query head kvh * rep + r
+        p = _decode_probs_sinks(s, bounds, sinks.astype(mx.float32).reshape(1, h_kv, rep, 1))
     if mass_out is not None:
-        mass = p.reshape(rep, nb, bs, h_kv).sum(axis=(0, 2, 3))
+        mass = p.sum(axis=(1, 2, 3))
         mass_out.append(mass if not first else mx.pad(mass, (first, 0)))
-    eye = _eye(h_kv, q.dtype)
+    p = p.astype(q.dtype)
     out, start = None, 0
     for _, v, n in parts:
-        pr = _spread(p[:, start * bs:(start + n) * bs].reshape(rep, n, bs, h_kv), eye)
-        o = pr @ v.reshape(n * h_kv * bs, d).astype(q.dtype)
+        o = (p[start:start + n] @ v.astype(q.dtype)).sum(axis=0)  # [H_kv, rep, D]
         out = o if out is None else out + o
         start += n
     return out.reshape(1, n_heads, 1, d)
-
 
 _MAX_RUNS = 8
 
@@ -233,34 +231,26 @@ def _masked_probs_sinks(s: mx.array, lo: mx.array, hi: mx.array, sinks: mx.array
     return _visible_probs(s, lo, hi, sinks)
 
 
-def _block_diag_probs(s: mx.array, bounds: mx.array, sinks: mx.array | None) -> mx.array:
-    # s: [H_kv, rep, n, H_kv, BS] -> [rep, n * BS, H_kv] float32 probabilities of positions in [lo, hi)
-    h, rep, n, _, bs = s.shape
-    s = mx.diagonal(s, 0, 0, 3).reshape(rep, n * bs, h).astype(mx.float32)  # each query head's own kv head
-    pos = mx.arange(n * bs)
-    s = mx.where(((pos < bounds[1]) & (pos >= bounds[0]))[None, :, None], s, -float("inf"))
-    return sink_softmax(s, sinks, _exp_inline, axis=1)
+def _block_probs(s: mx.array, bounds: mx.array, sinks: mx.array | None) -> mx.array:
+    # s: [n, H_kv, rep, BS] -> float32 probabilities over the n * BS positions, those outside [lo, hi) masked
+    n, _, _, bs = s.shape
+    s = s.astype(mx.float32)
+    pos = (mx.arange(n)[:, None] * bs + mx.arange(bs)[None, :])[:, None, None, :]
+    s = mx.where((pos < bounds[1]) & (pos >= bounds[0]), s, -float("inf"))
+    return sink_softmax(s, sinks, _exp_inline, axis=(0, 3))
 
 
 @mx.compile
 def _decode_probs(s: mx.array, bounds: mx.array) -> mx.array:
-    """Block diagonal of the scores, masked outside [bounds[0], bounds[1]), softmax over positions (one fused
-    graph per shape). s: [H_kv, rep, n, H_kv, BS] -> [rep, n * BS, H_kv] float32 probabilities."""
-    return _block_diag_probs(s, bounds, None)
+    """Softmax of [n, H_kv, rep, BS] scores over the positions (axes 0 and 3) in [bounds[0], bounds[1])
+    (one fused graph per shape)."""
+    return _block_probs(s, bounds, None)
 
 
 @mx.compile
 def _decode_probs_sinks(s: mx.array, bounds: mx.array, sinks: mx.array) -> mx.array:
-    """`_decode_probs` with sink logits [rep, 1, H_kv] in the denominator."""
-    return _block_diag_probs(s, bounds, sinks)
-
-
-@mx.compile
-def _spread(p: mx.array, eye: mx.array) -> mx.array:
-    """[rep, n, BS, H_kv] probabilities -> [H_q, n * H_kv * BS] over the block diagonal, in eye's dtype."""
-    rep, n, bs, h = p.shape
-    pr = p.astype(eye.dtype).transpose(3, 0, 1, 2)[:, :, :, None, :]  # [H_kv, rep, n, 1, BS]
-    return (pr * eye).reshape(h * rep, n * h * bs)
+    """`_decode_probs` with sink logits [1, H_kv, rep, 1] in the denominator."""
+    return _block_probs(s, bounds, sinks)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -272,16 +262,6 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append([b, 1])
     return [(a, n) for a, n in runs]
-
-
-_EYES: dict = {}
-
-
-def _eye(h: int, dtype) -> mx.array:
-    key = (h, dtype)
-    if key not in _EYES:
-        _EYES[key] = (mx.arange(h)[:, None] == mx.arange(h)[None, :]).astype(dtype).reshape(h, 1, 1, h, 1)
-    return _EYES[key]
 
 
 def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,

@@ -77,12 +77,13 @@ def unview_mass(mass: mx.array, first: mx.array, n_blocks: int) -> mx.array:
     return (mass[:, :, None] * hit).sum(axis=1)
 
 
-def sink_softmax(s: mx.array, sinks: mx.array | None, exp, axis: int = -1) -> mx.array:
+def sink_softmax(s: mx.array, sinks: mx.array | None, exp, axis: int | tuple = -1) -> mx.array:
     """Softmax of float32 scores over `axis` with an optional sink logit per row in the denominator.
 
     Args:
-        s: float32 scores, masked entries -inf. sinks: None, or float32 logits broadcastable to s with `axis`
-            reduced to 1 (a fully masked row then gives 0, not NaN). exp: exp for arguments <= 0.
+        s: float32 scores, masked entries -inf. axis: an axis or a tuple of axes (the positions).
+        sinks: None, or float32 logits broadcastable to s with `axis` reduced to 1 (a fully masked row then
+            gives 0, not NaN). exp: exp for arguments <= 0.
     Returns:
         probabilities shaped like s: exp(s - m) / (sum exp(s - m) + exp(sink - m)), m = max(max s, sink).
     """
