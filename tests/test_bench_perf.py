@@ -1,0 +1,28 @@
+"""The issue-20 benchmark modes run end to end on a tiny model and report what they promise (not their speed)."""
+
+import json
+
+from zkv_mlx.cli import main
+
+
+def test_bench_decode_contexts_reports_each_context(tiny_model_dir, capsys):
+    argv = ["bench", "decode", "--contexts", "40,72", "--tokens", "4", "--rounds", "2", "--json",
+            "--model", str(tiny_model_dir("llama"))]
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    rounds, result = lines[:-1], lines[-1]
+    # rounds alternate per context: two decode rounds each, in context order
+    assert [(r["context"], r["round"]) for r in rounds] == [(40, 0), (40, 1), (72, 0), (72, 1)]
+    assert [row["context"] for row in result["contexts"]] == [40, 72]
+    for row in result["contexts"]:
+        assert row["zkv_tok_s"] > 0 and row["mlx_lm_tok_s"] > 0 and row["prefill_zkv_tok_s"] > 0
+        assert abs(row["ratio"] - row["zkv_tok_s"] / row["mlx_lm_tok_s"]) < 0.01
+    assert result["rounds"] == 2 and result["prefill_rounds"] == 1 and "machine" in result
+
+
+def test_bench_decode_bad_contexts_fail_in_one_line_before_loading(capsys):
+    for bad, item in (("2048,x", "'x'"), ("0", "'0'"), ("4096,,8192", "''")):
+        assert main(["bench", "decode", "--contexts", bad, "--model", "/nonexistent"]) == 1
+        err = capsys.readouterr().err
+        assert item in err and "--contexts 2048,4096,8192" in err
+        assert "nonexistent" not in err and "Traceback" not in err
