@@ -26,3 +26,14 @@ def test_bench_decode_bad_contexts_fail_in_one_line_before_loading(capsys):
         err = capsys.readouterr().err
         assert item in err and "--contexts 2048,4096,8192" in err
         assert "nonexistent" not in err and "Traceback" not in err
+
+
+def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
+    argv = ["bench", "batch", "--streams", "3", "--tokens", "6", "--prompt-tokens", "8", "--rounds", "1", "--json",
+            "--model", str(tiny_model_dir("llama"))]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["model_step_ms_1"] > 0 and result["model_step_ms_n"] > 0
+    want = 3 * result["model_step_ms_1"] / result["model_step_ms_n"]
+    assert abs(result["model_speedup_ceiling"] - want) < 0.05 * want + 0.01
+    assert result["speedup"] > 0 and result["streams"] == 3
