@@ -37,3 +37,14 @@ def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
     want = 3 * result["model_step_ms_1"] / result["model_step_ms_n"]
     assert abs(result["model_speedup_ceiling"] - want) < 0.05 * want + 0.01
     assert result["speedup"] > 0 and result["streams"] == 3
+
+
+def test_roofline_decode_bytes_add_weights_and_kv():
+    from zkv_mlx.kernels import roofline_decode as rd
+
+    model = "SmolLM2-135M (bundled), fp16 weights"
+    w, kv = rd.bytes_per_token(model, "fp16/bf16", 4096)
+    assert w == 134.5e6 * 2 and kv == 30 * 3 * 4096 * 2 * 64 * 2  # layers * heads * L * (K + V) * D * 2 bytes
+    # k8v4 sits between int8 and int4, each a fraction of fp16
+    sizes = [rd.bytes_per_token(model, f, 4096)[1] for f in ("fp16/bf16", "int8", "k8v4", "int4")]
+    assert sizes == sorted(sizes, reverse=True)
