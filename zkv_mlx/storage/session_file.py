@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,12 +116,17 @@ def read(path: Path) -> SessionData:
                 if base + end > size:
                     raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
                 spans.append((name, start, end, shape, out))
-        # One large sequential read of the data section into one buffer; the tensors are views of it.
+        # Sequential reads of the tensors into one buffer (the tensors are views of it), each tensor's sha256
+        # started on a worker thread as soon as its bytes are in (hashlib releases the GIL on large buffers).
         buf = np.empty(max((e for _, _, e, _, _ in spans), default=0), dtype=np.uint8)
-        f.seek(base)
-        if f.readinto(memoryview(buf)) != buf.nbytes:
-            raise SessionFormatError(f"{path}: file is truncated")
-    bad = _first_bad_checksum(buf, spans, meta["checksums"])
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            digests = []
+            for name, start, end, _, _ in sorted(spans, key=lambda sp: sp[1]):
+                f.seek(base + start)
+                if f.readinto(memoryview(buf[start:end])) != end - start:
+                    raise SessionFormatError(f"{path}: file is truncated")
+                digests.append((name, pool.submit(_sha_view, buf[start:end])))
+            bad = next((name for name, d in digests if d.result() != meta["checksums"].get(name)), None)
     if bad is not None:
         raise SessionFormatError(f"{path}: checksum mismatch in tensor {bad} (the file is corrupt)")
     for name, start, end, shape, out in spans:
@@ -128,20 +134,8 @@ def read(path: Path) -> SessionData:
     return data
 
 
-def _first_bad_checksum(buf: np.ndarray, spans: list, checksums: dict) -> str | None:
-    """Name of the first tensor whose sha256 differs from the stored one, or None.
-
-    hashlib releases the GIL on large buffers, so the tensors are hashed on two threads (sha256 is the slowest
-    step of a read: ~0.7 GB/s a core here, below the disk's sequential speed).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def digest(span) -> str:
-        return hashlib.sha256(memoryview(buf[span[1]:span[2]])).hexdigest()
-
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(digest, spans))
-    return next((sp[0] for sp, d in zip(spans, digests) if d != checksums.get(sp[0])), None)
+def _sha_view(a: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(a)).hexdigest()
 
 
 def join_sinks(data: SessionData) -> tuple[list, list]:
