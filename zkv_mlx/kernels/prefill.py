@@ -3,12 +3,13 @@
 Queries are processed in tiles of `QUERY_TILE` rows. A tile of queries at cache indices [a, a + T) can see at most
 the keys [max(0, a - W + 1), a + T): keys after the tile are never multiplied, keys before the window never read,
 and the mask is applied only to the tile's edge columns (its causal triangle, and under a window its lower band),
-as slices of that tile's scores; no [L, kv_len] mask is ever built. The softmax is MLX's fused `mx.softmax`
-(one pass over the scores, float32), which on the CPU is the cost that grows with the context.
+as slices of that tile's scores; no [L, kv_len] mask is ever built. Paths: Metal -> MLX's fused
+`mx.fast.scaled_dot_product_attention`; CPU -> `prefill_cpu.tiled_attention` (numpy's vectorised exp on the
+scores, the cost that grows with the context); a few queries on the CPU -> `_tiled`, one lazy MLX graph.
 
 Windows follow mlx-lm's `RotatingKVCache(max_size=W)`: the query at cache index i sees the keys (i - W, i].
 Attention sinks follow gpt-oss / `mx.fast.scaled_dot_product_attention(..., sinks=)`: one logit per query head
-joins the softmax's denominator with no value. It is folded into the score GEMM: q gets one more column holding
+joins the softmax's denominator with no value. In `_tiled` it is folded into the score GEMM: q gets one more column holding
 its head's sink logit and the keys one more row (0, ..., 0, 1), whose value row is zero.
 """
 
@@ -73,7 +74,7 @@ def _check(q, k, window, sinks) -> None:
 
 
 def _fused(q, k, v, scale, window, sinks):
-    """Half precision (Metal): MLX's fused kernel, per query tile when a window needs an explicit mask."""
+    """Metal: MLX's fused kernel, per query tile (with a tile-sized mask) when a window cuts the keys."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     L, lk = q.shape[2], k.shape[2]
     if window is None or window >= lk:
