@@ -9,8 +9,8 @@ scores, the cost that grows with the context); a few queries on the CPU -> `_til
 
 Windows follow mlx-lm's `RotatingKVCache(max_size=W)`: the query at cache index i sees the keys (i - W, i].
 Attention sinks follow gpt-oss / `mx.fast.scaled_dot_product_attention(..., sinks=)`: one logit per query head
-joins the softmax's denominator with no value. In `_tiled` it is folded into the score GEMM: q gets one more column holding
-its head's sink logit and the keys one more row (0, ..., 0, 1), whose value row is zero.
+joins the softmax's denominator with no value. In `_tiled` it is folded into the score GEMM: q gets one more
+column holding its head's sink logit and the keys one more row (0, ..., 0, 1), whose value row is zero.
 """
 
 from __future__ import annotations
