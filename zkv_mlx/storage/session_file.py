@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -116,17 +117,17 @@ def read(path: Path) -> SessionData:
                 if base + end > size:
                     raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
                 spans.append((name, start, end, shape, out))
-        # Sequential reads of the tensors into one buffer (the tensors are views of it), each tensor's sha256
-        # started on a worker thread as soon as its bytes are in (hashlib releases the GIL on large buffers).
-        buf = np.empty(max((e for _, _, e, _, _ in spans), default=0), dtype=np.uint8)
-        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-            digests = []
-            for name, start, end, _, _ in sorted(spans, key=lambda sp: sp[1]):
-                f.seek(base + start)
-                if f.readinto(memoryview(buf[start:end])) != end - start:
-                    raise SessionFormatError(f"{path}: file is truncated")
-                digests.append((name, pool.submit(_sha_view, buf[start:end])))
-            bad = next((name for name, d in digests if d.result() != meta["checksums"].get(name)), None)
+        # The file is mapped, not copied: the tensors are read-only views of the page cache (the mapping lives as
+        # long as they do; session files are replaced by rename, never rewritten in place). The sha256 checks run
+        # on two threads (hashlib releases the GIL on large buffers); they fault the pages in, sequentially.
+        end = max((e for _, _, e, _, _ in spans), default=0)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    buf = np.frombuffer(mm, dtype=np.uint8, count=end, offset=base)
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda sp: _sha_view(buf[sp[1]:sp[2]]), spans))
+    bad = next((sp[0] for sp, d in zip(spans, digests) if d != meta["checksums"].get(sp[0])), None)
     if bad is not None:
         raise SessionFormatError(f"{path}: checksum mismatch in tensor {bad} (the file is corrupt)")
     for name, start, end, shape, out in spans:
