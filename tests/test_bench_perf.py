@@ -10,9 +10,11 @@ def test_bench_decode_contexts_reports_each_context(tiny_model_dir, capsys):
             "--model", str(tiny_model_dir("llama"))]
     assert main(argv) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
-    rounds, result = lines[:-1], lines[-1]
-    # rounds alternate per context: two decode rounds each, in context order
+    rounds, result = [x for x in lines if "round" in x], lines[-1]
+    # rounds alternate per context: two decode rounds each, in context order; each context's row when it is done
     assert [(r["context"], r["round"]) for r in rounds] == [(40, 0), (40, 1), (72, 0), (72, 1)]
+    done = [x for x in lines[:-1] if "ratio" in x]
+    assert done == result["contexts"] and lines.index(done[0]) == 2
     assert [row["context"] for row in result["contexts"]] == [40, 72]
     for row in result["contexts"]:
         assert row["zkv_tok_s"] > 0 and row["mlx_lm_tok_s"] > 0 and row["prefill_zkv_tok_s"] > 0

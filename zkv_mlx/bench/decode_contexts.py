@@ -4,8 +4,8 @@ One process, both engines loaded once. Per context: one cold prefill of each eng
 one round; `--context N --rounds R` gives medians of cold prefills), then --rounds decode rounds that alternate
 zkv, mlx-lm, zkv, ... from that prefilled state: zkv re-submits the prompt (its prefix cache hits every full block),
 mlx-lm trims its prompt cache back to the prompt and feeds the last prompt token. Decode tok/s = (tokens - 1) /
-(time from the first to the last token). One JSON line per round, then the result: per context the medians and
-"ratio" = zkv / mlx-lm.
+(time from the first to the last token). One JSON line per round, one per finished context (its medians,
+"ratio" = zkv / mlx-lm, the cold prefills), then the result with all contexts.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def run(args) -> int:
                      "ratio": round(median(z_dec) / median(m_dec), 3), "cold_decode_zkv_tok_s": round(zd, 2),
                      "cold_decode_mlx_lm_tok_s": round(md, 2), "prefill_zkv_tok_s": round(zp, 1),
                      "prefill_mlx_lm_tok_s": round(mp, 1), "prefill_ratio": round(zp / mp, 3)})
-        log(args, str(rows[-1]))
+        emit(rows[-1])  # each context's figures as soon as they exist (a long run stopped midway keeps them)
     model.close()
     emit({"contexts": rows, "tokens": args.tokens, "rounds": args.rounds, "prefill_rounds": 1,
           "weights": model.info["weights"], "machine": machine()})
