@@ -50,3 +50,11 @@ def test_roofline_decode_bytes_add_weights_and_kv():
     # k8v4 sits between int8 and int4, each a fraction of fp16
     sizes = [rd.bytes_per_token(model, f, 4096)[1] for f in ("fp16/bf16", "int8", "k8v4", "int4")]
     assert sizes == sorted(sizes, reverse=True)
+
+
+def test_bench_restore_splits_load_and_first_token(tiny_model_dir, capsys):
+    argv = ["bench", "restore", "--tokens", "70", "--rounds", "1", "--json", "--model", str(tiny_model_dir("llama"))]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["read_gb_s"] > 0 and r["file_bytes"] > 0 and r["memory_hit_s"] > 0
+    assert abs(r["restore_s"] - (r["load_s"] + r["first_token_s"])) < 0.01
