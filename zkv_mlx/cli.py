@@ -149,9 +149,12 @@ def _add_tool_verbs(sub) -> None:
             b.add_argument("--" + flag.replace("_", "-"), type=int, default=default, help=text)
         add_engine_flags(b)
         b.set_defaults(func=verb("bench:run_bench"))
+        return b
 
-    bench("decode", "decode speed: zkv vs mlx-lm generate_step on the same weights",
-          context=(2048, "prompt tokens before decoding"), tokens=(64, "tokens decoded"))
+    b = bench("decode", "decode speed: zkv vs mlx-lm generate_step on the same weights",
+              context=(2048, "prompt tokens before decoding"), tokens=(64, "tokens decoded"))
+    b.add_argument("--contexts", default=None, metavar="N,N,...",
+                   help="several context lengths in one process, e.g. 2048,4096,8192 (instead of --context)")
     bench("batch", "continuous batching: tokens/s of one stream vs N concurrent streams",
           streams=(8, "concurrent streams"), tokens=(64, "tokens generated per stream"),
           prompt_tokens=(32, "prompt length of each stream"))
