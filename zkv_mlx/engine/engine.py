@@ -56,14 +56,16 @@ class Engine:
         self.lm = lm
         self.cfg = cfg
         self.max_context = cfg.max_context or lm.max_context
-        num_blocks, kv_dtype = plan_pool(cfg, lm, self.max_context)
-        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv)
+        num_blocks, kv_dtype, window_blocks = plan_pool(cfg, lm, self.max_context)
+        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv, window_blocks=window_blocks)
         self.kv = self.runner.pool  # the KV arrays (KVPool); block bookkeeping is self.blocks
         self.kv_format = self.kv.format_name
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)
         use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled
         self.tiers = TierStore(self.kv, open_ssd(cfg.tiers, self.kv, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
+        if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
+            self.runner.windows.bind(self.blocks)
         self.prefix = PrefixCache(cfg.prompt_cache, lm.fingerprint, self.kv_format, lm.tokenizer,
                                   self.bytes_per_block)
         self.sessions = ResidentSessions(self.blocks, self.kv, self.prefix.hash_key)

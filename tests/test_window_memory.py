@@ -1,0 +1,157 @@
+"""Sliding-window layers hold window-sized memory (issue #16 item 3): window slots live in their own smaller
+pool, reached through a logical block -> window block map (engine/window_blocks.py).
+
+Tiny random-weight models built from mlx-lm's own ModelArgs (gemma3_text with 5 local : 1 global layers, llama
+with sliding `layer_types`), windows of a few tokens and block size 8 so blocks leave the window in the tests.
+"""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+
+from zkv_mlx.config import make_config
+from zkv_mlx.engine import Engine, SamplingParams
+from zkv_mlx.models.loader import load_model
+
+WINDOW = 12
+CONFIGS = {
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, num_hidden_layers=6, intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                        sliding_window=WINDOW, sliding_window_pattern=3, max_position_embeddings=512,
+                        query_pre_attn_scalar=16, rope_theta=10000.0, rope_local_base_freq=10000.0),
+    "llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                  max_position_embeddings=512, tie_word_embeddings=True, sliding_window=WINDOW,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+}
+PROMPT = ("Paged attention stores keys and values in fixed-size blocks so that a long conversation needs "
+          "only the blocks it uses, and a sliding window layer only the last few of them, 1 2 3 4 5 6")
+
+
+def _write(path, cfg: dict, tokenizer, seed: int = 0):
+    from mlx_lm.utils import _get_classes
+
+    cfg = dict(cfg, vocab_size=tokenizer.vocab_size)
+    model_class, args_class = _get_classes(cfg)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(cfg))
+    new = [(k, mx.ones_like(v) * (0.0 if "gemma" in cfg["model_type"] else 1.0) if k.endswith("norm.weight")
+            else mx.random.normal(v.shape) * (0.5 if "embed" in k else 0.15))
+           for k, v in tree_flatten(model.parameters())]
+    model.load_weights(new)
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(cfg))
+    tokenizer.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bundled_tokenizer):
+    cache = {}
+
+    def make(family):
+        if family not in cache:
+            cache[family] = _write(tmp_path_factory.mktemp(f"win-{family}"), CONFIGS[family], bundled_tokenizer)
+        return cache[family]
+
+    return make
+
+
+def _engine(path, **kw):
+    cfg = make_config(model=path, kv_cache_memory=kw.pop("kv_cache_memory", "8MB"), block_size=8, **kw)
+    return Engine(load_model(path, cfg.weights_dtype), cfg)
+
+
+def _run(engine, prompts, n, user="local"):
+    seqs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), user,
+                               lambda ev: None) for ids in prompts]
+    while engine.has_work():
+        engine.step()
+    return [s.output_ids for s in seqs]
+
+
+def _greedy(model, ids, n):
+    return [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n)]
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "llama"])
+def test_window_model_matches_mlx_lm(family, model_dir, bundled_tokenizer):
+    path = model_dir(family)
+    ref = load_model(path).model
+    ids = bundled_tokenizer.encode(PROMPT)
+    assert 30 <= len(ids) <= 60
+    engine = _engine(path, prefill_chunk=16)  # chunks both larger and smaller than the window
+    (got,) = _run(engine, [ids], 24)
+    assert got == _greedy(ref, ids, 24)
+
+
+def test_window_blocks_are_released(model_dir, bundled_tokenizer):
+    """The window group's held blocks stay bounded by its window while the full group grows with the context;
+    the tokens still equal mlx-lm's."""
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+    engine = _engine(path, prefill_chunk=16)
+    wmap = engine.runner.windows.maps[WINDOW]
+    seq = engine.add_request(ids, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True), "local",
+                             lambda ev: None)
+    held, used = [], []
+    while engine.has_work():
+        engine.step()
+        held.append(wmap.num_held)
+        used.append(engine.blocks.num_used_blocks)
+    # a 16-row chunk plus the 11 rows before it span at most 5 blocks of 8; a decode step's window at most 3
+    assert max(held) <= 5 and wmap.released >= 8
+    assert max(used) >= -(-(len(ids) + 59) // 8)
+    assert seq.output_ids == _greedy(load_model(path).model, ids, 60)
+    # the per-group statistics say the same
+    groups = {g["kind"]: g for g in engine.stats()["groups"]}
+    assert groups["window"]["window"] == WINDOW and groups["window"]["slots"] == 4
+    assert groups["full"]["slots"] == 2 and groups["window"]["blocks_used"] <= 3
+
+
+def test_prefix_hit_after_release_equals_cold(model_dir, bundled_tokenizer):
+    """A second turn extending a finished conversation hits its prefix (whose early window blocks were released)
+    and decodes what a cold engine decodes."""
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+    engine = _engine(path, prefill_chunk=16)
+    (first,) = _run(engine, [ids], 20)
+    turn2 = ids + first + bundled_tokenizer.encode(" and then some more words follow here")
+    before = engine.stats()["hit_tokens"]
+    (got,) = _run(engine, [turn2], 16)
+    assert engine.stats()["hit_tokens"] - before >= 40
+    assert got == _run(_engine(path, prefill_chunk=16), [turn2], 16)[0]
+    assert got == _greedy(load_model(path).model, turn2, 16)
+
+
+def test_batched_window_decode_equals_alone(model_dir, bundled_tokenizer):
+    path = model_dir("llama")
+    prompts = [bundled_tokenizer.encode(PROMPT)[:n] for n in (9, 30, 44)]
+    together = _run(_engine(path, prefill_chunk=16), prompts, 20)
+    for p, got in zip(prompts, together):
+        assert got == _run(_engine(path, prefill_chunk=16), [p], 20)[0]
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_window_pools_store_what_one_pool_stores(quant, model_dir, bundled_tokenizer, monkeypatch):
+    """Window pools store the engine's KV format (int8, int4 with per-channel keys, tail and sink rows): the
+    tokens equal those of an engine keeping every layer in one pool of logical blocks (the same stored bytes)."""
+    import zkv_mlx.engine.runner as runner
+    import zkv_mlx.engine.sizing as sizing
+
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+    engine = _engine(path, prefill_chunk=16, kv_quant=quant)
+    pool = engine.runner.windows.pools[WINDOW]
+    assert (pool.quant is None) == (quant == "none") and pool.format_name == engine.kv.format_name
+    (got,) = _run(engine, [ids], 24)
+    assert engine.runner.windows.maps[WINDOW].released > 0
+    monkeypatch.setattr(runner, "window_counts", lambda plan: {})
+    monkeypatch.setattr(sizing, "window_counts", lambda plan: {})
+    one = _engine(path, prefill_chunk=16, kv_quant=quant)
+    assert one.runner.windows is None
+    assert got == _run(one, [ids], 24)[0]
