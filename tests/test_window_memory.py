@@ -155,3 +155,47 @@ def test_window_pools_store_what_one_pool_stores(quant, model_dir, bundled_token
     one = _engine(path, prefill_chunk=16, kv_quant=quant)
     assert one.runner.windows is None
     assert got == _run(one, [ids], 24)[0]
+
+
+def test_ssd_promotion_equals_cold(model_dir, bundled_tokenizer, tmp_path):
+    """A conversation whose blocks were evicted to the SSD tier (window rows of its last blocks included) is
+    promoted back for the next turn, which decodes what a cold run decodes."""
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+    others = [bundled_tokenizer.encode(f"{i} " + PROMPT[::-1]) for i in range(3)]
+    engine = _engine(path, prefill_chunk=16, max_num_seqs=2, kv_cache_memory=12 * 12288,
+                     ssd_dir=str(tmp_path / "ssd"))
+    (first,) = _run(engine, [ids], 12)
+    for o in others:  # room for about one conversation: each evicts (spills) the previous one's blocks
+        _run(engine, [o], 4)
+    engine.ssd.flush()
+    assert engine.ssd.spills > 0
+    turn2 = ids + first + bundled_tokenizer.encode(" and more")
+    hits = engine.stats()["hit_tokens"]
+    (got,) = _run(engine, [turn2], 12)
+    assert engine.ssd.promotions > 0 and engine.stats()["hit_tokens"] - hits >= 40
+    assert got == _greedy(load_model(path).model, turn2, 12)
+    engine.close_tiers()
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_session_export_import_equals_cold(quant, model_dir, bundled_tokenizer):
+    """A conversation's blocks (window rows of its last blocks included) exported from one engine and imported
+    into a fresh one are hits for the next turn, which decodes what a cold engine decodes."""
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+    src = _engine(path, prefill_chunk=16, kv_quant=quant)
+    (first,) = _run(src, [ids], 12)
+    conv = ids + first[:-1]  # the last sampled token has no K/V yet
+    blocks = src.full_blocks("local", conv)
+    assert len(blocks) == len(conv) // 8
+    ks, vs = src.export_kv(blocks)
+    assert len(ks) == 6  # 2 full layers, then 4 window layers
+    dst = _engine(path, prefill_chunk=16, kv_quant=quant)
+    dst.set_pins(("local", "s"), dst.import_kv("local", conv, ks, vs))
+    turn2 = conv + [first[-1]] + bundled_tokenizer.encode(" and more")
+    (got,) = _run(dst, [turn2], 12)
+    assert dst.stats()["hit_tokens"] == len(conv) // 8 * 8
+    assert got == _run(_engine(path, prefill_chunk=16, kv_quant=quant), [turn2], 12)[0]
+    if quant == "none":
+        assert got == _greedy(load_model(path).model, turn2, 12)

@@ -18,6 +18,10 @@ from collections import OrderedDict
 
 from ..errors import OutOfKVMemory
 
+# A retained window block whose rows were imported (session file, SSD) before its logical block was cached: it
+# takes the hash of the first prefix hit that finds it.
+ADOPT = b""
+
 
 class WindowBlocks:
     """Maps logical blocks to the window blocks of one sliding-window layer group.
@@ -98,7 +102,7 @@ class WindowBlocks:
             lid = table[j]
             if lid in mine:
                 continue
-            if lid in self.retained and (j >= written_from or self.retained[lid] != self.hash_of(lid)):
+            if lid in self.retained and (j >= written_from or not self._current(lid, self.hash_of(lid))):
                 self._free(lid)  # stale: the logical block was reused (or is rewritten) since
             if lid in self.of:
                 self.retained.pop(lid, None)
@@ -123,6 +127,9 @@ class WindowBlocks:
                 need = []
                 for j in range(self.first_block(k * bs), k):
                     b = blocks.pool.get_cached_block(seq.block_hashes[j], ids[j * bs:(j + 1) * bs])
+                    if b is None and blocks.lower_tier is not None and blocks.lower_tier.contains(
+                            seq.block_hashes[j]):
+                        continue  # to be promoted: checked again once it is (BlockManager.allocate)
                     if b is None or not self._valid(b.block_id, b.block_hash):
                         break
                     need.append(b.block_id)
@@ -136,13 +143,38 @@ class WindowBlocks:
 
         return limit
 
+    # -- export / import (engine/window_bytes.py) ---------------------------------------------------------
+    def has_rows(self, lid: int) -> bool:
+        """The logical block's window rows are stored (an export carries them)."""
+        return self._valid(lid, self.hash_of(lid))
+
+    def adopt(self, lid: int) -> int:
+        """Maps a window block for rows about to be imported into logical block `lid` (kept for prefix hits,
+        held by no sequence); returns its window block id."""
+        self.reconcile()
+        if lid in self.of and (self.refs.get(lid) or self.retained.get(lid) == ADOPT):
+            return self.of[lid]
+        if lid in self.of:
+            self._free(lid)  # rows of the block's earlier contents
+        self.of[lid] = self._take()
+        self.retained[lid] = ADOPT
+        return self.of[lid]
+
     # -- internals --------------------------------------------------------------------------------------
     def _valid(self, lid: int, block_hash) -> bool:
         if lid not in self.of:
             return False
-        return lid not in self.retained or self.retained[lid] == block_hash
+        return lid not in self.retained or self._current(lid, block_hash)
+
+    def _current(self, lid: int, block_hash) -> bool:
+        # A retained window block still belongs to the logical block's contents (binding an imported one).
+        if self.retained[lid] == ADOPT and block_hash is not None:
+            self.retained[lid] = block_hash
+        return self.retained[lid] == ADOPT or self.retained[lid] == block_hash
 
     def _release(self, lid: int, out_of_window: bool = False) -> None:
+        if lid not in self.refs:
+            return  # already freed (its logical block was re-imported)
         self.refs[lid] -= 1
         if self.refs[lid]:
             return

@@ -32,6 +32,7 @@ from .sessions import ResidentSessions
 from .sizing import plan_pool
 from .stats import block_map, engine_stats
 from .tiers import TierStore, open_ssd
+from .window_bytes import GroupedBlockBytes
 
 __all__ = ["Engine", "Event", "InFlight"]
 
@@ -62,13 +63,15 @@ class Engine:
         self.kv_format = self.kv.format_name
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)
         use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled
-        self.tiers = TierStore(self.kv, open_ssd(cfg.tiers, self.kv, lm.fingerprint) if use_ssd else None)
+        # what sessions and the SSD tier export and import: every layer group's rows of a block
+        self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(self.kv, self.runner.windows)
+        self.tiers = TierStore(self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
         if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
             self.runner.windows.bind(self.blocks)
         self.prefix = PrefixCache(cfg.prompt_cache, lm.fingerprint, self.kv_format, lm.tokenizer,
                                   self.bytes_per_block)
-        self.sessions = ResidentSessions(self.blocks, self.kv, self.prefix.hash_key)
+        self.sessions = ResidentSessions(self.blocks, self.kv_bytes, self.prefix.hash_key)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.prefix, self.sessions)
         self.out = Outputs(set(lm.tokenizer.eos_token_ids), self.scheduler.finish, self._register)
         self._inflight: InFlight | None = None
