@@ -190,7 +190,7 @@ def test_session_export_import_equals_cold(quant, model_dir, bundled_tokenizer):
     blocks = src.full_blocks("local", conv)
     assert len(blocks) == len(conv) // 8
     ks, vs = src.export_kv(blocks)
-    assert len(ks) == 6  # 2 full layers, then 4 window layers
+    assert len(ks) == 6  # every layer, in the model's order
     dst = _engine(path, prefill_chunk=16, kv_quant=quant)
     dst.set_pins(("local", "s"), dst.import_kv("local", conv, ks, vs))
     turn2 = conv + [first[-1]] + bundled_tokenizer.encode(" and more")
@@ -199,3 +199,47 @@ def test_session_export_import_equals_cold(quant, model_dir, bundled_tokenizer):
     assert got == _run(_engine(path, prefill_chunk=16, kv_quant=quant), [turn2], 12)[0]
     if quant == "none":
         assert got == _greedy(load_model(path).model, turn2, 12)
+
+
+def test_export_is_in_model_layer_order(model_dir, bundled_tokenizer, monkeypatch):
+    """Exported rows are per layer in the model's order, as an engine keeping every layer in one pool exports
+    them; blocks whose window rows were released carry zero bytes in the window layers."""
+    import numpy as np
+
+    import zkv_mlx.engine.runner as runner
+    import zkv_mlx.engine.sizing as sizing
+
+    path = model_dir("gemma3_text")
+    ids = bundled_tokenizer.encode(PROMPT)
+
+    def export(engine):
+        _run(engine, [ids], 1)
+        return engine.export_kv(engine.full_blocks("local", ids))
+
+    ks, vs = export(_engine(path, prefill_chunk=16))
+    monkeypatch.setattr(runner, "window_counts", lambda plan: {})
+    monkeypatch.setattr(sizing, "window_counts", lambda plan: {})
+    ks1, vs1 = export(_engine(path, prefill_chunk=16))
+    n = len(ids) // 8
+    keep = WINDOW // 8  # the blocks a hit after the last full block reads
+    for layer, window in enumerate([True, True, False, True, True, False]):
+        for got, want in ((ks[layer], ks1[layer]), (vs[layer], vs1[layer])):
+            if not window:
+                np.testing.assert_array_equal(got, want)
+                continue
+            np.testing.assert_array_equal(got[n - keep:], want[n - keep:])
+            assert not np.any(got[0])  # out of every window since the last prefill chunk
+            for i in range(n):
+                assert not np.any(got[i]) or np.array_equal(got[i], want[i])
+
+
+def test_preemption_with_window_groups_equals_alone(model_dir, bundled_tokenizer):
+    """Sequences preempted for lack of blocks (their window blocks given back) and recomputed decode what they
+    decode alone."""
+    path = model_dir("gemma3_text")
+    prompts = [bundled_tokenizer.encode(PROMPT)[:n] for n in (20, 33, 41)]
+    engine = _engine(path, prefill_chunk=16, kv_cache_memory=14 * 12288)
+    got = _run(engine, prompts, 24)
+    assert engine.stats()["preemptions"] > 0
+    for p, g in zip(prompts, got):
+        assert g == _run(_engine(path, prefill_chunk=16), [p], 24)[0]

@@ -64,7 +64,8 @@ class Engine:
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)
         use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled
         # what sessions and the SSD tier export and import: every layer group's rows of a block
-        self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(self.kv, self.runner.windows)
+        self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(
+            self.kv, self.runner.windows, [(s.window, s.index) for s in self.runner.plan.paged_slots])
         self.tiers = TierStore(self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
         if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
