@@ -42,6 +42,8 @@ def add_kv_quality_commands(sub, bsub) -> None:
     b.add_argument("--context", type=int, default=32768, help="conversation length in tokens")
     b.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     b.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--baseline", default="derived", choices=["derived", "run"],
+                   help="all-global bytes from the windowed run's logical blocks (derived) or a second run")
     b.set_defaults(func=verb("bench.kvwindow:run"))
     p = sub.add_parser("eval", help="quality evaluations")
     esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)

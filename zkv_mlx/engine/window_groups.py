@@ -125,6 +125,7 @@ class WindowGroups:
         out = []
         for w, pool in self.pools.items():
             m = self.maps[w]
+            m.reconcile()  # finished sequences give their blocks back before they are counted
             per = pool.total_bytes // max(1, pool.num_blocks)
             out.append({"kind": "window", "window": w, "slots": pool.n_layers, "bytes_per_block": per,
                         "blocks_total": pool.num_blocks, "blocks_used": m.num_held, "blocks_cached": m.num_retained,
