@@ -6,14 +6,18 @@ with sliding `layer_types`), windows of a few tokens and block size 8 so blocks 
 """
 
 import json
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
+from zkv_mlx.cache import BlockManager
+from zkv_mlx.cache.window_blocks import WindowBlocks
 from zkv_mlx.config import make_config
 from zkv_mlx.engine import Engine, SamplingParams
+from zkv_mlx.errors import OutOfKVMemory
 from zkv_mlx.models.loader import load_model
 
 WINDOW = 12
@@ -243,3 +247,81 @@ def test_preemption_with_window_groups_equals_alone(model_dir, bundled_tokenizer
     assert engine.stats()["preemptions"] > 0
     for p, g in zip(prompts, got):
         assert g == _run(_engine(path, prefill_chunk=16), [p], 24)[0]
+
+
+# ---------------------------------------------------------------- the window block map (pure bookkeeping)
+
+
+@dataclass
+class WSeq:
+    seq_id: int
+    block_table: list
+    is_finished: bool = False
+
+
+def test_window_blocks_exact_ids_release_and_retain():
+    """W = 12, block size 8: the query at cache index i reads (i - 12, i]."""
+    wb = WindowBlocks(num_blocks=4, block_size=8, window=12)
+    cached = {}
+    wb.hash_of = cached.get
+    s = WSeq(0, [10, 11, 12, 13, 14])
+    assert wb.acquire(s, 0, 15) == [0, 1]  # prefill 16 rows: logical 10 -> 0, 11 -> 1
+    assert wb.acquire(s, 16, 31) == [0, 1, 2, 3]  # row 16 reads (4, 16]: block 10 still in its window
+    assert wb.acquire(s, 32, 32) == [-1, -1, 2, 3, 1]  # row 32 reads (20, 32]: 10 and 11 released, 14 takes 1
+    assert wb.of == {12: 2, 13: 3, 14: 1} and wb.released == 2 and wb.free_ids == [0]
+    cached.update({12: b"h12", 13: b"h13"})
+    s.is_finished = True
+    wb.reconcile()  # a finished sequence's cached blocks stay mapped (retained), the partial one is freed
+    assert dict(wb.retained) == {12: b"h12", 13: b"h13"} and wb.num_held == 0 and wb.free_ids == [0, 1]
+    t = WSeq(1, [12, 13, 20])  # a prefix hit of 2 blocks: row 16 reads blocks 12 and 13 again
+    assert wb.acquire(t, 16, 16) == [2, 3, 1] and wb.refs == {12: 1, 13: 1, 20: 1}
+    t.is_finished = True
+    wb.reconcile()
+    cached[12] = b"other"  # logical 12 now holds other contents: its retained window block is stale
+    with pytest.raises(RuntimeError, match="window rows of block 12"):
+        wb.acquire(WSeq(2, [12, 13, 21]), 16, 16)
+    assert 12 not in wb.of
+
+
+def test_window_blocks_out_of_blocks_names_the_fix():
+    wb = WindowBlocks(num_blocks=2, block_size=8, window=12)
+    wb.acquire(WSeq(0, [1, 2]), 0, 15)
+    with pytest.raises(OutOfKVMemory, match="raise --kv-cache-memory"):
+        wb.acquire(WSeq(1, [3]), 0, 3)
+
+
+def test_window_hit_limit_caps_to_mapped_blocks():
+    """A hit of k blocks is usable only where blocks [first_block(8k), k) still have window rows."""
+    mgr = BlockManager(8, 8)
+    wb = WindowBlocks(num_blocks=8, block_size=8, window=12)
+    wb.hash_of = lambda lid: mgr.pool.blocks[lid].block_hash
+    mgr.hit_limits.append(wb.hit_limit(mgr))
+
+    class Key:
+        def block_hash(self, parent, i, toks, bs):
+            return bytes([i]) + bytes(toks)
+
+    @dataclass
+    class HSeq:
+        seq_id: int
+        all_ids: list
+        block_table: list = field(default_factory=list)
+        block_hashes: list = field(default_factory=list)
+        num_registered: int = 0
+        hash_key: object = field(default_factory=Key)
+        is_finished: bool = False
+
+        @property
+        def num_tokens(self):
+            return len(self.all_ids)
+
+    a = HSeq(0, list(range(33)))
+    mgr.allocate(a)
+    for first in range(0, 32, 8):
+        wb.acquire(a, first, first + 7)  # one block per step: blocks before the window are released
+    mgr.register_full_blocks(a, 32)
+    assert sorted(wb.of) == a.block_table[1:4]  # row 24 reads (12, 24]: block 0 released
+    b = HSeq(1, list(range(33)) + [7])
+    assert len(mgr.match_prefix(b)) == 4  # a hit of 4 blocks: row 32 reads blocks 2 and 3, mapped
+    c = HSeq(2, list(range(16)) + [9, 9])
+    assert len(mgr.match_prefix(c)) == 0  # a hit of 2 blocks: row 16 would read block 0, released

@@ -94,7 +94,7 @@ class WindowBlocks:
         # (e.g. the next turn of a finished conversation) continues from there.
         lo, hi = self.first_block(first - first % self.block_size), last // self.block_size
         _, mine = self.held.setdefault(seq.seq_id, (seq, set()))
-        for lid in [x for x in mine if x not in table[lo:hi + 1]]:
+        for lid in sorted(x for x in mine if x not in table[lo:hi + 1]):
             mine.discard(lid)
             self._release(lid, out_of_window=True)
         written_from = first // self.block_size
@@ -123,7 +123,8 @@ class WindowBlocks:
 
         def limit(seq, n: int) -> int:
             bs, ids = self.block_size, seq.all_ids
-            for k in range(n, -1, -1):
+            k = n
+            while k > 0:
                 need = []
                 for j in range(self.first_block(k * bs), k):
                     b = blocks.pool.get_cached_block(seq.block_hashes[j], ids[j * bs:(j + 1) * bs])
@@ -131,15 +132,18 @@ class WindowBlocks:
                             seq.block_hashes[j]):
                         continue  # to be promoted: checked again once it is (BlockManager.allocate)
                     if b is None or not self._valid(b.block_id, b.block_hash):
+                        k = j  # every hit reading block j fails too: the next candidate ends before it
                         break
                     need.append(b.block_id)
                 else:
-                    for lid in need:
-                        if lid in self.retained:
-                            self.retained.move_to_end(lid)
-                    self.reserved[seq.seq_id] = (seq, set(need))
-                    return k
-            return 0
+                    break
+            else:
+                need = []
+            for lid in need:
+                if lid in self.retained:
+                    self.retained.move_to_end(lid)
+            self.reserved[seq.seq_id] = (seq, set(need))
+            return k
 
         return limit
 
