@@ -2,10 +2,11 @@
 (engine/window_groups.py), for session files and the SSD tier.
 
 Exported per layer as `KVPool.export_blocks` gives them, in the model's paged slot order (`make_cache()` order,
-as before layers were grouped, so files do not depend on the grouping). A block carries window rows only while its window block is mapped (the last blocks of a
-conversation); for the other blocks the window layers' entries are all zero bytes, which import reads as "no window
-rows": the block keeps no window block, and a prefix hit never relies on it (`WindowBlocks.hit_limit`). Reading
-real rows that happen to be all zero as absent only costs a recompute, never a wrong result.
+as before layers were grouped, so files do not depend on the grouping). A block carries window rows only while its
+window block is mapped (the last blocks of a conversation); for the other blocks the window layers' entries are all
+zero bytes, which import reads as "no window rows": the block keeps no window block, and a prefix hit never relies
+on it (`WindowBlocks.hit_limit`). Reading real rows that happen to be all zero as absent only costs a recompute,
+never a wrong result.
 """
 
 from __future__ import annotations
