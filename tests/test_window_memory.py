@@ -325,3 +325,22 @@ def test_window_hit_limit_caps_to_mapped_blocks():
     assert len(mgr.match_prefix(b)) == 4  # a hit of 4 blocks: row 32 reads blocks 2 and 3, mapped
     c = HSeq(2, list(range(16)) + [9, 9])
     assert len(mgr.match_prefix(c)) == 0  # a hit of 2 blocks: row 16 would read block 0, released
+
+
+def test_memory_saved_by_window_groups_goes_to_logical_blocks(model_dir, monkeypatch):
+    """Within the same kv_cache_memory, window groups take blocks for max_num_seqs sequences (plus as many for
+    cached prefixes) and the rest becomes logical blocks: more context than with every layer in one pool."""
+    import zkv_mlx.engine.runner as runner
+    import zkv_mlx.engine.sizing as sizing
+
+    path = model_dir("gemma3_text")
+    budget = 4 << 20
+    split = _engine(path, prefill_chunk=16, max_num_seqs=4, kv_cache_memory=budget)
+    groups = {g["kind"]: g for g in split.stats()["groups"]}
+    # 4 sequences x (a 16-row chunk with 11 rows before it: 5 blocks + a decode window: 3 blocks)
+    assert groups["window"]["blocks_total"] == 4 * (5 + 3)
+    assert split.stats()["total_size"] <= budget
+    monkeypatch.setattr(runner, "window_counts", lambda plan: {})
+    monkeypatch.setattr(sizing, "window_counts", lambda plan: {})
+    one = _engine(path, prefill_chunk=16, max_num_seqs=4, kv_cache_memory=budget)
+    assert split.blocks.num_blocks > 2.5 * one.blocks.num_blocks
