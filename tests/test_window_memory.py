@@ -130,6 +130,10 @@ def test_prefix_hit_after_release_equals_cold(model_dir, bundled_tokenizer):
     assert engine.stats()["hit_tokens"] - before >= 40
     assert got == _run(_engine(path, prefill_chunk=16), [turn2], 16)[0]
     assert got == _greedy(load_model(path).model, turn2, 16)
+    # forgetting the cache forgets the retained window blocks too
+    assert engine.stats()["groups"][1]["blocks_cached"] > 0
+    engine.clear_cache()
+    assert engine.stats()["groups"][1]["blocks_cached"] == 0
 
 
 def test_batched_window_decode_equals_alone(model_dir, bundled_tokenizer):

@@ -77,6 +77,14 @@ class WindowBlocks:
             if seq.is_finished:
                 del self.reserved[sid]
 
+    def prune(self) -> int:
+        """Frees retained window blocks whose logical block's contents are gone (evicted, reused, cleared);
+        returns how many."""
+        stale = [lid for lid, h in self.retained.items() if h != ADOPT and self.hash_of(lid) != h]
+        for lid in stale:
+            self._free(lid)
+        return len(stale)
+
     def acquire(self, seq, first: int, last: int) -> list[int]:
         """Holds the window blocks a step of `seq` reads and writes: cache indices [first, last] are written,
         each attending over its window. Releases the sequence's blocks that left its window (and the window of a

@@ -126,6 +126,7 @@ class WindowGroups:
         for w, pool in self.pools.items():
             m = self.maps[w]
             m.reconcile()  # finished sequences give their blocks back before they are counted
+            m.prune()
             per = pool.total_bytes // max(1, pool.num_blocks)
             out.append({"kind": "window", "window": w, "slots": pool.n_layers, "bytes_per_block": per,
                         "blocks_total": pool.num_blocks, "blocks_used": m.num_held, "blocks_cached": m.num_retained,
