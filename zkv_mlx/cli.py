@@ -36,6 +36,15 @@ def add_kv_quality_commands(sub, bsub) -> None:
     b.add_argument("--block-size", type=int, default=None)
     b.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
     b.set_defaults(func=verb("bench.kvmem:run"))
+    b = bsub.add_parser("kvwindow", help="KV bytes held for one long conversation on a Gemma-3-like plan: "
+                                         "window-sized sliding-window layers vs all layers global")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--context", type=int, default=32768, help="conversation length in tokens")
+    b.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    b.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--baseline", default="derived", choices=["derived", "run"],
+                   help="all-global bytes from the windowed run's logical blocks (derived) or a second run")
+    b.set_defaults(func=verb("bench.kvwindow:run"))
     p = sub.add_parser("eval", help="quality evaluations")
     esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
     e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache or a long-context policy vs the "

@@ -263,8 +263,11 @@ def _windowed(q: mx.array, layer: int, meta, scale: float, window: int | None, s
     outs = []
     for i, (table, n) in enumerate(seqs):
         lo = 0 if window is None else max(0, n - L - window + 1)
-        k, v = meta.pool.gather(layer, table, n)
-        k, v = k[:, :, lo:].astype(q.dtype), v[:, :, lo:].astype(q.dtype)
+        # read from the window's first block on: earlier ones may be released (engine/window_groups.py)
+        b0 = lo // meta.pool.block_size
+        k, v = meta.pool.gather(layer, table[b0:], n - b0 * meta.pool.block_size)
+        skip = lo - b0 * meta.pool.block_size
+        k, v = k[:, :, skip:].astype(q.dtype), v[:, :, skip:].astype(q.dtype)
         mask = None
         if L > 1 or window is not None:
             kpos = mx.arange(lo, n)[None, :]
