@@ -1,0 +1,139 @@
+"""The process group and the two collectives the plan needs: broadcast from rank 0 and gather to every rank.
+
+Both are built from mx.distributed's own collectives (no transport of our own): a broadcast is an `all_sum` to
+which every rank but 0 contributes zeros; a gather is `all_gather`. Every call is synchronous (evaluated before it
+returns) so that collectives happen in the same order on every rank, and any failure of the ring (a rank that died
+or cannot be reached) becomes a `DistributedError`. A watchdog ends the process when a collective does not finish
+within the timeout (a peer that vanished without closing its sockets would otherwise hang it forever).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import DistributedError
+
+# Seconds a collective may take before the watchdog ends the process (env ZKV_DIST_TIMEOUT overrides).
+DEFAULT_TIMEOUT = 120.0
+
+
+def rank_of_launch() -> int | None:
+    """This process's rank as set by `mlx.launch` (MLX_RANK), or None outside a launched job."""
+    r = os.environ.get("MLX_RANK")
+    return int(r) if r is not None and r.strip().isdigit() else None
+
+
+class DistGroup:
+    """The ring group of a launched job, with byte counters (for `bench distributed`).
+
+    Args:
+        backend: mx.distributed backend ("ring": TCP over Ethernet/Thunderbolt, also on Linux CPUs).
+    Raises:
+        DistributedError: not launched by `mlx.launch` (no group of more than one process).
+    """
+
+    def __init__(self, backend: str = "ring"):
+        try:
+            self.group = mx.distributed.init(strict=True, backend=backend)
+        except RuntimeError as e:
+            raise DistributedError(
+                f"distributed=True needs a process started by mlx.launch ({e}); run e.g. "
+                "`mlx.launch -n 2 --backend ring -- python script.py` or `mlx.launch --hostfile hosts.json -- "
+                "zkv-mlx serve ...`") from None
+        self.rank = self.group.rank()
+        self.size = self.group.size()
+        if self.size < 2:
+            raise DistributedError("distributed=True in a job of one process: launch at least 2 ranks with "
+                                   "mlx.launch (-n 2 or a host file), or drop distributed=True")
+        self.timeout = float(os.environ.get("ZKV_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        self.bytes_sent = 0  # payload bytes of this process's plan collectives (not the model's own)
+        self.failed: DistributedError | None = None
+
+    def _run(self, what: str, x: mx.array) -> mx.array:
+        if self.failed is not None:
+            raise self.failed
+        timer = threading.Timer(self.timeout, _give_up, (self.rank, what, self.timeout))
+        timer.daemon = True
+        timer.start()
+        try:
+            mx.eval(x)
+        except RuntimeError as e:
+            self.failed = DistributedError(
+                f"rank {self.rank}: the distributed job lost a rank during {what} ({e}); in-flight requests "
+                "are ended. Restart every rank with mlx.launch")
+            raise self.failed from None
+        finally:
+            timer.cancel()
+        return x
+
+    def broadcast(self, x: mx.array | None, shape: tuple, dtype: mx.Dtype, what: str = "a plan") -> mx.array:
+        """Rank 0's `x` on every rank (others pass None; `shape`/`dtype` must agree on all ranks)."""
+        if self.rank != 0 or x is None:
+            x = mx.zeros(shape, dtype=dtype)
+        self.bytes_sent += x.nbytes
+        return self._run(what, mx.distributed.all_sum(x, group=self.group, stream=mx.cpu))
+
+    def gather(self, x: mx.array, what: str = "a gather") -> mx.array:
+        """Every rank's `x` stacked along a new first axis (rank order), on every rank."""
+        self.bytes_sent += x.nbytes
+        out = mx.distributed.all_gather(x[None], group=self.group, stream=mx.cpu)
+        return self._run(what, out)
+
+    def send_ints(self, values: list[int] | None, what: str = "a plan") -> list[int]:
+        """Broadcasts a list of int32 from rank 0: a fixed-size header (the length), then the payload."""
+        n = self.broadcast(None if values is None else mx.array([len(values)], dtype=mx.int32), (1,), mx.int32,
+                           what)
+        n = int(n.item())
+        if n == 0:
+            return []
+        arr = None if values is None else mx.array(values, dtype=mx.int32)
+        return self.broadcast(arr, (n,), mx.int32, what).tolist()
+
+    def send_bytes(self, data: bytes | None, what: str) -> bytes:
+        """Broadcasts a byte string from rank 0 (length header, then uint8 payload)."""
+        n = self.broadcast(None if data is None else mx.array([len(data)], dtype=mx.int32), (1,), mx.int32, what)
+        n = int(n.item())
+        arr = None if data is None else mx.array(np.frombuffer(data, dtype=np.uint8))
+        return bytes(np.array(self.broadcast(arr, (n,), mx.uint8, what))) if n else b""
+
+
+_GROUP: DistGroup | None = None
+
+
+def current_group() -> DistGroup:
+    """The job's group (created on first use; every later call returns the same one)."""
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = DistGroup()
+    return _GROUP
+
+
+def _give_up(rank: int, what: str, timeout: float) -> None:
+    # A collective that never returns cannot be interrupted from Python: end the process with a clear message.
+    print(f"zkv-mlx: rank {rank}: no answer from the other ranks within {timeout:.0f} s during {what}; a rank is "
+          "down or unreachable. Exiting (restart every rank with mlx.launch; ZKV_DIST_TIMEOUT sets the limit)",
+          file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+def serve_if_worker(cfg) -> None:
+    """For `distributed=True`: on ranks > 0 loads this rank's shard, serves rank 0's plans until rank 0 closes,
+    then ends the process (exit code 0, or 1 after a failure). Returns on rank 0 (which then starts the engine).
+
+    Raises:
+        DistributedError: not launched by mlx.launch.
+    """
+    group = current_group()
+    if group.rank == 0:
+        return
+    from .worker import run_worker
+
+    code = run_worker(cfg, group)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # ranks > 0 never return into the caller's script
