@@ -1,0 +1,183 @@
+"""Issue 21: one model and its paged KV sharded over 2 local ranks (ring backend), checked against one process.
+
+Each model's 2-rank job (tests/dist_job.py under `zkv_mlx.distributed.local.launch_local`, the environment
+mlx.launch gives) runs at once with the others; the same checks run in this process without distribution first.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY, write_tiny_model
+from zkv_mlx import ZKV
+from zkv_mlx.distributed.local import launch_local
+from zkv_mlx.errors import DistributedError, ModelLoadError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_job  # noqa: E402
+
+JOB = str(Path(__file__).parent / "dist_job.py")
+FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+           decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
+           rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False)
+TIMEOUT = 180  # seconds a job may take before the test kills it (never a hang)
+
+
+def _wait(procs, timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank did not finish within {timeout} s")
+    return codes
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, bundled_tokenizer):
+    """family -> (model dir, single-process result dir, 2-rank result dir, open single-process ZKV)."""
+    TINY.setdefault("qwen3_moe", MOE)
+    base = tmp_path_factory.mktemp("dist")
+    out = {}
+    for fam in FAMILIES:
+        d = write_tiny_model(base / f"model-{fam}", fam, bundled_tokenizer)
+        one, two = base / f"one-{fam}", base / f"two-{fam}"
+        one.mkdir(), two.mkdir()
+        out[fam] = [d, one, two]
+    # the single-process reference (this process), keeping each model open for the 2 -> 1 import
+    models = {}
+    for fam, (d, one, _) in out.items():
+        sys.argv = ["dist_job", str(d), str(one)]
+        models[fam] = _reference(d, one)
+    procs = {}
+    for fam, (d, one, two) in out.items():
+        env = {"ZKV_DATA_DIR": str(two / "data"), "ZKV_CACHE_DIR": str(two / "cache")}
+        argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
+        if fam == "llama":
+            argv.append("--kill-phase")
+        procs[fam] = launch_local(2, argv, env, stderr=subprocess.PIPE)
+    # the kill phase: once llama's rank 0 has finished its checks, stop its rank 1
+    end = time.monotonic() + TIMEOUT
+    ready = out["llama"][2] / "ready"
+    while not ready.exists() and time.monotonic() < end and procs["llama"][0].poll() is None:
+        time.sleep(0.1)
+    procs["llama"][1].kill()
+    (out["llama"][2] / "killed").write_text("1")
+    codes = {fam: _wait(p) for fam, p in procs.items()}
+    errs = {fam: [p.stderr.read().decode() for p in ps] for fam, ps in procs.items()}
+    yield {fam: (*out[fam], models[fam], codes[fam], errs[fam]) for fam in FAMILIES}
+    for m in models.values():
+        m.close()
+
+
+def _reference(d, one):
+    m = ZKV(str(d), **dist_job.SETTINGS)
+    greedy = dict(max_tokens=dist_job.MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    res = {"alone": [dist_job.tokens(m.submit(p, user="a", **greedy)) for p in dist_job.PROMPTS]}
+    logits = {"cold": m.next_token_logits(dist_job.PROMPTS[2], user="c")}
+    s = m.create_session("conv")
+    s.chat("hello there, how are you today my friend?", max_tokens=20, temperature=0.0)
+    s.export(one / "session.zkvs")
+    logits["own_session"] = m.next_token_logits(s.token_ids)
+    res["session_tokens"] = s.token_ids
+    np.savez(one / "logits.npz", **logits)
+    (one / "result.json").write_text(json.dumps(res))
+    return m
+
+
+def _load(d: Path):
+    return json.loads((d / "result.json").read_text()), dict(np.load(d / "logits.npz"))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_two_ranks_match_one_process(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    if fam != "llama":
+        assert codes == [0, 0], errs
+    r1, l1 = _load(one)
+    r2, l2 = _load(two)
+    assert r2["alone"] == r1["alone"]  # greedy tokens equal the single-process engine
+    assert r2["batched"] == r2["alone"]  # 3 sequences in one decode batch equal each alone
+    assert r2["prefix_hit"] == r2["alone"][0] and r2["hit_tokens"] >= 16  # a prefix hit equals a cold run
+    np.testing.assert_allclose(l2["cold"], l1["cold"], atol=1e-4)
+    assert r2["session_tokens"] == r1["session_tokens"]
+    # per-rank stats: each rank holds half of the KV heads and the same block count
+    ranks = r2["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
+    assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_session_moves_between_world_sizes(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    r1, l1 = _load(one)
+    r2, l2 = _load(two)
+    # 1 -> 2: the 2-rank job imported the single-process file; its cached K/V give the same next-token logits
+    assert r2["imported_hit_tokens"] >= 16
+    np.testing.assert_allclose(l2["imported"], l1["own_session"], atol=1e-4)
+    # 2 -> 1: the file the 2-rank job exported opens in one process with the same logits
+    s = model.load_session(str(two / "session.zkvs"), name="from-two-ranks")
+    before = model.kv_cache_stats()["hit_tokens"]
+    logits = model.next_token_logits(s.token_ids)
+    assert model.kv_cache_stats()["hit_tokens"] - before >= 16
+    np.testing.assert_allclose(logits, l2["own_session"], atol=1e-4)
+
+
+def test_killed_rank_gives_clear_error_in_bounded_time(jobs):
+    d, one, two, model, codes, errs = jobs["llama"]
+    kill = json.loads((two / "kill.json").read_text())
+    assert kill["error"] is not None and kill["error"].startswith("DistributedError")
+    assert "lost a rank" in kill["error"] and "mlx.launch" in kill["error"]
+    assert kill["seconds"] < 10
+    assert codes[0] == 1  # rank 0 ends non-zero
+
+
+def test_mismatched_model_is_refused_at_start(tmp_path, bundled_tokenizer):
+    # rank 1 gets other weights (another seed): both ranks refuse before any sharded forward
+    a = write_tiny_model(tmp_path / "a", "llama", bundled_tokenizer, seed=0)
+    b = write_tiny_model(tmp_path / "b", "llama", bundled_tokenizer, seed=1)
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, sys\nimport zkv_mlx\nfrom zkv_mlx import ZKV\n"
+        "path = sys.argv[1] if os.environ['MLX_RANK'] == '0' else sys.argv[2]\n"
+        "try:\n    ZKV(path, distributed=True, max_context=256, kv_cache_memory='4MB')\n"
+        "except Exception as e:\n    print(f'{type(e).__name__}: {e}', file=sys.stderr); sys.exit(1)\n")
+    procs = launch_local(2, [str(script), str(a), str(b)], {"ZKV_CACHE_DIR": str(tmp_path / "c")},
+                         stderr=subprocess.PIPE)
+    assert _wait(procs, 60) == [1, 1]
+    err0 = procs[0].stderr.read().decode()
+    assert "DistributedError: rank 1 differs from rank 0 in model fingerprint" in err0, err0
+    assert "rank 1 differs" in procs[1].stderr.read().decode()
+
+
+def test_model_without_shard_is_refused(tmp_path, bundled_tokenizer):
+    from zkv_mlx.config import make_config
+    from zkv_mlx.distributed.load import load_shard
+
+    TINY.setdefault("starcoder2", dict(model_type="starcoder2", hidden_size=64, num_hidden_layers=2,
+                                       intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
+    d = write_tiny_model(tmp_path / "starcoder2", "starcoder2", bundled_tokenizer)
+
+    class TwoRanks:  # load_shard refuses before any collective
+        rank, size = 0, 2
+
+    with pytest.raises(ModelLoadError, match="starcoder2.*has no shard"):
+        load_shard(make_config(model=str(d)), TwoRanks())
+
+
+def test_distributed_outside_a_launched_job_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    with pytest.raises(DistributedError, match="mlx.launch"):
+        ZKV(str(tiny_model_dir("llama")), distributed=True)
