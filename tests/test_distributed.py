@@ -21,6 +21,7 @@ from zkv_mlx.errors import DistributedError, ModelLoadError
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_job  # noqa: E402
 
+pytestmark = pytest.mark.distributed
 JOB = str(Path(__file__).parent / "dist_job.py")
 FAMILIES = ["llama", "qwen3", "qwen3_moe"]
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
