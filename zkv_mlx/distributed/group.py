@@ -52,6 +52,7 @@ class DistGroup:
                                    "mlx.launch (-n 2 or a host file), or drop distributed=True")
         self.timeout = float(os.environ.get("ZKV_DIST_TIMEOUT", DEFAULT_TIMEOUT))
         self.bytes_sent = 0  # payload bytes of this process's plan collectives (not the model's own)
+        self.collectives = 0  # and their number
         self.failed: DistributedError | None = None
 
     def _run(self, what: str, x: mx.array) -> mx.array:
@@ -76,11 +77,13 @@ class DistGroup:
         if self.rank != 0 or x is None:
             x = mx.zeros(shape, dtype=dtype)
         self.bytes_sent += x.nbytes
+        self.collectives += 1
         return self._run(what, mx.distributed.all_sum(x, group=self.group, stream=mx.cpu))
 
     def gather(self, x: mx.array, what: str = "a gather") -> mx.array:
         """Every rank's `x` stacked along a new first axis (rank order), on every rank."""
         self.bytes_sent += x.nbytes
+        self.collectives += 1
         out = mx.distributed.all_gather(x[None], group=self.group, stream=mx.cpu)
         return self._run(what, out)
 
