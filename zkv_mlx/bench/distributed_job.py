@@ -70,9 +70,9 @@ def main() -> int:
                     pass
             plan_b, plan_c = group.bytes_sent - p0, group.collectives - m0
             counts.append((counter.calls - c0 - plan_c, counter.bytes - b0 - plan_b, plan_c, plan_b))
-        # decode forwards: one plan message (2 collectives) each; one more than tokens decoded, as decode is
-        # pipelined (the step after the last token is computed, then dropped)
-        forwards = (counts[1][2] - counts[0][2]) / 2
+        # decode forwards: one more than tokens decoded, as decode is pipelined (the step after the last token is
+        # computed, then dropped)
+        forwards = steps + 1
         d = [(b - a) / forwards for a, b in zip(*counts)]
         print(json.dumps({"tok_s": tok_s, "steps": steps, "decode_forwards": forwards, "model_collectives_per_step": d[0],
                           "model_bytes_per_step": d[1], "plan_collectives_per_step": d[2],

@@ -18,6 +18,8 @@ import numpy as np
 
 from ..errors import DistributedError
 
+# int32s of a plan's first message: a decode step of a few sequences with short block tables fits in one.
+HEADER_INTS = 128
 # Seconds a collective may take before the watchdog ends the process (env ZKV_DIST_TIMEOUT overrides).
 DEFAULT_TIMEOUT = 120.0
 
@@ -88,14 +90,18 @@ class DistGroup:
         return self._run(what, out)
 
     def send_ints(self, values: list[int] | None, what: str = "a plan") -> list[int]:
-        """Broadcasts a list of int32 from rank 0: a fixed-size header (the length), then the payload."""
-        n = self.broadcast(None if values is None else mx.array([len(values)], dtype=mx.int32), (1,), mx.int32,
-                           what)
-        n = int(n.item())
-        if n == 0:
-            return []
-        arr = None if values is None else mx.array(values, dtype=mx.int32)
-        return self.broadcast(arr, (n,), mx.int32, what).tolist()
+        """Broadcasts a list of int32 from rank 0: one fixed-size message [length, first values...] (one round
+        trip for a typical step's plan), then the rest, if any, in a second one."""
+        head = None
+        if values is not None:
+            head = mx.array(([len(values)] + values[: HEADER_INTS - 1] + [0] * HEADER_INTS)[:HEADER_INTS],
+                            dtype=mx.int32)
+        head = self.broadcast(head, (HEADER_INTS,), mx.int32, what).tolist()
+        n = head[0]
+        if n <= HEADER_INTS - 1:
+            return head[1 : 1 + n]
+        rest = None if values is None else mx.array(values[HEADER_INTS - 1 :], dtype=mx.int32)
+        return head[1:] + self.broadcast(rest, (n - HEADER_INTS + 1,), mx.int32, what).tolist()
 
     def send_bytes(self, data: bytes | None, what: str) -> bytes:
         """Broadcasts a byte string from rank 0 (length header, then uint8 payload)."""
