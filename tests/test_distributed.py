@@ -182,3 +182,36 @@ def test_distributed_outside_a_launched_job_is_a_clear_error(tiny_model_dir, mon
     monkeypatch.delenv("MLX_HOSTFILE", raising=False)
     with pytest.raises(DistributedError, match="mlx.launch"):
         ZKV(str(tiny_model_dir("llama")), distributed=True)
+
+
+def test_plan_messages_round_trip():
+    from zkv_mlx.distributed import plan as P
+    from zkv_mlx.engine.sequence import SamplingParams, Sequence
+
+    a = Sequence(prompt_ids=[4, 5, 6, 7, 8], params=SamplingParams())
+    a.block_table, a.dropped = [3, 9], 0
+    b = Sequence(prompt_ids=[1, 2], params=SamplingParams())
+    b.block_table = [4]
+    shadows: dict = {}
+    r = P.Reader(P.encode_prefill([], a, 2, 5, False))
+    assert r.int() == P.PREFILL
+    P.apply_drops(r, shadows)
+    s, start, end, all_logits = P.apply_prefill(r, shadows)
+    assert (s.all_ids[2:5], start, end, s.block_table, all_logits) == ([6, 7, 8], 2, 5, [3, 9], False)
+    r = P.Reader(P.encode_decode([a.seq_id], [b], [11]))
+    assert r.int() == P.DECODE
+    P.apply_drops(r, shadows)
+    assert a.seq_id not in shadows and s.is_finished  # an ended sequence's state is dropped on every rank
+    seqs, tokens = P.apply_decode(r, shadows)
+    assert [(x.seq_id, x.num_tokens, x.block_table) for x in seqs] == [(b.seq_id, 2, [4])] and tokens == [11]
+
+
+def test_bench_distributed_counts_the_collectives_of_a_decode_step(tiny_model_dir):
+    # tiny llama: 2 layers, hidden 64, float32 -> per decode step 2 all_sums per layer of [1, 1, 64] float32
+    cmd = [sys.executable, "-m", "zkv_mlx.cli", "bench", "distributed", "--json", "-m", str(tiny_model_dir("llama")),
+           "--rounds", "1", "--context", "24", "--tokens", "4", "--kv-cache-memory", "4MB"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["model_collectives_per_step"] == 4 and res["model_bytes_per_step"] == 4 * 64 * 4
+    assert res["plan_collectives_per_step"] == 1 and res["two_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
