@@ -215,3 +215,18 @@ def test_bench_distributed_counts_the_collectives_of_a_decode_step(tiny_model_di
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["model_collectives_per_step"] == 4 and res["model_bytes_per_step"] == 4 * 64 * 4
     assert res["plan_collectives_per_step"] == 1 and res["two_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
+
+
+def test_distributed_md_python_example(tmp_path, tiny_model_dir):
+    # docs/distributed.md's example, as written, on 2 local ranks in a directory where ./my-model is a tiny llama
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    (code,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    (tmp_path / "my-model").symlink_to(tiny_model_dir("llama"))
+    (tmp_path / "app.py").write_text(code)
+    env = {"ZKV_DATA_DIR": str(tmp_path / "data"), "ZKV_CACHE_DIR": str(tmp_path / "cache")}
+    procs = launch_local(2, ["app.py"], env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert _wait(procs) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    assert procs[0].stdout.read().decode().strip()  # rank 0 printed the reply
+    assert procs[1].stdout.read().decode() == ""  # rank 1 never returned from ZKV(...)

@@ -128,21 +128,3 @@ def _give_up(rank: int, what: str, timeout: float) -> None:
           "down or unreachable. Exiting (restart every rank with mlx.launch; ZKV_DIST_TIMEOUT sets the limit)",
           file=sys.stderr, flush=True)
     os._exit(3)
-
-
-def serve_if_worker(cfg) -> None:
-    """For `distributed=True`: on ranks > 0 loads this rank's shard, serves rank 0's plans until rank 0 closes,
-    then ends the process (exit code 0, or 1 after a failure). Returns on rank 0 (which then starts the engine).
-
-    Raises:
-        DistributedError: not launched by mlx.launch.
-    """
-    group = current_group()
-    if group.rank == 0:
-        return
-    from .worker import run_worker
-
-    code = run_worker(cfg, group)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # ranks > 0 never return into the caller's script

@@ -22,15 +22,15 @@ DESCRIPTION_BYTES = 4096
 
 def describe(cfg, family: str, fingerprint: str) -> dict:
     """What must be equal on every rank: model, weights format, KV format, scheduling limits, library versions."""
-    import mlx_lm
+    from importlib.metadata import version
 
-    from .. import __version__
+    import mlx_lm
 
     kv = {k: getattr(cfg.kv, k) for k in ("block_size", "dtype", "quant") if hasattr(cfg.kv, k)}
     return {"model fingerprint": fingerprint, "model family": family, "weights_dtype": cfg.weights_dtype,
             "kv": json.dumps(kv, default=str, sort_keys=True), "max_context": cfg.max_context,
             "max_num_seqs": cfg.max_num_seqs, "prefill_chunk": cfg.prefill_chunk,
-            "zkv-mlx": __version__, "mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}
+            "zkv-mlx": version("zkv-mlx"), "mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}
 
 
 def check_same_everywhere(group: DistGroup, mine: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import mlx.core as mx
@@ -9,9 +10,25 @@ import mlx.core as mx
 from ..engine.runner import ModelRunner
 from ..errors import ZkvError
 from . import plan as P
-from .group import DistGroup
+from .group import DistGroup, current_group
 from .leader import DTYPES, export_gathered, gather_stats, import_sharded
 from .load import load_shard
+
+
+def serve_if_worker(cfg) -> None:
+    """For `distributed=True`: on ranks > 0 loads this rank's shard, serves rank 0's plans until rank 0 closes,
+    then ends the process (exit code 0, or 1 after a failure). Returns on rank 0 (which then starts the engine).
+
+    Raises:
+        DistributedError: not launched by mlx.launch.
+    """
+    group = current_group()
+    if group.rank == 0:
+        return
+    code = run_worker(cfg, group)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # ranks > 0 never return into the caller's script
 
 
 def run_worker(cfg, group: DistGroup) -> int:
