@@ -1,6 +1,6 @@
 """The program each rank runs in tests/test_distributed.py (and rank 0's checks, also run in one process).
 
-Usage: python dist_job.py MODEL_DIR OUT_DIR [SESSION_IN] [--distributed] [--kill-phase]
+Usage: python dist_job.py MODEL_DIR OUT_DIR [SESSION_IN] [--distributed] [--kill-phase | --stop-phase]
 Writes OUT_DIR/result.json (token ids, stats) and OUT_DIR/logits.npz; exports OUT_DIR/session.zkvs.
 """
 
@@ -61,6 +61,18 @@ def main() -> int:
     res["ranks"] = stats.get("ranks")
     np.savez(out / "logits.npz", **logits)
     (out / "result.json").write_text(json.dumps(res))
+    if "--stop-phase" in sys.argv:
+        # idle longer than ZKV_DIST_TIMEOUT: the other rank waits for the next plan without a watchdog
+        time.sleep(float(__import__("os").environ["ZKV_DIST_TIMEOUT"]) + 1)
+        res["after_idle"] = tokens(m.submit(PROMPTS[1], **greedy))
+        (out / "result.json").write_text(json.dumps(res))
+        # the test stops rank 1 (SIGSTOP: its sockets stay open); the watchdog must end this process
+        (out / "ready").write_text("1")
+        while not (out / "stopped").exists():
+            time.sleep(0.05)
+        (out / "t_stop").write_text(str(time.time()))
+        tokens(m.submit(PROMPTS[1], **greedy))
+        return 0  # not reached: the watchdog exits with code 3
     if "--kill-phase" in sys.argv:
         # the test kills rank 1 now; the next request must fail with a clear error, never hang
         (out / "ready").write_text("1")

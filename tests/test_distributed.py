@@ -5,6 +5,7 @@ mlx.launch gives) runs at once with the others; the same checks run in this proc
 """
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermed
            decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
            rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False)
 TIMEOUT = 180  # seconds a job may take before the test kills it (never a hang)
+WATCHDOG = 5  # ZKV_DIST_TIMEOUT of the qwen3_moe job (its stop phase)
 
 
 def _wait(procs, timeout=TIMEOUT):
@@ -66,15 +68,24 @@ def jobs(tmp_path_factory, bundled_tokenizer):
         argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
         if fam == "llama":
             argv.append("--kill-phase")
+        if fam == "qwen3_moe":
+            argv.append("--stop-phase")
+            env["ZKV_DIST_TIMEOUT"] = str(WATCHDOG)
         procs[fam] = launch_local(2, argv, env, stderr=subprocess.PIPE)
-    # the kill phase: once llama's rank 0 has finished its checks, stop its rank 1
+    # once rank 0 has finished its checks: kill llama's rank 1, freeze qwen3_moe's (SIGSTOP: sockets stay open)
     end = time.monotonic() + TIMEOUT
-    ready = out["llama"][2] / "ready"
-    while not ready.exists() and time.monotonic() < end and procs["llama"][0].poll() is None:
-        time.sleep(0.1)
-    procs["llama"][1].kill()
-    (out["llama"][2] / "killed").write_text("1")
-    codes = {fam: _wait(p) for fam, p in procs.items()}
+    for fam, how, flag in (("llama", signal.SIGKILL, "killed"), ("qwen3_moe", signal.SIGSTOP, "stopped")):
+        ready = out[fam][2] / "ready"
+        while not ready.exists() and time.monotonic() < end and procs[fam][0].poll() is None:
+            time.sleep(0.1)
+        procs[fam][1].send_signal(how)
+        (out[fam][2] / flag).write_text("1")
+    codes = {fam: _wait(p) for fam, p in procs.items() if fam != "qwen3_moe"}
+    codes["qwen3_moe"] = [_wait(procs["qwen3_moe"][:1])[0]]
+    t_exit = time.time()
+    procs["qwen3_moe"][1].kill()
+    codes["qwen3_moe"].append(_wait(procs["qwen3_moe"][1:])[0])
+    (out["qwen3_moe"][2] / "t_exit").write_text(str(t_exit))
     errs = {fam: [p.stderr.read().decode() for p in ps] for fam, ps in procs.items()}
     yield {fam: (*out[fam], models[fam], codes[fam], errs[fam]) for fam in FAMILIES}
     for m in models.values():
@@ -103,7 +114,7 @@ def _load(d: Path):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_two_ranks_match_one_process(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
-    if fam != "llama":
+    if fam == "qwen3":
         assert codes == [0, 0], errs
     r1, l1 = _load(one)
     r2, l2 = _load(two)
@@ -142,6 +153,18 @@ def test_killed_rank_gives_clear_error_in_bounded_time(jobs):
     assert "lost a rank" in kill["error"] and "mlx.launch" in kill["error"]
     assert kill["seconds"] < 10
     assert codes[0] == 1  # rank 0 ends non-zero
+
+
+def test_frozen_rank_ends_rank_0_by_the_watchdog_and_idle_ranks_wait(jobs):
+    d, one, two, model, codes, errs = jobs["qwen3_moe"]
+    res = json.loads((two / "result.json").read_text())
+    # idle past ZKV_DIST_TIMEOUT, then served: the other rank's wait for a plan has no watchdog
+    assert res["after_idle"] == res["alone"][1]
+    # rank 1 frozen (sockets open): rank 0's next collective is ended by the watchdog, exit 3, with a message
+    assert codes[0] == 3, errs[0]
+    assert f"no answer from the other ranks within {WATCHDOG} s" in errs[0] and "ZKV_DIST_TIMEOUT" in errs[0]
+    waited = float((two / "t_exit").read_text()) - float((two / "t_stop").read_text())
+    assert WATCHDOG - 1 < waited < WATCHDOG + 20
 
 
 def test_mismatched_model_is_refused_at_start(tmp_path, bundled_tokenizer):

@@ -57,12 +57,13 @@ class DistGroup:
         self.collectives = 0  # and their number
         self.failed: DistributedError | None = None
 
-    def _run(self, what: str, x: mx.array) -> mx.array:
+    def _run(self, what: str, x: mx.array, watchdog: bool = True) -> mx.array:
         if self.failed is not None:
             raise self.failed
         timer = threading.Timer(self.timeout, _give_up, (self.rank, what, self.timeout))
         timer.daemon = True
-        timer.start()
+        if watchdog:
+            timer.start()
         try:
             mx.eval(x)
         except RuntimeError as e:
@@ -74,29 +75,33 @@ class DistGroup:
             timer.cancel()
         return x
 
-    def broadcast(self, x: mx.array | None, shape: tuple, dtype: mx.Dtype, what: str = "a plan") -> mx.array:
-        """Rank 0's `x` on every rank (others pass None; `shape`/`dtype` must agree on all ranks)."""
+    def broadcast(self, x: mx.array | None, shape: tuple, dtype: mx.Dtype, what: str = "a plan",
+                  watchdog: bool = True) -> mx.array:
+        """Rank 0's `x` on every rank (others pass None; `shape`/`dtype` must agree on all ranks).
+
+        watchdog: False for a wait that may last (ranks > 0 waiting for rank 0's next plan while it is idle).
+        """
         if self.rank != 0 or x is None:
             x = mx.zeros(shape, dtype=dtype)
         self.bytes_sent += x.nbytes
         self.collectives += 1
-        return self._run(what, mx.distributed.all_sum(x, group=self.group, stream=mx.cpu))
+        return self._run(what, mx.distributed.all_sum(x, group=self.group, stream=mx.cpu), watchdog)
 
-    def gather(self, x: mx.array, what: str = "a gather") -> mx.array:
+    def gather(self, x: mx.array, what: str = "a gather", watchdog: bool = True) -> mx.array:
         """Every rank's `x` stacked along a new first axis (rank order), on every rank."""
         self.bytes_sent += x.nbytes
         self.collectives += 1
         out = mx.distributed.all_gather(x[None], group=self.group, stream=mx.cpu)
-        return self._run(what, out)
+        return self._run(what, out, watchdog)
 
-    def send_ints(self, values: list[int] | None, what: str = "a plan") -> list[int]:
+    def send_ints(self, values: list[int] | None, what: str = "a plan", watchdog: bool = True) -> list[int]:
         """Broadcasts a list of int32 from rank 0: one fixed-size message [length, first values...] (one round
         trip for a typical step's plan), then the rest, if any, in a second one."""
         head = None
         if values is not None:
             head = mx.array(([len(values)] + values[: HEADER_INTS - 1] + [0] * HEADER_INTS)[:HEADER_INTS],
                             dtype=mx.int32)
-        head = self.broadcast(head, (HEADER_INTS,), mx.int32, what).tolist()
+        head = self.broadcast(head, (HEADER_INTS,), mx.int32, what, watchdog).tolist()
         n = head[0]
         if n <= HEADER_INTS - 1:
             return head[1 : 1 + n]

@@ -44,7 +44,8 @@ def check_same_everywhere(group: DistGroup, mine: dict) -> None:
         raise DistributedError(f"rank {group.rank}: start-up description too long ({len(raw)} bytes)")
     buf = mx.zeros((DESCRIPTION_BYTES,), dtype=mx.uint8)
     buf[: len(raw)] = mx.array(list(raw), dtype=mx.uint8)
-    rows = group.gather(buf, "the start-up check")
+    # no watchdog: ranks load their weights at their own disk's speed (minutes apart for a large model)
+    rows = group.gather(buf, "the start-up check", watchdog=False)
     descs = [json.loads(bytes(r.tolist()).rstrip(b"\0").decode()) for r in rows]
     for r, d in enumerate(descs[1:], start=1):
         for key in descs[0]:

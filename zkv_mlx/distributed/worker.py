@@ -35,7 +35,7 @@ def run_worker(cfg, group: DistGroup) -> int:
     """Serves until rank 0 sends CLOSE (returns 0) or the job fails (prints why, returns 1)."""
     try:
         lm = load_shard(cfg, group)
-        num_blocks, block_size, dtype = group.send_ints(None, "start-up")
+        num_blocks, block_size, dtype = group.send_ints(None, "start-up", watchdog=False)
         runner = ModelRunner(lm, num_blocks, block_size, DTYPES[dtype], kv=cfg.kv)
         serve(runner, group)
         return 0
@@ -48,7 +48,8 @@ def serve(runner: ModelRunner, group: DistGroup) -> None:
     """The plan loop: one message, the same runner call as rank 0's, its output evaluated; until CLOSE."""
     shadows: dict[int, P.ShadowSeq] = {}
     while True:
-        msg = group.send_ints(None, "waiting for rank 0's next plan")
+        # no watchdog while waiting: rank 0 may be idle for hours; it notices a vanished rank on its next plan
+        msg = group.send_ints(None, "waiting for rank 0's next plan", watchdog=False)
         r = P.Reader(msg)
         op = r.int()
         if op == P.PREFILL:
