@@ -24,12 +24,6 @@ HEADER_INTS = 128
 DEFAULT_TIMEOUT = 120.0
 
 
-def rank_of_launch() -> int | None:
-    """This process's rank as set by `mlx.launch` (MLX_RANK), or None outside a launched job."""
-    r = os.environ.get("MLX_RANK")
-    return int(r) if r is not None and r.strip().isdigit() else None
-
-
 class DistGroup:
     """The ring group of a launched job, with byte counters (for `bench distributed`).
 
