@@ -258,8 +258,11 @@ class EngineConfig:
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    distributed: bool = False  # one model sharded over the ranks of an mlx.launch job (zkv_mlx/distributed)
 
     def __post_init__(self):
+        if not isinstance(self.distributed, bool):
+            raise ConfigError(f"distributed: {self.distributed!r} must be true or false")
         if isinstance(self.policy, dict):
             self.policy = _build(PolicyConfig, self.policy, "policy.")
         if isinstance(self.tiers, dict):
