@@ -157,7 +157,7 @@ ARCHS: list[Arch] = [
 # returns RotatingKVCache(keep > 0): only make_prompt_cache(max_kv_size=...) does, which is not a model's plan.)
 REFUSED: list[Arch] = [
     # llama4 with attention chunking: ChunkedKVCache on 3 of every 4 layers.
-    _a("llama4", "refused", refuses="chunk", text_config=dict(
+    _a("llama4-chunked", "refused", True, model_type="llama4", refuses="chunk", text_config=dict(
         model_type="llama4_text", attention_bias=False, attention_chunk_size=4, head_dim=16, hidden_size=64,
         interleave_moe_layer_step=2, intermediate_size=64, intermediate_size_mlp=128, max_position_embeddings=512,
         num_attention_heads=4, num_experts_per_tok=1, num_hidden_layers=4, num_key_value_heads=2,
@@ -282,17 +282,29 @@ def reference_greedy(path, prompt_ids: list[int], n: int) -> tuple[list[int], li
 
     tokens = [int(t) for t, _ in generate_step(mx.array(prompt_ids), model, max_tokens=n,
                                                 logits_processors=[capture])]
-    return tokens, logits
+    return tokens, logits[:n]  # generate_step computes one step ahead of what it yields
 
 
 def readme_table() -> str:
-    """The README's Markdown table of the architectures the matrix tests (arch, category, test set)."""
-    lines = ["| architecture (mlx-lm model_type) | config variant | category | test set |", "|---|---|---|---|"]
-    for a in sorted(ARCHS, key=lambda a: (a.model_type, a.name)):
-        variant = a.name[len(a.model_type) + 1:] if a.name != a.model_type else ""
-        if a.window is not None:
-            variant = f"{variant} (window {a.window})".strip()
-        lines.append(f"| {a.model_type} | {variant} | {a.category} | {'default' if a.default else 'zoo_slow'} |")
+    """The README's Markdown table of the architectures the matrix tests: one row per mlx-lm model_type with its
+    category, the config variants in the matrix and the test set ("default" or "zoo_slow")."""
+    rows: dict[str, list[Arch]] = {}
+    for a in ARCHS + REFUSED:
+        rows.setdefault(a.model_type, []).append(a)
+    lines = ["| mlx-lm model_type | category | config variants in the matrix | test set |", "|---|---|---|---|"]
+    for mt in sorted(rows):
+        entries = rows[mt]
+        cats = ", ".join(dict.fromkeys(a.category for a in entries))
+        variants = []
+        for a in entries:
+            v = a.name[len(mt) + 1:] if a.name != mt else "base"
+            if a.window is not None:
+                v += f" (window {a.window})"
+            if a.refuses:
+                v += " (must raise ModelLoadError)"
+            variants.append(v)
+        sets = ", ".join(dict.fromkeys("default" if a.default else "zoo_slow" for a in entries))
+        lines.append(f"| {mt} | {cats} | {'; '.join(variants)} | {sets} |")
     return "\n".join(lines)
 
 
