@@ -42,7 +42,7 @@ def read_facts(engine) -> EngineFacts:
     return EngineFacts(
         tokenizer=lm.tokenizer, model_name=lm.name, model_path=str(lm.path), family=lm.family,
         fingerprint=lm.fingerprint, weights=lm.weights_format,
-        vocab_size=int(lm.model.model.embed_tokens.weight.shape[0]), max_context=engine.max_context,
+        vocab_size=lm.plan.vocab_size, max_context=engine.max_context,
         kv_format=engine.kv_format, kv_dtype=str(pool.dtype).split(".")[-1], kv_quantized=pool.quant is not None,
         kv_blocks=pool.num_blocks, block_size=engine.blocks.block_size, bytes_per_block=engine.bytes_per_block,
         n_layers=pool.n_layers, n_kv_heads=pool.n_kv_heads, head_dim=pool.head_dim,

@@ -56,6 +56,9 @@ class BlockManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, on_evict=None if lower_tier is None else lower_tier.spill)
         self.lower_tier = lower_tier
+        # Conditions a prefix hit must also meet besides cached blocks (e.g. a state snapshot at its end, a
+        # sliding-window group's blocks): each maps (seq, n matched blocks) -> the largest usable n' <= n.
+        self.hit_limits: list = []
 
     @property
     def num_blocks(self) -> int:
@@ -132,7 +135,17 @@ class BlockManager:
             if block is None:
                 break
             hits.append(block)
-        return hits
+        return hits[: self._usable(seq, len(hits))]
+
+    def _usable(self, seq, n: int) -> int:
+        # The largest k <= n that every hit limit accepts (each limit is monotone: try again until stable).
+        k = n
+        while self.hit_limits:
+            k2 = min(limit(seq, k) for limit in self.hit_limits)
+            if k2 == k:
+                break
+            k = k2
+        return k
 
     def register_full_blocks(self, seq, num_known: int) -> int:
         """Publishes the sequence's full blocks whose K/V are written and whose tokens are known.
@@ -193,13 +206,16 @@ class BlockManager:
         # Promote what the lower tier has right after the memory hits (in order; stop at the first failure).
         n_hit = len(hits)
         bs = self.block_size
-        for j in range(min(len(new), self._secondary_hits(seq, n_hit))):
+        secondary = self._secondary_hits(seq, n_hit)
+        secondary = self._usable(seq, n_hit + secondary) - n_hit if secondary else 0
+        for j in range(min(len(new), max(0, secondary))):
             i = n_hit
             block, toks = new[j], seq.all_ids[i * bs:(i + 1) * bs]
             if not self.lower_tier.load(seq.block_hashes[i], toks, block.block_id):
                 break
             self.pool.cache_full_block(block, seq.block_hashes[i], toks)
             n_hit += 1
+        n_hit = self._usable(seq, n_hit)  # a promotion that stopped early may end where a limit fails
         if hasattr(seq, "num_registered"):
             seq.num_registered = n_hit
         return n_hit * self.block_size

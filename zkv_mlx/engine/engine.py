@@ -19,7 +19,7 @@ from ..cache.hashing import HashKey
 from ..cache.policy import KVPolicy
 from ..cache.prefix_cache import PrefixCache
 from ..config import EngineConfig, PolicyConfig, check_policy
-from ..errors import ZkvError
+from ..errors import ConfigError, ZkvError
 from ..models.loader import LoadedModel
 from . import drop
 from .output import Event, Outputs
@@ -84,6 +84,10 @@ class Engine:
         """A request's policy from its config (None: keep every token); checks it fits this engine."""
         if cfg is not None:
             check_policy(self.cfg.kv, cfg.kind, cfg.budget, cfg.sinks, cfg.recent)  # the KV format first
+            if cfg.kind != "full" and not self.runner.shifts_keys:
+                raise ConfigError(f"--kv-policy {cfg.kind}: {self.lm.family} has sliding-window, state or dense "
+                                  "attention layers, which the long-context policies do not handle yet; "
+                                  "run it without a policy (--kv-policy full)")
         return KVPolicy.from_config(cfg, self.cfg.kv.block_size)
 
     def hash_key(self, user: str, prompt_ids: list[int]) -> HashKey | None:
@@ -152,10 +156,11 @@ class Engine:
         Args:
             policy: the request's long-context policy (None: the engine's default, `cfg.policy`).
         """
-        check_prompt(prompt_ids, self.lm.model.model.embed_tokens.weight.shape[0], self.max_context)
+        check_prompt(prompt_ids, self.lm.plan.vocab_size, self.max_context)
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, user=user)
         seq.policy = self.default_policy if policy is None else self.make_policy(policy)
         seq.hash_key = self.hash_key(user, seq.prompt_ids)
+        seq.compute_all = self.lm.plan.has_state
         seq.max_total = self.max_context
         seq.detok = self.lm.tokenizer.detokenizer()
         seq.t_submit = time.perf_counter()

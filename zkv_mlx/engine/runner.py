@@ -7,7 +7,7 @@ import mlx.core as mx
 from ..kernels.kv_quant import QuantSpec
 from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata, prefill_metadata
 from ..models.loader import LoadedModel
-from ..models.paged import forward, install_paged_attention
+from ..models.paged import forward, new_states
 from ..storage.kv_pool import KVPool
 from .sequence import Sequence
 
@@ -24,7 +24,10 @@ class ModelRunner:
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None):
         self.lm = lm
         self.model = lm.model
-        install_paged_attention(self.model)
+        self.plan = lm.plan
+        # Sequences decode as one batch unless a slot needs each sequence's own K/V or cache objects that
+        # cannot be stacked (dense / unpaged slots); state layers stack along the batch axis (ArraysCache.merge).
+        self.batch_decode = not any(s.dense or not s.paged for s in self.plan.slots)
         self.block_size = block_size
         quant = None if kv is None else QuantSpec.from_config(kv)
         self.pool = KVPool(lm.n_layers, num_blocks, lm.n_kv_heads, block_size, lm.head_dim, kv_dtype, quant)
@@ -59,14 +62,19 @@ class ModelRunner:
             logits [vocab] of the last position, or [end - start, vocab] (lazy).
         """
         tokens = mx.array(seq.all_ids[start:end], dtype=mx.int32)[None]
+        if start == 0:
+            # a cold start (or a recompute after preemption) begins with fresh state layers
+            seq.state = new_states(self.model, self.plan)
+        elif self.plan.has_state and seq.state is None:
+            raise RuntimeError("a sequence with state layers resumed without its state")
         context_len = end - seq.dropped
         n_blocks = -(-context_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
         meta = prefill_metadata(self.pool, start, plan, seq.block_table[:n_blocks], context_len, _wants_mass(seq))
         if all_logits:
-            out = forward(self.model, tokens, meta)[0]
+            out = forward(self.model, self.plan, tokens, meta, seq.state)[0]
         else:
-            out = forward(self.model, tokens, meta, last_only=True)[0, -1]
+            out = forward(self.model, self.plan, tokens, meta, seq.state, last_only=True)[0, -1]
         self.mass = _sum_mass(meta)
         return out
 
@@ -79,6 +87,13 @@ class ModelRunner:
         Returns:
             logits [B, vocab] (lazy).
         """
+        if len(seqs) > 1 and not self.batch_decode:
+            outs, masses = [], []
+            for i, s in enumerate(seqs):
+                outs.append(self.decode([s], None if tokens is None else tokens[i : i + 1]))
+                masses.append(self.mass[0] if self.mass else None)
+            self.mass = masses if any(m is not None for m in masses) else None
+            return mx.concatenate(outs, axis=0)
         positions = [s.num_tokens - 1 for s in seqs]
         context_lens = [p + 1 - s.dropped for s, p in zip(seqs, positions)]
         if tokens is None:
@@ -87,18 +102,31 @@ class ModelRunner:
             tokens = tokens[:, None]
         meta = decode_metadata(self.pool, positions, self._plan(seqs, [[p] for p in positions]),
                                [s.block_table for s in seqs], context_lens, any(_wants_mass(s) for s in seqs))
-        out = forward(self.model, tokens, meta)[:, -1, :]
+        states = _stack_states([s.state for s in seqs]) if self.plan.n_state else []
+        out = forward(self.model, self.plan, tokens, meta, states)[:, -1, :]
+        if self.plan.n_state and len(seqs) > 1:
+            for i, s in enumerate(seqs):
+                s.state = [c.extract(i) for c in states]
         self.mass = _sum_mass(meta)
         return out
 
     # -- long-context policies (engine/drop.py) ------------------------------------------------------
+    @property
+    def shifts_keys(self) -> bool:
+        """Stored keys can be re-rotated (policies): one full-attention paged slot per layer, each layer's
+        attention module with its own `rope`, no state layers."""
+        slots, layers = self.plan.slots, self.model.layers
+        return (not self.plan.has_state and len(slots) == len(layers)
+                and all(s.paged and s.window is None and not s.dense for s in slots)
+                and all(hasattr(getattr(layer, "self_attn", None), "rope") for layer in layers))
+
     def shift_keys(self, block_ids: list[int], delta: int) -> None:
         """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively)."""
         if self.pool.quant is not None:
             raise ValueError("position shifts need a float KV pool")
         idx = mx.array(block_ids, dtype=mx.int32)
         n, h, bs, d = len(block_ids), self.pool.n_kv_heads, self.block_size, self.pool.head_dim
-        for i, layer in enumerate(self.model.model.layers):
+        for i, layer in enumerate(self.model.layers):
             k = self.pool.k[i][idx].astype(mx.float32).reshape(n * h * bs, 1, d)
             # one position per row: every row turns by `delta`
             k = layer.self_attn.rope(k, offset=delta).reshape(n, h, bs, d)
@@ -113,6 +141,13 @@ class ModelRunner:
                         a[dst] = a[src]
                 else:
                     arrs[i][dst] = arrs[i][src]
+
+
+def _stack_states(per_seq: list[list]) -> list:
+    """The batch's state caches stacked along the batch axis (mlx-lm's own `merge`); B = 1 uses them as they are."""
+    if len(per_seq) == 1:
+        return per_seq[0]
+    return [type(cs[0]).merge(list(cs)) for cs in zip(*per_seq)]
 
 
 def _wants_mass(seq: Sequence) -> bool:

@@ -122,6 +122,9 @@ class Sequence:
     dropped: int = 0  # tokens a policy dropped from the cache: position p lives at cache index p - dropped
     mass: list = field(default_factory=list)  # h2o: attention mass received, per block-table index
     seen: list = field(default_factory=list)  # h2o: queries that could attend to each table index
+    # the model's per-sequence caches of state layers (SSM / linear attention) and unpaged slots (models/paged.py)
+    state: list | None = None
+    compute_all: bool = False  # the prefix cache may supply nothing (the model's state layers are not in it)
 
     @property
     def num_tokens(self) -> int:
@@ -143,6 +146,7 @@ class Sequence:
 
     def reset_cache_state(self) -> None:
         """Forgets dropped blocks (after preemption the sequence is recomputed from scratch)."""
+        self.state = None
         self.dropped = 0
         self.mass.clear()
         self.seen.clear()
@@ -160,6 +164,8 @@ class Sequence:
         prompt's queries pay, which ranks the blocks to drop: h2o requests compute their prompt. Under window a
         hit equals a cold run only while the cold run drops nothing, i.e. while the whole sequence fits the budget.
         """
+        if self.compute_all:
+            return 0
         if self.policy is None:
             return None
         if self.policy.kind == "h2o" or self.num_tokens > self.policy.budget:

@@ -29,18 +29,8 @@ from ..storage.kv_pool import KVPool, WritePlan
 DECODE_PATHS = ("grouped", "quantized", "metal")
 
 
-class _LayerCache:
-    """What mlx-lm's model code asks of the object passed as a layer's cache."""
-
-    __slots__ = ()
-
-    def make_mask(self, *args, **kwargs):
-        # mlx-lm asks the cache for a mask; the paged attention masks by context length itself.
-        return None
-
-
 @dataclass(slots=True)
-class PrefillMetadata(_LayerCache):
+class PrefillMetadata:
     """One sequence's chunk of L new tokens (B = 1).
 
     positions: position of the first new token (the rope offset).
@@ -59,9 +49,14 @@ class PrefillMetadata(_LayerCache):
 
     is_prefill = True
 
+    @property
+    def offset(self) -> int:
+        """Rope offset of the first new token (mlx-lm's `cache.offset`)."""
+        return self.positions
+
 
 @dataclass(slots=True)
-class DecodeMetadata(_LayerCache):
+class DecodeMetadata:
     """One new token for each of B sequences.
 
     positions: int32 [B] position of each new token; slot_mapping: where the B new rows go.
@@ -85,6 +80,11 @@ class DecodeMetadata(_LayerCache):
     kernel_args: tuple | None = None
 
     is_prefill = False
+
+    @property
+    def offset(self) -> mx.array:
+        """Rope offset of each sequence's new token, int32 [B] (mlx-lm's batched `cache.offset`)."""
+        return self.positions
 
 
 def decode_path(pool: KVPool) -> str:
@@ -148,14 +148,21 @@ def _groups(block_tables: list[list[int]], context_lens: list[int], bs: int) -> 
     return groups
 
 
-def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scale: float) -> mx.array:
+def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scale: float, *,
+           window: int | None = None, sinks: mx.array | None = None) -> mx.array:
     """Attention of the new queries over the pool (their own K/V rows already written).
 
     Args:
         q: [B, n_heads, L, head_dim] rotated queries.
+        window: sliding window W: the query at cache index i sees cache indices (i - W, i]
+            (mlx-lm's `RotatingKVCache(max_size=W)`); None = full attention.
+        sinks: float [n_heads] attention-sink logits (gpt-oss): they join each head's softmax denominator and
+            add no value (as `mx.fast.scaled_dot_product_attention(..., sinks=)`).
     Returns:
         [B, n_heads, L, head_dim].
     """
+    if window is not None or sinks is not None:
+        return _windowed(q, layer, meta, scale, window, sinks)
     if meta.is_prefill:
         return _prefill(q, layer, meta, scale)
     if meta.path == "grouped":
@@ -217,3 +224,30 @@ def _metal(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.ar
     for i, parts in enumerate(meta.mass):
         parts.append(mass[i, : -(-meta.context_lens[i] // bs)])
     return out
+
+
+def _windowed(q: mx.array, layer: int, meta, scale: float, window: int | None, sinks) -> mx.array:
+    """Sliding-window / attention-sink layers: each sequence's visible rows gathered from the pool, then MLX's
+    fused attention with an explicit mask and the sink logits."""
+    if meta.mass is not None:
+        raise ValueError("attention mass (h2o) is not collected on sliding-window or sink layers")
+    if meta.is_prefill:
+        seqs = [(meta.block_table, meta.context_len)]
+    else:
+        seqs = list(zip(meta.block_tables, meta.context_lens))
+    L = q.shape[2]
+    outs = []
+    for i, (table, n) in enumerate(seqs):
+        lo = 0 if window is None else max(0, n - L - window + 1)
+        k, v = meta.pool.gather(layer, table, n)
+        k, v = k[:, :, lo:].astype(q.dtype), v[:, :, lo:].astype(q.dtype)
+        mask = None
+        if L > 1 or window is not None:
+            kpos = mx.arange(lo, n)[None, :]
+            qpos = mx.arange(n - L, n)[:, None]
+            mask = kpos <= qpos
+            if window is not None:
+                mask = mask & (kpos > qpos - window)
+        sk = None if sinks is None else sinks.astype(q.dtype)
+        outs.append(mx.fast.scaled_dot_product_attention(q[i : i + 1], k, v, scale=scale, mask=mask, sinks=sk))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)

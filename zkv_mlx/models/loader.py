@@ -15,11 +15,11 @@ from .. import paths, sysinfo
 from ..errors import ModelLoadError
 from ..storage.atomic import atomic_write
 from .gguf import build_model_from_gguf, read_gguf
+from .layer_plan import LayerPlan
+from .paged import attach
 from .tokenizer import Tokenizer, tokenizer_from_gguf_metadata
 
 log = logging.getLogger(__name__)
-
-FAMILIES = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 @dataclass(slots=True)
@@ -30,9 +30,10 @@ class LoadedModel:
     tokenizer: Tokenizer
     name: str
     path: Path
-    family: str
+    family: str  # mlx-lm's model_type
     fingerprint: str
-    n_layers: int
+    plan: LayerPlan  # each cache slot's kind and geometry (models/layer_plan.py)
+    n_layers: int  # paged attention slots (the KV pool's layers)
     n_kv_heads: int
     head_dim: int
     max_context: int
@@ -157,9 +158,12 @@ def _float_dtypes(model):
     return {str(v.dtype).split(".")[-1] for _, v in nn.utils.tree_flatten(model.parameters()) if v.dtype != mx.uint32}
 
 
-def _activation_dtype(model: nn.Module) -> mx.Dtype:
-    emb = model.model.embed_tokens
-    return emb.scales.dtype if isinstance(emb, nn.QuantizedEmbedding) else emb.weight.dtype
+def _max_context(cfg: dict) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    text = cfg.get("text_config")
+    return _max_context(text) if isinstance(text, dict) else 4096
 
 
 def load_model(spec: str | None = None, weights_dtype: str = "auto") -> LoadedModel:
@@ -189,23 +193,22 @@ def load_model(spec: str | None = None, weights_dtype: str = "auto") -> LoadedMo
         name = path.name
     else:
         raise ModelLoadError(f"model path not found: {path}")
-    family = FAMILIES[cfg["model_type"]]
     fmt = choose_weights(model, weights_dtype)
     mx.eval(model.parameters())
-    n_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    plan = attach(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
         path=path,
-        family=family,
+        family=str(cfg["model_type"]),
         fingerprint=fingerprint(files, tokenizer.to_json()),
-        n_layers=cfg["num_hidden_layers"],
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        max_context=int(cfg.get("max_position_embeddings") or 4096),
-        dtype=_activation_dtype(model),
+        plan=plan,
+        n_layers=len(plan.paged_slots),
+        n_kv_heads=plan.n_kv_heads,
+        head_dim=plan.head_dim,
+        max_context=_max_context(cfg),
+        dtype=plan.kv_dtype,
         weights_format=fmt,
         weight_bytes=_nbytes(model),
     )
@@ -220,8 +223,15 @@ def _load_mlx_dir(path: Path):
     except ValueError as e:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
     mt = cfg.get("model_type")
-    if mt not in FAMILIES:
-        raise ModelLoadError(f"unsupported model family {mt!r} in {cfg_file}; supported: llama, mistral, qwen2, qwen3")
+    if not isinstance(mt, str) or not mt:
+        raise ModelLoadError(f"{cfg_file} has no model_type; pass a GGUF file or an mlx-lm model directory")
+    try:
+        _classes(mt)
+    except Exception:  # noqa: BLE001 -- mlx-lm raises ValueError; a broken model module anything
+        import mlx_lm
+
+        raise ModelLoadError(f"architecture {mt!r} ({cfg_file}) is not in the installed mlx-lm {mlx_lm.__version__}; "
+                             "upgrade mlx-lm (pip install -U mlx-lm) or pass another model") from None
     from mlx_lm.utils import load_model as mlx_load_model
 
     try:

@@ -1,9 +1,11 @@
-"""Paged attention wrapped around mlx-lm models (design.md §3, §9).
+"""Paged attention attached to any mlx-lm model through mlx-lm's own cache protocol (design.md §3, §9).
 
-Each layer's attention module is replaced by `PagedAttention`, which reuses the layer's own projections,
-norms and rope, writes the new K/V rows into the pool first and then attends over the pool (`attention.attend`).
-The per-step metadata (`attention.PrefillMetadata` / `DecodeMetadata`) is passed where mlx-lm passes a layer
-cache, so the model's own forward code is unchanged.
+The model's own code runs unchanged: for each forward pass the engine hands it, in `make_cache()`'s structure, a
+`PagedCache` per attention slot (speaking `offset`, `update_and_fetch`, `make_mask`) and each sequence's own
+mlx-lm cache objects for state layers (SSM / linear attention) and unpaged slots. `update_and_fetch` writes the new
+K/V rows into the pool (write first, then attend); the attention call, routed here by `sdpa_hook`, attends over
+the pool (`attention.attend`). Slots whose model code uses the fetched K/V itself (`KVSlot.dense`) get the
+sequence's K/V gathered from the pool and the mask mlx-lm's own cache would give.
 """
 
 from __future__ import annotations
@@ -11,65 +13,184 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import sdpa_hook
 from .attention import DecodeMetadata, PrefillMetadata, attend
+from .layer_plan import KVSlot, LayerPlan, build_plan
 
 
-class PagedAttention(nn.Module):
-    """Attention that keeps K/V in the paged pool. Wraps an mlx-lm llama/qwen2/qwen3 Attention."""
+class PagedCache(sdpa_hook.HookedCache):
+    """One attention slot's view of the pool for one forward pass (mlx-lm's cache protocol)."""
 
-    def __init__(self, attn: nn.Module, layer_idx: int):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        if hasattr(attn, "q_norm"):
-            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
-        self.rope = attn.rope
-        self.n_heads = attn.n_heads
-        self.n_kv_heads = attn.n_kv_heads
-        self.scale = attn.scale
-        self.layer_idx = layer_idx
+    __slots__ = ("meta", "slot")
 
-    def __call__(self, x: mx.array, mask=None, cache: PrefillMetadata | DecodeMetadata | None = None) -> mx.array:
-        meta = cache
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        # [B, L, H, D] -> [B, H, L, D]
-        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-        q = self.rope(q, offset=meta.positions)
-        k = self.rope(k, offset=meta.positions)
-        # rows to store: [B*L, H, D] in token order
-        k_rows = k.transpose(0, 2, 1, 3).reshape(B * L, self.n_kv_heads, -1)
-        v_rows = v.reshape(B * L, self.n_kv_heads, -1)
-        meta.pool.write(self.layer_idx, k_rows, v_rows, meta.slot_mapping)
-        out = attend(q, self.layer_idx, meta, self.scale)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o_proj(out)
+    def __init__(self, meta: PrefillMetadata | DecodeMetadata, slot: KVSlot):
+        self.meta, self.slot = meta, slot
 
+    @property
+    def offset(self):
+        """Rope offset: the first new token's position (prefill, int) or each sequence's (decode, int32 [B])."""
+        return self.meta.offset
 
-def install_paged_attention(model: nn.Module) -> int:
-    """Replaces every layer's `self_attn` with a PagedAttention; returns the number of layers."""
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        if not isinstance(layer.self_attn, PagedAttention):
-            layer.self_attn = PagedAttention(layer.self_attn, i)
-    return len(layers)
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        # Paged attention masks by context length and window itself; dense slots get mlx-lm's own mask.
+        if self.slot.dense or return_array:
+            return _dense_mask(self.meta, self.slot, N, return_array, window_size)
+        return "causal" if N > 1 else None
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Writes the new rows ([B, n_kv_heads, L, head_dim] each, rotated) into the pool; returns K/V for the
+        attention call: the same arrays (paged) or the sequence's K/V gathered from the pool (dense)."""
+        B, H, L, _ = keys.shape
+        meta = self.meta
+        # [B, H, L, D] -> [B*L, H, D] rows in token order
+        k_rows = keys.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
+        v_rows = values.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
+        meta.pool.write(self.slot.index, k_rows, v_rows, meta.slot_mapping)
+        if not self.slot.dense:
+            return keys, values
+        lo, n, table = _dense_range(meta, self.slot, L)
+        k, v = meta.pool.gather(self.slot.index, table, n)
+        return k[:, :, lo:].astype(keys.dtype), v[:, :, lo:].astype(values.dtype)
+
+    def sdpa(self, orig, queries, keys, values, scale, mask, sinks):
+        if self.slot.dense:
+            return orig(queries, keys, values, cache=None, scale=scale, mask=mask, sinks=sinks)
+        out = attend(queries, self.slot.index, self.meta, scale, window=self.slot.window, sinks=sinks)
+        return out.astype(queries.dtype)
 
 
-def forward(model: nn.Module, tokens: mx.array, meta: PrefillMetadata | DecodeMetadata, last_only: bool = False) -> mx.array:
-    """Runs the model on [B, L] tokens with paged attention.
+def _dense_range(meta, slot: KVSlot, L: int):
+    """(first row to keep, rows to gather, block table): what mlx-lm's own cache would hand back (B = 1)."""
+    if meta.is_prefill:
+        n, table = meta.context_len, meta.block_table
+    else:
+        n, table = meta.context_lens[0], meta.block_tables[0]
+    start = n - L
+    if slot.window is None:
+        return 0, n, table
+    # RotatingKVCache keeps W - 1 earlier rows plus the new ones during prefill, the last W during decode
+    keep = slot.window - 1 if L > 1 else slot.window - L
+    return max(0, start - keep), n, table
+
+
+def _dense_mask(meta, slot: KVSlot, N: int, return_array: bool, window_size):
+    from mlx_lm.models.cache import create_attention_mask
+
+    n = meta.context_len if meta.is_prefill else meta.context_lens[0]
+    start = n - N
+    if slot.window is None:
+        return create_attention_mask(N, start, return_array, window_size)
+    from mlx_lm.models.base import create_causal_mask
+
+    window = window_size or slot.window
+    if N > 1:
+        off = min(slot.window - 1, start)
+        return create_causal_mask(N, off, window_size=window) if (off + N > window or return_array) else "causal"
+    return None
+
+
+def attach(model: nn.Module) -> LayerPlan:
+    """Prepares a loaded mlx-lm model for the engine: derives its layer plan (`layer_plan.build_plan`), routes
+    its attention calls (`sdpa_hook.install`) and lets prefill compute the last position's logits only.
+
+    Raises:
+        ModelLoadError: the model needs something the engine does not implement (named in the message).
+    """
+    plan = build_plan(model)
+    plan.last_only = _install_last_only(model)
+    return plan
+
+
+class _Flag:
+    last_only = False
+
+
+_LAST = _Flag()
+
+
+def _install_last_only(model: nn.Module) -> bool:
+    """Makes the model's inner module (the one holding the layers) return only its last position while
+    `_LAST.last_only` is set, so the model's own head, soft-capping and scaling run on one position.
+    Verified on a probe: returns False (full logits, sliced afterwards) when the model does not fit the pattern."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    inner_name = next((k for k, v in model.children().items() if isinstance(v, nn.Module) and hasattr(v, "layers")),
+                      None)
+    if inner_name is None:
+        return False
+    inner = getattr(model, inner_name)
+    cls = type(inner)
+    if not getattr(cls, "_zkv_last_only", False):
+        def call(self, *args, **kwargs):
+            out = cls.__call__(self, *args, **kwargs)
+            return out[:, -1:] if _LAST.last_only and isinstance(out, mx.array) and out.ndim == 3 else out
+
+        inner.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_zkv_last_only": True})
+    tokens = mx.array([[5, 9, 2, 7]], dtype=mx.int32)
+    try:
+        full = model(tokens, cache=make_prompt_cache(model))
+        _LAST.last_only = True
+        last = model(tokens, cache=make_prompt_cache(model))
+    except Exception:  # noqa: BLE001 -- the pattern does not fit this model: use full logits
+        return False
+    finally:
+        _LAST.last_only = False
+    return last.shape[1] == 1 and bool(mx.allclose(last[:, 0], full[:, -1], atol=1e-4, rtol=1e-4).item())
+
+
+def build_caches(plan: LayerPlan, meta, states: list) -> list:
+    """The cache list for one forward pass: PagedCache per paged slot, `states[i]` for state/unpaged slot i."""
+    def build(t):
+        kind, x = t
+        if kind == "list":
+            from mlx_lm.models.cache import CacheList
+
+            return CacheList(*(build(c) for c in x))
+        if kind == "state":
+            return states[x]
+        return PagedCache(meta, x) if x.paged else states[x.index]
+
+    return [build(t) for t in plan.template]
+
+
+def new_states(model: nn.Module, plan: LayerPlan) -> list:
+    """Fresh per-sequence caches of the model's state and unpaged slots (in plan index order)."""
+    if not plan.n_state:
+        return []
+    from mlx_lm.models.cache import make_prompt_cache
+
+    out: list = []
+
+    def walk(t, c):
+        kind, x = t
+        if kind == "list":
+            for tt, cc in zip(x, c.caches):
+                walk(tt, cc)
+        elif kind == "state" or not x.paged:
+            out.append(c)
+
+    for t, c in zip(plan.template, make_prompt_cache(model)):
+        walk(t, c)
+    return out
+
+
+def forward(model: nn.Module, plan: LayerPlan, tokens: mx.array, meta, states: list,
+            last_only: bool = False) -> mx.array:
+    """Runs the model's own forward on [B, L] tokens with paged attention.
 
     Args:
-        last_only: compute logits for the last position only (prefill: the vocab projection of every
-            prompt position would cost more than the rest of the model).
+        states: the state/unpaged caches of the batch (one list; B = 1, or merged along the batch axis).
+        last_only: logits of the last position only (prefill: the head over every prompt position would cost
+            more than the rest of the model).
     Returns:
         logits [B, L or 1, vocab].
     """
-    h = model.model(tokens, cache=[meta] * len(model.model.layers))
-    if last_only:
-        h = h[:, -1:, :]
-    if getattr(model, "lm_head", None) is not None:
-        return model.lm_head(h)
-    return model.model.embed_tokens.as_linear(h)
+    caches = build_caches(plan, meta, states)
+    if last_only and plan.last_only:
+        _LAST.last_only = True
+        try:
+            return model(tokens, cache=caches)
+        finally:
+            _LAST.last_only = False
+    out = model(tokens, cache=caches)
+    return out[:, -1:] if last_only else out
