@@ -22,7 +22,7 @@ def test_matrix_covers_the_issue_and_each_category_in_the_default_set():
     default = zoo.default_set()
     assert {a.category for a in default} == {"paged", "window", "sinks", "hybrid", "mla"}
     assert 8 <= len(default) <= 12
-    names = [a.name for a in zoo.ARCHS + zoo.REFUSED]
+    names = [a.name for a in zoo.ARCHS + zoo.REFUSED + zoo.EQUAL_OR_REFUSE]
     assert len(names) == len(set(names))
     for a in zoo.ARCHS:  # a window of a few tokens (or one wider than a 16-token prefill chunk, on purpose)
         if a.category == "window":
@@ -32,7 +32,7 @@ def test_matrix_covers_the_issue_and_each_category_in_the_default_set():
 
 
 @pytest.mark.parametrize("name", [pytest.param(a.name, marks=() if a.default else (pytest.mark.zoo_slow,))
-                                  for a in zoo.ARCHS + zoo.REFUSED])
+                                  for a in zoo.BY_NAME.values()])
 def test_zoo_model_round_trips_and_mlx_lm_runs_it(name, tmp_path, bundled_tokenizer):
     arch = zoo.BY_NAME[name]
     path = zoo.write_zoo_model(tmp_path / name, arch, bundled_tokenizer)
