@@ -118,6 +118,13 @@ ARCHS: list[Arch] = [
     _a("olmoe", "paged", **MOE),
     _a("helium", "paged"),
     _a("internlm3", "paged", bias=False, qkv_bias=False),
+    _a("nemotron", "paged", hidden_act="relu2", partial_rotary_factor=0.5),
+    _a("bailing_moe", "paged", num_shared_experts=1, first_k_dense_replace=1, **MOE),
+    _a("dots1", "paged", n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0, **MOE),
+    # Cross-layer attention: every second layer reuses the previous layer's K/V.
+    _a("hunyuan", "paged", use_cla=True, cla_share_factor=2, moe_topk=2, num_shared_expert=1,
+       use_mixed_mlp_moe=True, use_qk_norm=True, embed_std=0.15, rope_scaling={"type": "dynamic", "factor": 1.0, "alpha": 1000.0},
+       **MOE),
     # -- sliding-window layers (RotatingKVCache in make_cache) ------------------------------------------------
     _a("llama-sliding", "window", True, model_type="llama", window=5, num_hidden_layers=3,
        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
@@ -144,10 +151,24 @@ ARCHS: list[Arch] = [
     _a("falcon_h1", "hybrid", mamba_d_conv=4, mamba_d_head=16, mamba_d_ssm=64, mamba_d_state=16, mamba_n_heads=4,
        mamba_n_groups=1, mamba_chunk_size=16, embedding_multiplier=1.0, lm_head_multiplier=1.0,
        key_multiplier=1.0, attention_out_multiplier=1.0, ssm_out_multiplier=1.0, ssm_in_multiplier=1.0),
+    _a("granitemoehybrid", "hybrid", layer_types=["mamba", "attention"], embedding_multiplier=2.0,
+       attention_multiplier=0.25, logits_scaling=2.0, residual_multiplier=0.5, shared_intermediate_size=64,
+       mamba_n_heads=4, mamba_d_head=16, mamba_proj_bias=False, mamba_d_state=16, mamba_d_conv=4, mamba_n_groups=1,
+       mamba_conv_bias=True, tie_word_embeddings=True, embed_std=0.15, **MOE),
+    _a("nemotron_h", "hybrid", hybrid_override_pattern="M*-", num_hidden_layers=3, mamba_num_heads=4,
+       mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1, use_bias=False,
+       use_conv_bias=True),
     # -- multi-head latent attention (dense path) --------------------------------------------------------------
     _a("deepseek_v3", "mla", True, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
        qk_nope_head_dim=16, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
        routed_scaling_factor=1.0, **MOE),
+    _a("deepseek_v2", "mla", kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+       n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, topk_method="greedy",
+       rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}, **MOE),
+    _a("minicpm3", "mla", kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, dim_model_base=32,
+       scale_depth=1.4, scale_emb=2.0, rope_scaling={"original_max_position_embeddings": 512, "short_factor": 1.0,
+                                                      "long_factor": 1.0}),
 ]
 
 # Real mlx-lm configs whose make_cache() asks for a cache the engine does not implement. (No mlx-lm 0.32.2 model
