@@ -21,6 +21,19 @@ TINY = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False),
+    # hybrid: linear-attention (gated delta) state layers between full-attention ones, MoE MLPs
+    "qwen3_next": dict(model_type="qwen3_next", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False,
+                       linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2,
+                       decoder_sparse_step=1, shared_expert_intermediate_size=64, moe_intermediate_size=64,
+                       mlp_only_layers=[], full_attention_interval=2, partial_rotary_factor=0.5),
+    # llama whose layer_types make every other layer a sliding window of 6 tokens (mlx-lm honours both)
+    "llama_swa": dict(model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=512, tie_word_embeddings=True, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"] * 2),
 }
 
 

@@ -87,11 +87,21 @@ def test_directory_without_config_json(tmp_path):
 
 
 def test_unsupported_family(tmp_path):
+    d = tmp_path / "nosuch"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "no_such_arch", "hidden_size": 64}))
+    r = run_cli(["generate", "--model", str(d), "--prompt", "hi"], tmp_path)
+    assert_one_line_error(r, "no_such_arch")
+    assert "is not in the installed mlx-lm" in r.stderr
+
+
+def test_model_dir_without_weights_names_the_architecture(tmp_path):
     d = tmp_path / "bigcode"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode", "hidden_size": 64}))
     r = run_cli(["generate", "--model", str(d), "--prompt", "hi"], tmp_path)
     assert_one_line_error(r, "gpt_bigcode")
+    assert "safetensors" in r.stderr
 
 
 # -- config errors (fail before loading) --------------------------------------------------------------

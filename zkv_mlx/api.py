@@ -294,6 +294,9 @@ class ZKV:
         s = Session(self, name, user, meta["messages"], ids, meta.get("created_at"), meta.get("updated_at"))
         ks, vs = session_file.join_sinks(data)
         self._thread.call(lambda e: e.set_pins((user, name), e.import_kv(user, ids, ks, vs)))
+        if "state" in meta and self.facts.has_state:
+            st = meta["state"]
+            self._thread.call(lambda e: e.import_state(user, ids, st["blocks"], data.state, st["dtypes"]))
         s._dirty = not keep_file
         self._sessions[key] = s
         return s

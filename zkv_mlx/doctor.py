@@ -52,6 +52,8 @@ def run_doctor(args) -> int:
         from .kernel_check import run
 
         return run(args.json)
+    if getattr(args, "model", None):
+        return _layer_plan(args)
     r = report()
     if args.json:
         print(json.dumps(r))
@@ -59,4 +61,28 @@ def run_doctor(args) -> int:
         width = max(map(len, r))
         for k, v in r.items():
             print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _layer_plan(args) -> int:
+    """`doctor --model M`: loads M (weights as stored) and prints its layer plan."""
+    from .models.layer_plan import describe
+    from .models.loader import load_model
+
+    lm = load_model(args.model, "quantized")
+    d = dict(model=lm.name, architecture=lm.family, **describe(lm.plan, lm.dtype))
+    if args.json:
+        print(json.dumps(d))
+        return 0
+    print(f"{d['model']} ({d['architecture']}): vocab {d['vocab_size']}, attention sinks: {d['sinks']}")
+    for g in d["groups"]:
+        if g["kind"] == "state":
+            print(f"  state    x{g['slots']:<3} per-sequence recurrent state (not paged)")
+            continue
+        window = f" W={g['window']}" if g["window"] else ""
+        dense = " dense" if g["dense"] else ""
+        print(f"  {g['kind']:<8} x{g['slots']:<3}{window} {g['n_kv_heads']} KV heads, head dim {g['k_head_dim']}"
+              f"/{g['v_head_dim']}{dense}: {g['kv_bytes_per_token']} KV bytes per token ({str(lm.dtype).split('.')[-1]})")
+    for n in d["notes"]:
+        print(f"  note: {n}")
     return 0

@@ -34,6 +34,7 @@ class EngineFacts:
     head_dim: int
     sink_section_bytes: int  # int4 pools: bytes of the sink-key section at the end of a K block; else 0
     has_ssd: bool
+    has_state: bool  # hybrid model: sessions carry its state layers (engine/snapshots.py)
 
 
 def read_facts(engine) -> EngineFacts:
@@ -47,4 +48,5 @@ def read_facts(engine) -> EngineFacts:
         kv_blocks=pool.num_blocks, block_size=engine.blocks.block_size, bytes_per_block=engine.bytes_per_block,
         n_layers=pool.n_layers, n_kv_heads=pool.n_kv_heads, head_dim=pool.head_dim,
         sink_section_bytes=getattr(pool, "sink_section_bytes", 0), has_ssd=engine.ssd is not None,
+        has_state=engine.snapshots is not None,
     )

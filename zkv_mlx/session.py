@@ -181,6 +181,15 @@ class Session:
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
         data = session_file.SessionData(meta=meta, k=ks, v=vs)
+        if f.has_state:
+            # the state layers after the last stored block: a restore resumes there, later tokens recompute
+            state = eng.call(lambda e: e.export_state(self.user, self.token_ids, len(pinned)))
+            if state is None:
+                raise SessionError(f"cannot save session {self.name!r}: the state of its layers at token "
+                                   f"{len(pinned) * bs} is no longer cached; send one more message, then save")
+            data.state = state[0]
+            meta["state"] = {"blocks": len(pinned), "dtypes": state[1],
+                             "shapes": [[None if a is None else list(a.shape) for a in arrs] for arrs in state[0]]}
         sec = f.sink_section_bytes
         if sec and ks and ks[0].dtype == np.uint8:
             # Sink keys exist only in a sequence's first block: store those sections once, not per block.

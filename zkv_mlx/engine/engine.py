@@ -28,8 +28,10 @@ from .runner import ModelRunner
 from .sampler import can_sample_lazily, sample, sample_lazy
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
+from . import sessions
 from .sessions import ResidentSessions
 from .sizing import plan_pool
+from .snapshots import StateSnapshots
 from .stats import block_map, engine_stats
 from .tiers import TierStore, open_ssd
 
@@ -70,6 +72,13 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.prefix, self.sessions)
         self.out = Outputs(set(lm.tokenizer.eos_token_ids), self.scheduler.finish, self._register)
         self._inflight: InFlight | None = None
+        self.snapshots = None
+        if self.runner.snapshots_ok:
+            # hybrid models: state snapshots beside the blocks, capped at a quarter of the KV budget
+            cap = max(64 << 20, num_blocks * self.bytes_per_block // 4)
+            self.snapshots = self.runner.snapshots = StateSnapshots(cap, cfg.kv.block_size)
+            self.blocks.hit_limits.append(self.snapshots.limit)
+            self.scheduler.align_chunks = True
         self.policy_dropped_blocks = 0
         self.default_policy = self.make_policy(cfg.policy)
 
@@ -105,10 +114,16 @@ class Engine:
             entry.pinned_blocks = self.sessions.full_blocks("local", entry.ids)
             self.blocks.hold(entry.pinned_blocks)  # the pin is a reference that is never dropped
 
+    def _capture(self, seq: Sequence) -> None:
+        if self.snapshots is not None:
+            self.snapshots.capture(seq)
+
     def _register(self, seq: Sequence) -> None:
         if seq.dropped:  # blocks computed after a drop depend on a shortened context: never published
             return
         self.blocks.register_full_blocks(seq, min(seq.num_computed, len(seq.all_ids)))
+        if self.snapshots is not None:
+            self.snapshots.publish(seq)
 
     # -- sessions and tiers (engine/sessions.py, engine/tiers.py) ---------------------------------------
     def full_blocks(self, user: str, token_ids: list[int]) -> list[int]:
@@ -122,6 +137,15 @@ class Engine:
 
     def import_kv(self, user: str, token_ids: list[int], ks: list, vs: list) -> list[int]:
         return self.sessions.import_kv(user, token_ids, ks, vs)
+
+    def export_state(self, user: str, token_ids: list[int], n_blocks: int):
+        """Hybrid models: (arrays, dtypes) of the state after `n_blocks` blocks of `token_ids`, or None."""
+        return sessions.export_state(self.snapshots, sessions.block_hashes(self.blocks, self.hash_key, user,
+                                                                           token_ids, n_blocks))
+
+    def import_state(self, user: str, token_ids: list[int], n_blocks: int, arrays: list, dtypes: list) -> None:
+        sessions.import_state(self.snapshots, sessions.block_hashes(self.blocks, self.hash_key, user, token_ids,
+                                                                    n_blocks), arrays, dtypes)
 
     def export_kv(self, block_ids: list[int]) -> tuple[list, list]:
         return self.tiers.export(block_ids)
@@ -160,7 +184,7 @@ class Engine:
         seq = Sequence(prompt_ids=list(prompt_ids), params=params, user=user)
         seq.policy = self.default_policy if policy is None else self.make_policy(policy)
         seq.hash_key = self.hash_key(user, seq.prompt_ids)
-        seq.compute_all = self.lm.plan.has_state
+        seq.compute_all = self.lm.plan.has_state and self.snapshots is None
         seq.max_total = self.max_context
         seq.detok = self.lm.tokenizer.detokenizer()
         seq.t_submit = time.perf_counter()
@@ -198,6 +222,7 @@ class Engine:
                 out = self.runner.prefill(s, start, end)
                 mx.eval(out)
                 s.num_computed = end
+                self._capture(s)
                 self._register(s)
                 if end == s.prefill_len:
                     logits = np.array(out.astype(mx.float32))
@@ -244,6 +269,7 @@ class Engine:
         else:
             mx.eval(logits)  # runs the chunk; its K/V are what the next chunk attends to
         seq.num_computed = end
+        self._capture(seq)
         drop.add_mass(seq, mass and mass[0], end - start)
         if last:
             self.out.postprocess(seq, token)
@@ -268,6 +294,7 @@ class Engine:
         if not can_sample_lazily(seqs):
             for i, (seq, token) in enumerate(zip(seqs, sample(logits, seqs))):
                 seq.num_computed += 1
+                self._capture(seq)
                 drop.add_mass(seq, mass and mass[i], 1)
                 self.out.postprocess(seq, token)
             return sampled + len(seqs)
@@ -276,6 +303,7 @@ class Engine:
         for seq in seqs:
             seq.num_inflight += 1
             seq.num_computed += 1
+            self._capture(seq)
         if chained:
             sampled += self._resolve()  # the previous step's tokens, computed while this graph was built
         self._inflight = InFlight(seqs, tokens, mass)

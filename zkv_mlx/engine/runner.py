@@ -28,6 +28,10 @@ class ModelRunner:
         # Sequences decode as one batch unless a slot needs each sequence's own K/V or cache objects that
         # cannot be stacked (dense / unpaged slots); state layers stack along the batch axis (ArraysCache.merge).
         self.batch_decode = not any(s.dense or not s.paged for s in self.plan.slots)
+        # hybrid models: state snapshots at block boundaries let prefix hits resume them (engine/snapshots.py);
+        # unpaged KV slots have no snapshots yet, so such models compute every prompt
+        self.snapshots_ok = self.plan.has_state and all(s.paged for s in self.plan.slots)
+        self.snapshots = None  # StateSnapshots, set by the engine
         self.block_size = block_size
         quant = None if kv is None else QuantSpec.from_config(kv)
         self.pool = KVPool(lm.n_layers, num_blocks, lm.n_kv_heads, block_size, lm.head_dim, kv_dtype, quant)
@@ -66,7 +70,8 @@ class ModelRunner:
             # a cold start (or a recompute after preemption) begins with fresh state layers
             seq.state = new_states(self.model, self.plan)
         elif self.plan.has_state and seq.state is None:
-            raise RuntimeError("a sequence with state layers resumed without its state")
+            # a prefix hit: resume from the snapshot at its end (the hit limit guarantees one)
+            seq.state = self.snapshots.restore(seq, new_states(self.model, self.plan))
         context_len = end - seq.dropped
         n_blocks = -(-context_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])

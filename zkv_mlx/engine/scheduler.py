@@ -56,6 +56,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.admissions = admissions
         self.pressure = pressure
+        self.align_chunks = False  # end prefill chunks on block boundaries (hybrid models' state snapshots)
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -102,6 +103,10 @@ class Scheduler:
             if seq.in_prefill and budget > 0:
                 start = seq.num_computed
                 end = min(seq.prefill_len, start + budget)
+                if self.align_chunks:
+                    # hybrid models: chunks end on block boundaries, where state snapshots are taken
+                    boundary = end // self.blocks.block_size * self.blocks.block_size
+                    end = boundary if start < boundary < end else end
                 if seq.policy is not None:
                     # bounded memory: blocks for one chunk at a time (the engine dropped old ones before)
                     end = min(end, start + seq.policy.chunk)

@@ -125,6 +125,7 @@ class Sequence:
     # the model's per-sequence caches of state layers (SSM / linear attention) and unpaged slots (models/paged.py)
     state: list | None = None
     compute_all: bool = False  # the prefix cache may supply nothing (the model's state layers are not in it)
+    snapshots_pending: dict = field(default_factory=dict)  # block count -> state copy, until its hash is known
 
     @property
     def num_tokens(self) -> int:
@@ -147,6 +148,7 @@ class Sequence:
     def reset_cache_state(self) -> None:
         """Forgets dropped blocks (after preemption the sequence is recomputed from scratch)."""
         self.state = None
+        self.snapshots_pending.clear()
         self.dropped = 0
         self.mass.clear()
         self.seen.clear()

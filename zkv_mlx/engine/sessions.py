@@ -5,6 +5,7 @@ to SSD as they are reused). Also the import of a saved sequence's blocks into th
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from ..cache import BlockManager
 from ..errors import OutOfKVMemory
@@ -95,3 +96,30 @@ class ResidentSessions:
         self.blocks.release(list(reversed(ids)))  # our temporary references (duplicates fall back to free)
         self.unpin(held)
         return held
+
+
+def block_hashes(blocks: BlockManager, hash_key, user: str, token_ids: list[int], n_blocks: int) -> list[bytes]:
+    """The chained hashes of the first `n_blocks` full blocks of `token_ids` for `user` ([] without caching)."""
+    probe = Sequence(prompt_ids=list(token_ids) + [0], params=SamplingParams(), user=user)
+    probe.hash_key = hash_key(user, token_ids)
+    if probe.hash_key is None or n_blocks == 0:
+        return []
+    return blocks._hash_upto(probe, n_blocks)
+
+
+def export_state(snapshots, hashes: list[bytes]) -> tuple[list, list] | None:
+    """Hybrid models: the state snapshot at the end of `hashes` as float32 numpy arrays and their dtypes."""
+    arrays = snapshots.get(hashes[-1]) if snapshots is not None and hashes else None
+    if arrays is None:
+        return None
+    out = [[None if a is None else np.array(a.astype(mx.float32)) for a in arrs] for arrs in arrays]
+    dtypes = [[None if a is None else str(a.dtype).split(".")[-1] for a in arrs] for arrs in arrays]
+    return out, dtypes
+
+
+def import_state(snapshots, hashes: list[bytes], arrays: list, dtypes: list) -> None:
+    """Stores a session file's state snapshot under the hash of its last block (a restore then resumes there)."""
+    if snapshots is None or not hashes:
+        return
+    snapshots.put(hashes[-1], [[None if a is None else mx.array(a).astype(getattr(mx, d))
+                                for a, d in zip(arrs, ds)] for arrs, ds in zip(arrays, dtypes)])

@@ -23,6 +23,8 @@ def plan_pool(cfg: EngineConfig, lm: LoadedModel, max_context: int) -> tuple[int
     per_block = KVPool.bytes_per_block(lm.n_layers, lm.n_kv_heads, kv.block_size, lm.head_dim, dtype,
                                        QuantSpec.from_config(kv))
     blocks_per_ctx = -(-max_context // kv.block_size) + 1
+    if per_block == 0:  # no paged layer (e.g. MLA): blocks are bookkeeping only, KV lives per sequence
+        return blocks_per_ctx * cfg.max_num_seqs, dtype
     if kv.memory == "dynamic":
         budget = int(sysinfo.available_memory() * kv.dynamic_fraction)
         n = min(budget // per_block, blocks_per_ctx * min(cfg.max_num_seqs, 4))

@@ -97,6 +97,23 @@ class LayerPlan:
         return groups
 
 
+def describe(plan: LayerPlan, kv_dtype: mx.Dtype) -> dict:
+    """The plan as `zkv-mlx doctor --model` prints it: per group kind, window, slots, heads, head dims and KV bytes
+    per token (`kv_dtype` storage; K and V of every slot of the group), plus notes."""
+    groups = []
+    for g in plan.groups():
+        per_token = g["slots"] * g["n_kv_heads"] * (g["k_head_dim"] + g["v_head_dim"]) * kv_dtype.size
+        groups.append(dict(g, kv_bytes_per_token=per_token))
+    notes = list(plan.notes)
+    if any(g["dense"] for g in plan.groups()):
+        notes.append("some layers use their fetched K/V themselves (own softmax, soft-capping, ...): they get dense "
+                     "K/V gathered from the pool and decode one sequence at a time")
+    if plan.has_state:
+        notes.append("state layers (SSM / linear attention) are kept per sequence; prefix hits resume them from "
+                     "snapshots at block boundaries")
+    return {"groups": groups, "sinks": plan.sinks, "vocab_size": plan.vocab_size, "notes": notes}
+
+
 def make_template(model: nn.Module) -> list:
     """`make_cache()` with each leaf classified; raises ModelLoadError for cache kinds the engine lacks."""
     from mlx_lm.models import cache as C
@@ -170,7 +187,8 @@ class _ProbeCache(sdpa_hook.HookedCache):
             self.own_softmax = True  # K/V changed between fetch and attention: dense
         if not (mask is None or isinstance(mask, str) or any(mask is m and w == self.window for m, w in self.masks)):
             self.own_softmax = True  # a mask of the model's own making: dense
-        k, v = self.real
+        # untouched fetched K/V: attend over the real ones; else the model's own (poisoned-derived) arrays
+        k, v = self.real if not self.own_softmax else (keys, values)
         return orig(queries, k, v, cache=None, scale=scale, mask=mask, sinks=sinks)
 
 
@@ -288,9 +306,6 @@ def _assemble(model, template, probes, logits) -> LayerPlan:
         return ("kv", slot)
 
     new_template = [assign(t) for t in template]
-    if not any(s.paged for s in slots):
-        raise ModelLoadError(f"{_name(model)}: no attention layer has a pageable K/V geometry "
-                             f"(K/V shapes {probes[0].k_shape} / {probes[0].v_shape}); use mlx-lm for this model")
     unpaged = [s for s in slots if not s.paged]
     if unpaged:
         notes.append(f"{len(unpaged)} attention layer(s) keep mlx-lm's own KV per sequence (K/V geometry "

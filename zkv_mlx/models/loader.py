@@ -237,7 +237,7 @@ def _load_mlx_dir(path: Path):
     try:
         model, cfg = mlx_load_model(path)
     except Exception as e:
-        raise ModelLoadError(f"cannot load mlx-lm model from {path}: {e}") from None
+        raise ModelLoadError(f"cannot load the mlx-lm {mt} model in {path}: {e}") from None
     try:
         tokenizer = Tokenizer.load(path)
     except (OSError, ValueError) as e:

@@ -37,6 +37,9 @@ class SessionData:
     k: list = field(default_factory=list)  # per layer numpy [n_blocks, H, BS, D]
     v: list = field(default_factory=list)
     sinks: list = field(default_factory=list)  # per layer: the sink sections of the blocks in meta["sink_section"]
+    # hybrid models: the state layers' arrays after the first meta["state"]["blocks"] blocks (float32 numpy;
+    # per state cache a list, None where the cache holds no array)
+    state: list = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -61,6 +64,10 @@ def write(path: Path, data: SessionData) -> int:
         tensors[f"v.{i}"] = np.ascontiguousarray(v)
     for i, sk in enumerate(data.sinks):
         tensors[f"ks.{i}"] = np.ascontiguousarray(sk)
+    for i, arrays in enumerate(data.state):
+        for j, a in enumerate(arrays):
+            if a is not None:
+                tensors[f"state.{i}.{j}"] = np.ascontiguousarray(a, dtype=np.float32)
     meta = dict(data.meta, format=FORMAT, version=VERSION,
                 checksums={name: _sha(t) for name, t in tensors.items()})
     blob = save(tensors, metadata={"zkv": json.dumps(meta)})
@@ -120,7 +127,29 @@ def read(path: Path) -> SessionData:
                 if hashlib.sha256(raw).hexdigest() != meta["checksums"].get(name):
                     raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
                 out.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+        for i, shapes in enumerate(meta.get("state", {}).get("shapes", [])):
+            data.state.append([None if shape is None else
+                               _tensor(f, header, meta, f"state.{i}.{j}", tuple(shape), base, size, path)
+                               for j, shape in enumerate(shapes)])
     return data
+
+
+def _tensor(f, header: dict, meta: dict, name: str, shape: tuple, base: int, size: int, path: Path) -> np.ndarray:
+    """One float32 tensor, validated (shape, bounds, checksum)."""
+    info = header.get(name)
+    if not isinstance(info, dict):
+        raise SessionFormatError(f"{path}: tensor {name} is missing")
+    start, end = _offsets(info, name, path)
+    nbytes = int(np.prod(shape)) * 4
+    if info.get("dtype") != "F32" or list(info.get("shape", [])) != list(shape) or end - start != nbytes:
+        raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {list(shape)}")
+    if base + end > size:
+        raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
+    f.seek(base + start)
+    raw = f.read(nbytes)
+    if len(raw) != nbytes or hashlib.sha256(raw).hexdigest() != meta["checksums"].get(name):
+        raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
+    return np.frombuffer(raw, dtype=np.float32).reshape(shape)
 
 
 def join_sinks(data: SessionData) -> tuple[list, list]:
@@ -198,6 +227,18 @@ def _meta(header: dict, path: Path) -> dict:
         ok = ok and isinstance(blocks, list) and len(set(blocks)) == len(blocks) and all(
             isinstance(b, int) and not isinstance(b, bool) and 0 <= b < meta.get("n_blocks", 0) for b in blocks)
         ok = ok and meta.get("dtype") == "uint8"
+    st = meta.get("state")
+    if st is not None:
+        ok = ok and isinstance(st, dict) and isinstance(st.get("blocks"), int) and 0 <= st["blocks"] <= meta.get(
+            "n_blocks", -1) and isinstance(st.get("shapes"), list) and all(
+            isinstance(arrs, list) and all(s is None or (isinstance(s, list) and len(s) <= 8 and all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1 << 24 for x in s)) for s in arrs)
+            for arrs in st["shapes"])
+        dts = st.get("dtypes") if isinstance(st, dict) else None
+        ok = ok and isinstance(dts, list) and len(dts) == len(st["shapes"]) and all(
+            isinstance(ds, list) and len(ds) == len(arrs) and all(
+                (d is None) == (s is None) and d in (None, "float32", "float16", "bfloat16") for d, s in zip(ds, arrs))
+            for ds, arrs in zip(dts, st["shapes"]))
     if not ok:
         raise SessionFormatError(f"{path}: session metadata is incomplete or has values of the wrong type")
     # Ids are checked against the model's vocabulary on import (ZKV._restore names the id and the vocab size).
