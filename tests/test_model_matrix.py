@@ -11,6 +11,7 @@ with close logits. Prompts (13-40 tokens) exceed every few-token window, so wind
 from __future__ import annotations
 
 import re
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -18,7 +19,10 @@ import pytest
 
 import model_zoo as zoo
 from zkv_mlx import ZKV
-from zkv_mlx.errors import ModelLoadError
+from zkv_mlx.errors import ModelLoadError, ZkvError
+
+# An exception in the engine thread (e.g. at close) is a failure of the test that caused it, not a warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 N = 16  # generated tokens per comparison
 ATOL = RTOL = 1e-3  # float32 weights and KV
@@ -79,6 +83,8 @@ class Case:
 
     def __init__(self, arch: zoo.Arch, path, tokenizer):
         self.arch, self.path = arch, path
+        # The issue lets MLA models run on a dense path whose KV is not paged yet: no prefix hits, no KV formats.
+        self.paged = arch.category != "mla"
         text_ids = [tokenizer.encode(t) for t in TEXTS]
         self.prompt = text_ids[0][:40]  # the long prompt: past every few-token window
         self.prompts = [self.prompt, text_ids[1][:13], text_ids[2][:27]]  # three lengths, no common prefix
@@ -98,8 +104,15 @@ class Case:
         return self._models[kind]
 
     def close(self) -> None:
-        for m in self._models.values():
-            m.close()
+        seen = []  # the engine thread's own exceptions at close (e.g. spilling blocks to the SSD tier)
+        old, threading.excepthook = threading.excepthook, seen.append
+        try:
+            for m in self._models.values():
+                m.close()
+        finally:
+            threading.excepthook = old
+        assert not seen, f"{self.arch.name}: the engine thread raised at close: {seen[0].exc_type.__name__}: " \
+                         f"{seen[0].exc_value}"
 
 
 @pytest.fixture(scope="module", params=ARCH_PARAMS)
@@ -149,13 +162,15 @@ def test_d_prefix_hit_equals_cold_run(case):
     cold = m.next_token_logits(case.prompt)
     before = m.kv_cache_stats()["hit_tokens"]
     warm = m.next_token_logits(case.prompt)
-    assert m.kv_cache_stats()["hit_tokens"] > before, "the same prompt twice must hit the prefix cache"
+    if case.paged:
+        assert m.kv_cache_stats()["hit_tokens"] > before, "the same prompt twice must hit the prefix cache"
     _close(warm, cold, atol=1e-4, rtol=1e-4)
     # A second turn (first turn + its reply + a new question) reuses the first turn and equals mlx-lm cold.
     turn2 = case.prompt + case.ref_tokens + case.prompts[1]
     before = m.kv_cache_stats()["hit_tokens"]
     got = _greedy(m, turn2, 8)
-    assert m.kv_cache_stats()["hit_tokens"] > before, "the second turn must reuse the first turn's prefix"
+    if case.paged:
+        assert m.kv_cache_stats()["hit_tokens"] > before, "the second turn must reuse the first turn's prefix"
     assert got == zoo.reference_greedy(case.path, turn2, 8)[0]
 
 
@@ -174,14 +189,19 @@ def test_e_session_export_import_round_trip(case, tmp_path):
     assert s2.token_ids == ids
     before = m.kv_cache_stats()["hit_tokens"]
     got = m.next_token_logits(probe)
-    assert m.kv_cache_stats()["hit_tokens"] > before, "the imported K/V must be used"
+    if case.paged:
+        assert m.kv_cache_stats()["hit_tokens"] > before, "the imported K/V must be used"
     _close(got, before_export, atol=1e-4, rtol=1e-4)
     _close(got, reference_last_logits(case.path, probe))
     m.delete_session(f"{name}-imported")
 
 
 def test_f_int8_kv_runs_with_close_logits(case):
-    m = case.model("int8")
+    try:
+        m = case.model("int8")
+    except ZkvError as e:  # only an unpaged (MLA) model may refuse a KV format, and must say why
+        assert not case.paged and re.search(r"pag|MLA|latent", str(e), re.I), str(e)
+        return
     errs = []
     for p in case.prompts:
         got = np.asarray(m.next_token_logits(p), np.float32)
