@@ -1,13 +1,15 @@
 // Paged decode attention: kernel bodies for mx.fast.metal_kernel (helpers: paged_common.h via header=).
 // zkv_mlx/kernels/registry.py splits this file at the "//// kernel:" lines; each section is one body.
 //
-// Inputs (all three kernels take the first ten the same way):
+// Inputs (the attention kernels take the first twelve the same way):
 //   q [B, n_heads, 1, D] (T); k, v: [NB, n_kv_heads, BS, D] float storage, or mx.quantize packed uint32
 //   [NB, n_kv_heads, BS, D*bits/32] with k_scales/k_biases [NB, n_kv_heads, BS, D/group] (a 1-element
 //   dummy when K is float; same for V); block_tables [B, max_blocks] int32; context_lens [B] int32;
-//   scale: 0-d float.
+//   scale: 0-d float; window: 0-d int, a sliding window of that many rows for every sequence (0 = none;
+//   blocks wholly before it are never read, their block-table entries may be stale); sink_logits: float
+//   [n_heads] attention-sink logits (a 1-element dummy without SL).
 // Template: T (q/out dtype), D, BS (block size), NSG (SIMD-groups per threadgroup), KB/KG and VB/VG
-//   (bits and group size of K and V; 0 bits = float storage).
+//   (bits and group size of K and V; 0 bits = float storage), SL (1: sink logits in the softmax).
 
 //// kernel: paged_attention_1pass
   // One threadgroup of NSG SIMD-groups per (sequence, query head); SIMD-group sg takes keys sg, sg + NSG, ...
@@ -22,6 +24,7 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
   auto table = block_tables + b * block_tables_shape[1];
 
   float qr[KCH * KE];
@@ -33,7 +36,7 @@
     o[i] = 0.0f;
   }
   zkv_attend<D, BS, NSG, KB, KG, VB, VG>(k, k_scales, k_biases, v, v_scales, v_biases, table, kv_head,
-                                         n_kv_heads, 0, len, sg, lane, qr, m, l, o);
+                                         n_kv_heads, lo, len, sg, lane, qr, m, l, o);
 
   // Merge the SIMD-groups' partial softmax states
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
@@ -43,7 +46,7 @@
   const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
   for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
     const float acc = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
-    out[head * D + d] = static_cast<T>(l_all > 0.0f ? acc / l_all : 0.0f);  // empty context: 0, not NaN
+    out[head * D + d] = static_cast<T>(zkv_normalise<SL>(acc, l_all, m_all, sink_logits, head % n_heads));
   }
 
 //// kernel: paged_attention_2pass_partial
@@ -63,7 +66,8 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
-  const int t0 = split * partition;
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
+  const int t0 = (lo / BS) * BS + split * partition;
   const int t1 = min(len, t0 + partition);
   auto table = block_tables + b * block_tables_shape[1];
 
@@ -76,7 +80,7 @@
     o[i] = 0.0f;
   }
   zkv_attend<D, BS, NSG, KB, KG, VB, VG>(k, k_scales, k_biases, v, v_scales, v_biases, table, kv_head,
-                                         n_kv_heads, t0, t1, sg, lane, qr, m, l, o);
+                                         n_kv_heads, max(t0, lo), t1, sg, lane, qr, m, l, o);
 
   // Merge the SIMD-groups, keep the result unnormalised for pass 2
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
@@ -95,7 +99,7 @@
 
 //// kernel: paged_attention_2pass_reduce
   // Split-context pass 2: one threadgroup per (sequence, query head) merges the n_splits partial states.
-  // Grid: (NT * B * n_heads, 1, 1), threadgroup (NT, 1, 1). Template: T, D.
+  // Grid: (NT * B * n_heads, 1, 1), threadgroup (NT, 1, 1). Inputs: o_part, ml, sink_logits. Template: T, D, SL.
   const int head = threadgroup_position_in_grid.x;
   const int n_splits = o_part_shape[1];
   float m = -INFINITY;
@@ -111,7 +115,7 @@
     for (int s = 0; s < n_splits; s++) {
       acc += o_part[(head * n_splits + s) * D + d] * zkv_weight(ml[(head * n_splits + s) * 2], m);
     }
-    out[head * D + d] = static_cast<T>(l > 0.0f ? acc / l : 0.0f);
+    out[head * D + d] = static_cast<T>(zkv_normalise<SL>(acc, l, m, sink_logits, head % sink_logits_shape[0]));
   }
 
 //// kernel: paged_attention_1pass_mass
@@ -130,6 +134,7 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
   const int max_blocks = block_tables_shape[1];
   auto table = block_tables + b * max_blocks;
 
@@ -142,8 +147,8 @@
     o[i] = 0.0f;
   }
   zkv_attend_blocks<D, BS, NSG, KB, KG, VB, VG, true>(k, k_scales, k_biases, v, v_scales, v_biases, table,
-                                                      kv_head, n_kv_heads, 0, len, sg, lane, qr, m, l, o,
-                                                      bstats, long(head) * max_blocks);
+                                                      kv_head, n_kv_heads, (lo / BS) * BS, len, lo, sg, lane, qr, m,
+                                                      l, o, bstats, long(head) * max_blocks);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
   zkv_share_state<D, VB>(m, l, o, sg, lane, tg_m, tg_l, tg_o);
@@ -152,7 +157,7 @@
   const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
   for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
     const float acc = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
-    out[head * D + d] = static_cast<T>(l_all > 0.0f ? acc / l_all : 0.0f);
+    out[head * D + d] = static_cast<T>(zkv_normalise<SL>(acc, l_all, m_all, sink_logits, head % n_heads));
   }
   if (thread_index_in_threadgroup == 0) {
     ml[head * 2] = m_all;
@@ -175,7 +180,8 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
-  const int t0 = split * partition;
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
+  const int t0 = (lo / BS) * BS + split * partition;
   const int t1 = min(len, t0 + partition);
   const int max_blocks = block_tables_shape[1];
   auto table = block_tables + b * max_blocks;
@@ -189,7 +195,7 @@
     o[i] = 0.0f;
   }
   zkv_attend_blocks<D, BS, NSG, KB, KG, VB, VG, true>(k, k_scales, k_biases, v, v_scales, v_biases, table,
-                                                      kv_head, n_kv_heads, t0, t1, sg, lane, qr, m, l, o,
+                                                      kv_head, n_kv_heads, t0, t1, lo, sg, lane, qr, m, l, o,
                                                       bstats, long(head) * max_blocks);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
@@ -210,7 +216,8 @@
   // One pass with keys quantized per channel over each full block, the tail block and the sinks in full
   // precision (ChannelKeyPool; zkv_attend_channel in paged_blocks.h). Inputs: q, k, k_scales, k_biases,
   // k_tail, k_sinks, k_slots, v, v_scales, v_biases, block_tables, context_lens, scale.
-  // Template: T, D, BS, NSG, KB, SINKS, VB, VG. Grid and output as paged_attention_1pass.
+  // Template: T, D, BS, NSG, KB, SINKS (sink tokens), VB, VG, SL (sink logits). Grid and output as
+  // paged_attention_1pass.
   constexpr int KE = 32 / KB, KCH = (D / KE + 31) / 32;
   constexpr int VE = zkv_chunk(D, VB), VCH = (D / VE + 31) / 32;
   const uint sg = simdgroup_index_in_threadgroup;
@@ -221,6 +228,7 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
   auto table = block_tables + b * block_tables_shape[1];
 
   float qr[KCH * KE];
@@ -233,7 +241,7 @@
   }
   zkv_attend_channel<D, BS, NSG, KB, SINKS, VB, VG, false>(k, k_scales, k_biases, k_tail, k_sinks, k_slots, v,
                                                            v_scales, v_biases, table, kv_head, n_kv_heads, len,
-                                                           0, len, sg, lane, qr, m, l, o, out, 0);
+                                                           (lo / BS) * BS, len, lo, sg, lane, qr, m, l, o, out, 0);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
   zkv_share_state<D, VB>(m, l, o, sg, lane, tg_m, tg_l, tg_o);
@@ -242,7 +250,7 @@
   const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
   for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
     const float acc = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
-    out[head * D + d] = static_cast<T>(l_all > 0.0f ? acc / l_all : 0.0f);
+    out[head * D + d] = static_cast<T>(zkv_normalise<SL>(acc, l_all, m_all, sink_logits, head % n_heads));
   }
 
 //// kernel: paged_attention_ck_1pass_mass
@@ -257,6 +265,7 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
   const int max_blocks = block_tables_shape[1];
   auto table = block_tables + b * max_blocks;
 
@@ -270,7 +279,7 @@
   }
   zkv_attend_channel<D, BS, NSG, KB, SINKS, VB, VG, true>(k, k_scales, k_biases, k_tail, k_sinks, k_slots, v,
                                                           v_scales, v_biases, table, kv_head, n_kv_heads, len,
-                                                          0, len, sg, lane, qr, m, l, o, bstats,
+                                                          (lo / BS) * BS, len, lo, sg, lane, qr, m, l, o, bstats,
                                                           long(head) * max_blocks);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
@@ -280,7 +289,7 @@
   const float m_all = zkv_merge_stats<NSG>(tg_m, tg_l, l_all);
   for (int d = thread_index_in_threadgroup; d < D; d += NSG * 32) {
     const float acc = zkv_merge_out<D, NSG>(tg_m, tg_o, m_all, d);
-    out[head * D + d] = static_cast<T>(l_all > 0.0f ? acc / l_all : 0.0f);
+    out[head * D + d] = static_cast<T>(zkv_normalise<SL>(acc, l_all, m_all, sink_logits, head % n_heads));
   }
   if (thread_index_in_threadgroup == 0) {
     ml[head * 2] = m_all;
@@ -302,7 +311,8 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
-  const int t0 = split * partition;
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
+  const int t0 = (lo / BS) * BS + split * partition;
   const int t1 = min(len, t0 + partition);
   auto table = block_tables + b * block_tables_shape[1];
 
@@ -316,7 +326,7 @@
   }
   zkv_attend_channel<D, BS, NSG, KB, SINKS, VB, VG, false>(k, k_scales, k_biases, k_tail, k_sinks, k_slots, v,
                                                            v_scales, v_biases, table, kv_head, n_kv_heads, len,
-                                                           t0, t1, sg, lane, qr, m, l, o, o_part, 0);
+                                                           t0, t1, lo, sg, lane, qr, m, l, o, o_part, 0);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
   zkv_share_state<D, VB>(m, l, o, sg, lane, tg_m, tg_l, tg_o);
@@ -346,7 +356,8 @@
   const int b = head / n_heads;
   const int kv_head = (head % n_heads) / (n_heads / n_kv_heads);
   const int len = context_lens[b];
-  const int t0 = split * partition;
+  const int lo = zkv_window_start(len, window);  // sliding window: rows before lo are not read
+  const int t0 = (lo / BS) * BS + split * partition;
   const int t1 = min(len, t0 + partition);
   const int max_blocks = block_tables_shape[1];
   auto table = block_tables + b * max_blocks;
@@ -361,7 +372,7 @@
   }
   zkv_attend_channel<D, BS, NSG, KB, SINKS, VB, VG, true>(k, k_scales, k_biases, k_tail, k_sinks, k_slots, v,
                                                           v_scales, v_biases, table, kv_head, n_kv_heads, len,
-                                                          t0, t1, sg, lane, qr, m, l, o, bstats,
+                                                          t0, t1, lo, sg, lane, qr, m, l, o, bstats,
                                                           long(head) * max_blocks);
 
   threadgroup float tg_m[NSG], tg_l[NSG], tg_o[NSG * D];
@@ -381,9 +392,11 @@
 //// kernel: paged_attention_mass
   // Attention mass per block-table entry from the block statistics of a *_mass kernel:
   // mass[b, j] = sum over heads h of bsum[h, j] * exp2(m[h, j] - M_h) / L_h, with (M_h, L_h) merged from the
-  // n_splits (max, sum) states in ml (1 for one pass); 0 for entries at or past the sequence's length.
-  // Inputs: bstats [B * n_heads, max_blocks, 2], ml [B * n_heads, n_splits, 2], context_lens [B].
-  // Template: BS. Grid: (max_blocks, B, 1), threadgroup (min(64, max_blocks), 1, 1). Output: mass [B, max_blocks].
+  // n_splits (max, sum) states in ml (1 for one pass); 0 for entries at or past the sequence's length or
+  // wholly before its window. With SL the sink logit joins L_h as in zkv_normalise.
+  // Inputs: bstats [B * n_heads, max_blocks, 2], ml [B * n_heads, n_splits, 2], context_lens [B], window,
+  // sink_logits. Template: BS, SL. Grid: (max_blocks, B, 1), threadgroup (min(64, max_blocks), 1, 1).
+  // Output: mass [B, max_blocks].
   const int j = thread_position_in_grid.x;
   const int b = thread_position_in_grid.y;
   const int max_blocks = bstats_shape[1];
@@ -393,7 +406,9 @@
     return;
   }
   float acc = 0.0f;
-  if (j * BS < context_lens[b]) {
+  const int len = context_lens[b];
+  // entries past the end or wholly before the window hold no visible row (and no statistics were written)
+  if (j * BS < len && (j + 1) * BS > zkv_window_start(len, window)) {
     for (int h = b * n_heads; h < (b + 1) * n_heads; h++) {
       float m = -INFINITY;
       for (int s = 0; s < n_splits; s++) {
@@ -404,7 +419,8 @@
         l += ml[(h * n_splits + s) * 2 + 1] * zkv_weight(ml[(h * n_splits + s) * 2], m);
       }
       const long at = (long(h) * max_blocks + j) * 2;
-      acc += l > 0.0f ? bstats[at + 1] * exp2(bstats[at] - m) / l : 0.0f;
+      const float den = SL ? l + exp2(float(sink_logits[h % n_heads]) * 1.44269504088896341f - m) : l;
+      acc += l > 0.0f ? bstats[at + 1] * exp2(bstats[at] - m) / den : 0.0f;
     }
   }
   mass[b * max_blocks + j] = acc;

@@ -77,12 +77,13 @@ inline float zkv_sink_part(ZkvFlag<false>, PG, int, int, int, int, uint, thread 
 }
 
 // Online softmax over the blocks of keys [t0, t1) (t0 a multiple of BS) for K and V in the token layouts
-// (float or mx.quantize rows): SIMD-group sg walks blocks t0 / BS + sg, + NSG, ... With MASS, writes each
-// block's statistics to stats[stats_row + block index].
+// (float or mx.quantize rows): SIMD-group sg walks blocks t0 / BS + sg, + NSG, ... Rows before `lo` (a sliding
+// window's first visible row, inside the first block) are skipped. With MASS, writes each block's statistics
+// to stats[stats_row + block index].
 template <int D, int BS, int NSG, int KB, int KG, int VB, int VG, bool MASS,
           typename PK, typename SK, typename PV, typename SV, typename PT, typename PS>
 inline void zkv_attend_blocks(PK k, SK k_scales, SK k_biases, PV v, SV v_scales, SV v_biases, PT table,
-                              int kv_head, int n_kv_heads, int t0, int t1, uint sg, uint lane,
+                              int kv_head, int n_kv_heads, int t0, int t1, int lo, uint sg, uint lane,
                               thread const float* qr, thread float& m, thread float& l, thread float* o,
                               PS stats, long stats_row) {
   constexpr int KE = zkv_chunk(D, KB), KW = D / KE, KCH = (KW + 31) / 32;
@@ -90,7 +91,7 @@ inline void zkv_attend_blocks(PK k, SK k_scales, SK k_biases, PV v, SV v_scales,
     const long base = (long(table[blk]) * n_kv_heads + kv_head) * BS;
     const int end = min(t1, (blk + 1) * BS) - blk * BS;
     float bsum = 0.0f;
-    for (int r = 0; r < end; r++) {
+    for (int r = max(0, lo - blk * BS); r < end; r++) {
       float part = 0.0f;
       for (int c = 0; c < KCH; c++) {
         const int w = c * 32 + int(lane);
@@ -113,6 +114,8 @@ inline void zkv_attend_blocks(PK k, SK k_scales, SK k_biases, PV v, SV v_scales,
 // position len - 1) from the tail slab k_tail [slots, n_kv_heads, BS, D] when k_slots[id * 2] >= 0, and
 // positions < SINKS from the sink slab k_sinks [slots, n_kv_heads, SINKS, D] when the first block has
 // k_slots[id * 2 + 1] >= 0 (with SINKS > 0, k_sinks has that shape even when no sequence has sink keys).
+// Rows before `lo` are skipped; the sink slot is read only when a sink row is visible (with a sliding window
+// the first block-table entry may be stale).
 // A quantized block folds its scales into the query once:
 // q . (s * x + b) = (q * s) . x + q . b.
 template <int D, int BS, int NSG, int KB, int SINKS, int VB, int VG, bool MASS,
@@ -120,12 +123,12 @@ template <int D, int BS, int NSG, int KB, int SINKS, int VB, int VG, bool MASS,
           typename PT, typename PS>
 inline void zkv_attend_channel(PK k, SK k_scales, SK k_biases, PF k_tail, PG k_sinks, PI k_slots, PV v,
                                SV v_scales, SV v_biases, PT table, int kv_head, int n_kv_heads, int len, int t0,
-                               int t1, uint sg, uint lane, thread const float* qr, thread float& m,
+                               int t1, int lo, uint sg, uint lane, thread const float* qr, thread float& m,
                                thread float& l, thread float* o, PS stats, long stats_row) {
   constexpr int KE = 32 / KB, KW = D / KE, KCH = (KW + 31) / 32;
   constexpr uint MASK = (1u << KB) - 1u;
   const int last = (len - 1) / BS;
-  const int sink_slot = SINKS > 0 ? int(k_slots[long(table[0]) * 2 + 1]) : -1;
+  const int sink_slot = SINKS > 0 && lo < SINKS ? int(k_slots[long(table[0]) * 2 + 1]) : -1;
   for (int blk = t0 / BS + int(sg); blk * BS < t1; blk += NSG) {
     const int id = table[blk];
     const long head_block = long(id) * n_kv_heads + kv_head;
@@ -143,7 +146,7 @@ inline void zkv_attend_channel(PK k, SK k_scales, SK k_biases, PF k_tail, PG k_s
     }
     const int end = min(t1, (blk + 1) * BS) - blk * BS;
     float bsum = 0.0f;
-    for (int r = 0; r < end; r++) {
+    for (int r = max(0, lo - blk * BS); r < end; r++) {
       const int t = blk * BS + r;
       float part;
       if (t < SINKS && sink_slot >= 0) {

@@ -115,6 +115,21 @@ inline void zkv_share_state(float m, float l, thread const float* o, uint sg, ui
   }
 }
 
+// First visible position of a sequence of len rows under a sliding window of `window` rows (0 = none): as
+// mlx-lm's RotatingKVCache(max_size=window), the decode query sees its last `window` rows, its own included.
+inline int zkv_window_start(int len, int window) {
+  return window > 0 ? max(0, len - window) : 0;
+}
+
+// Output element from the merged unnormalised acc, sum l and max m (log2 domain). With SL, the query head's
+// attention-sink logit (natural log units, as `sinks` of mx.fast.scaled_dot_product_attention) joins the
+// softmax's denominator and contributes no value: acc / (l + exp(sink - m)). An empty context gives 0, not NaN.
+template <int SL, typename PL>
+inline float zkv_normalise(float acc, float l, float m, PL sink_logits, int h) {
+  const float den = SL ? l + exp2(float(sink_logits[h]) * 1.44269504088896341f - m) : l;
+  return l > 0.0f ? acc / den : 0.0f;
+}
+
 // Weight of a partial state with max m_s in a merge with global max m (0 for an empty partial).
 inline float zkv_weight(float m_s, float m) {
   return m_s == -INFINITY ? 0.0f : exp2(m_s - m);

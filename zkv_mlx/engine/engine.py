@@ -63,7 +63,7 @@ class Engine:
         self.kv = self.runner.pool  # the KV arrays (KVPool); block bookkeeping is self.blocks
         self.kv_format = self.kv.format_name
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)
-        use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled
+        use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled and self.kv.n_layers > 0  # no paged layer: no bytes
         self.tiers = TierStore(self.kv, open_ssd(cfg.tiers, self.kv, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
         self.prefix = PrefixCache(cfg.prompt_cache, lm.fingerprint, self.kv_format, lm.tokenizer,

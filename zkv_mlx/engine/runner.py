@@ -29,8 +29,9 @@ class ModelRunner:
         # cannot be stacked (dense / unpaged slots); state layers stack along the batch axis (ArraysCache.merge).
         self.batch_decode = not any(s.dense or not s.paged for s in self.plan.slots)
         # hybrid models: state snapshots at block boundaries let prefix hits resume them (engine/snapshots.py);
-        # unpaged KV slots have no snapshots yet, so such models compute every prompt
-        self.snapshots_ok = self.plan.has_state and all(s.paged for s in self.plan.slots)
+        # (unpaged KV slots too: their snapshot is their K/V; unpaged sliding windows have none, such models
+        # compute every prompt)
+        self.snapshots_ok = self.plan.has_state and all(s.paged or s.window is None for s in self.plan.slots)
         self.snapshots = None  # StateSnapshots, set by the engine
         self.block_size = block_size
         quant = None if kv is None else QuantSpec.from_config(kv)

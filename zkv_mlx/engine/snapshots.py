@@ -1,7 +1,8 @@
 """Recurrent-state snapshots of hybrid models at block boundaries, so the prefix cache can serve them too.
 
 A hybrid model (SSM / linear-attention layers beside attention ones: qwen3_next, lfm2, falcon_h1, ...) carries per
-sequence a state that summarises every token so far; blocks alone cannot resume it. After computing through a
+sequence a state that summarises every token so far; blocks alone cannot resume it. The same holds for attention
+layers kept unpaged (MLA's compressed K/V): their snapshot is the K/V up to the boundary. After computing through a
 block boundary k * block_size (a prefill chunk ending there, or a decode step crossing it) the engine keeps a copy
 of the state; once block k - 1's tokens are known it is stored under that block's chained hash (which covers every
 earlier token and the user's isolation salt). A prefix hit then stops at the last boundary with a snapshot
@@ -18,9 +19,29 @@ import mlx.core as mx
 
 
 def _arrays(states: list) -> list[list]:
-    """Copies of the arrays of each state cache (mlx-lm ArraysCache: `.cache`); models replace state arrays,
-    but a copy also guards against in-place updates."""
-    return [[None if a is None else mx.array(a) for a in c.cache] for c in states]
+    """Copies of the arrays of each per-sequence cache: an ArraysCache's `.cache` (SSM / linear-attention state),
+    an unpaged KVCache's keys and values up to its offset (`state`). Models replace state arrays, but a copy also
+    guards against in-place updates."""
+    return [[None if a is None else mx.array(a) for a in _parts(c)] for c in states]
+
+
+def _parts(c) -> list:
+    from mlx_lm.models.cache import ArraysCache
+
+    if isinstance(c, ArraysCache):
+        return list(c.cache)
+    return [] if c.keys is None else [c.keys[..., : c.offset, :], c.values[..., : c.offset, :]]
+
+
+def _fill(c, arrays: list) -> None:
+    from mlx_lm.models.cache import ArraysCache
+
+    arrays = [None if a is None else mx.array(a) for a in arrays]
+    if isinstance(c, ArraysCache):
+        c.cache = arrays
+    elif arrays:  # KVCache
+        c.keys, c.values = arrays
+        c.offset = c.keys.shape[2]
 
 
 def state_bytes(arrays: list[list]) -> int:
@@ -94,5 +115,5 @@ class StateSnapshots:
         arrays = self._store[seq.block_hashes[k - 1]]
         self._store.move_to_end(seq.block_hashes[k - 1])
         for c, arrs in zip(fresh, arrays):
-            c.cache = [None if a is None else mx.array(a) for a in arrs]
+            _fill(c, arrs)
         return fresh

@@ -20,6 +20,7 @@ from . import metal
 from .kv_format import is_quantized
 from .reference import paged_attention_reference
 from .reference_quant import paged_attention_reference_quantized
+from .window import check_sinks, check_window
 
 _CHOICES = ("auto", "metal", "reference")
 _lock = threading.Lock()
@@ -48,7 +49,8 @@ def kernel_path() -> str:
     return choice
 
 
-def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False):
+def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False, *,
+                    window=None, sinks=None):
     """Decode attention over the paged pool.
 
     Args:
@@ -60,37 +62,50 @@ def paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_le
         max_len: max(context_lens) if known (saves a device sync).
         return_mass: also return the attention mass per block-table entry: float32 [B, max_blocks], entry
             [b, j] = the softmax probabilities of entry j's positions (< context_lens[b]) summed over the query
-            heads (0 past the sequence's length; each row sums to n_heads).
+            heads (0 past the sequence's length and before its window; each row sums to n_heads without sinks).
+        window: sliding window W for every sequence of the call (each sees its last W positions: mlx-lm's
+            RotatingKVCache(max_size=W)); blocks wholly before it are not read. None = full attention.
+        sinks: float32 [n_heads] attention-sink logits (gpt-oss), one extra softmax column per query head that
+            adds to the denominator and contributes no value; None = none.
     Returns:
         [B, n_heads, 1, head_dim] in q's dtype; with return_mass, (that, mass).
     """
     if kernel_path() == "metal":
-        return metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
-    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
+        return metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass,
+                                     window=window, sinks=sinks)
+    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass,
+                                     window=window, sinks=sinks)
 
 
-def metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False):
+def metal_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None, return_mass=False,
+                          *, window=None, sinks=None):
     """`paged_attention` on the Metal kernels (arguments as there). With ZKV_KERNELS=auto a variant that fails
     to build or run falls back to the reference with one warning; with ZKV_KERNELS=metal it raises KernelError."""
+    check_window(window)
+    check_sinks(sinks, q.shape[1])
     out = _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, kernel_choice() == "metal",
-                 return_mass)
+                 return_mass, window, sinks)
     if out is not None:
         return out
-    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass)
+    return reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, return_mass,
+                                     window=window, sinks=sinks)
 
 
 def reference_paged_attention(q, k_pool, v_pool, block_tables, context_lens, scale, max_len=None,
-                              return_mass=False):
+                              return_mass=False, *, window=None, sinks=None):
     """`paged_attention` on the pure-MLX reference (arguments as there)."""
+    kw = {"window": window, "sinks": sinks}
     if return_mass:  # float pools too: same output as paged_attention_reference, plus the mass
         return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len,
-                                                   return_mass=True)
+                                                   return_mass=True, **kw)
     if is_quantized(k_pool) or is_quantized(v_pool):
-        return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len)
-    return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale, max_len)
+        return paged_attention_reference_quantized(q, k_pool, v_pool, block_tables, context_lens, scale, max_len,
+                                                   **kw)
+    return paged_attention_reference(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, **kw)
 
 
-def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict: bool, return_mass: bool = False):
+def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict: bool, return_mass: bool = False,
+           window=None, sinks=None):
     try:
         var = metal.select_variant(q, k_pool, v_pool, block_tables)
     except metal.Unsupported as e:
@@ -99,13 +114,14 @@ def _metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, strict
         return None
     if max_len is None:
         max_len = int(context_lens.max().item())
-    two_pass = metal.choose_passes(q.shape[0] * q.shape[1], max_len, var.block_size)[0]
-    variant = var.name(two_pass, return_mass)  # one/two-pass and mass kernels check and fall back separately
+    two_pass = metal.choose_passes(q.shape[0] * q.shape[1], metal.attended_len(max_len, window, var.block_size),
+                                   var.block_size)[0]
+    variant = var.name(two_pass, return_mass, sinks is not None)  # one/two-pass and mass kernels check and fall back separately
     if variant in _failed:
         return None
     try:
         out = metal.paged_attention_metal(q, k_pool, v_pool, block_tables, context_lens, scale, max_len, two_pass,
-                                          return_mass)
+                                          return_mass, window=window, sinks=sinks)
         key = (variant, mx.fast.metal_kernel)
         if key not in _checked:
             mx.eval(out)  # on a Mac, compile errors surface at evaluation

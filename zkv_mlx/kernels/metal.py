@@ -43,17 +43,21 @@ class Variant:
     k: KVFormat
     v: KVFormat
 
-    def name(self, two_pass: bool | None = None, mass: bool = False) -> str:
+    def name(self, two_pass: bool | None = None, mass: bool = False, sinks: bool = False) -> str:
         kind = {None: "", False: "1pass_", True: "2pass_"}[two_pass] + ("mass_" if mass else "")
+        kind += "sinks_" if sinks else ""
         t = {mx.float16: "f16", mx.bfloat16: "bf16", mx.float32: "f32"}[self.dtype]
         return f"paged_attention_{kind}{t}_d{self.head_dim}_bs{self.block_size}_k{self.k.name}_v{self.v.name}"
 
-    def template(self) -> list[tuple[str, object]]:
+    def template(self, sinks: bool = False) -> list[tuple[str, object]]:
+        """Template arguments; `sinks`: attention-sink logits in the softmax (SL)."""
         if self.k.channel:
             return [("T", self.dtype), ("D", self.head_dim), ("BS", self.block_size), ("NSG", NSG),
-                    ("KB", self.k.bits), ("SINKS", self.k.sinks), ("VB", self.v.bits), ("VG", self.v.group_size)]
+                    ("KB", self.k.bits), ("SINKS", self.k.sinks), ("VB", self.v.bits), ("VG", self.v.group_size),
+                    ("SL", int(sinks))]
         return [("T", self.dtype), ("D", self.head_dim), ("BS", self.block_size), ("NSG", NSG),
-                ("KB", self.k.bits), ("KG", self.k.group_size), ("VB", self.v.bits), ("VG", self.v.group_size)]
+                ("KB", self.k.bits), ("KG", self.k.group_size), ("VB", self.v.bits), ("VG", self.v.group_size),
+                ("SL", int(sinks))]
 
     def kernel(self, stage: str, mass: bool) -> str:
         """Registry name of the kernel for `stage` ("1pass" or "2pass_partial")."""
@@ -126,6 +130,12 @@ def choose_passes(batch_heads: int, max_len: int, block_size: int,
     return two_pass, n_splits, partition
 
 
+def attended_len(max_len: int, window: int | None, block_size: int) -> int:
+    """Most rows a sequence's threadgroups walk: with a window W the walk starts at the block holding the first
+    visible row, so at most W + BS - 1 rows (a split plan over this span never gets splits before a window)."""
+    return max_len if window is None else max(1, min(max_len, window + block_size - 1))
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -149,12 +159,18 @@ def _operands(pool) -> list[mx.array]:
 
 def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, context_lens: mx.array,
                           scale: float, max_len: int | None = None, two_pass: bool | None = None,
-                          return_mass: bool = False):
+                          return_mass: bool = False, *, window: int | None = None, sinks: mx.array | None = None):
     """Decode attention with the Metal kernels; same contract as `paged_attention_reference_quantized`.
 
     Args:
         two_pass: force the split-context kernels (True) or the one-pass kernel (False); None = heuristic.
         return_mass: also return the attention mass per block-table entry, [B, max_blocks] float32.
+        window: sliding window W (each sequence sees its last W rows; blocks wholly before them are not read,
+            and the splits of the two-pass kernels cover only [first visible block, end)), None = all.
+        sinks: float32 [n_heads] attention-sink logits, or None. Folded into the final normalisation:
+            out = acc / (l + exp(sink - m)), which equals attention with the sink logit as one more softmax
+            column with no value (gpt-oss; the `sinks` of mx.fast.scaled_dot_product_attention), i.e. the
+            sink-free output times sigmoid(lse - sink).
     Raises:
         Unsupported: no variant covers the inputs.
     """
@@ -162,9 +178,15 @@ def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, c
     B, n_heads, _, D = q.shape
     if two_pass is not False and max_len is None:
         max_len = int(context_lens.max().item())  # a device sync; callers usually know it
-    two_pass, n_splits, partition = choose_passes(B * n_heads, max_len or 1, var.block_size, two_pass)
-    inputs = [q, *_operands(k_pool), *_operands(v_pool), block_tables.astype(mx.int32),
-              context_lens.astype(mx.int32), float(scale)]
+    two_pass, n_splits, partition = choose_passes(B * n_heads, attended_len(max_len or 1, window, var.block_size),
+                                                  var.block_size, two_pass)
+    # Made on the calling thread (MLX streams are per thread): no module-level placeholder
+    sink_logits = mx.zeros((1,), mx.float32) if sinks is None else sinks.astype(mx.float32)
+    win = 0 if window is None else int(window)
+    lens = context_lens.astype(mx.int32)
+    inputs = [q, *_operands(k_pool), *_operands(v_pool), block_tables.astype(mx.int32), lens, float(scale), win,
+              sink_logits]
+    template = var.template(sinks is not None)
     threads = NSG * 32
     bh, max_blocks = B * n_heads, block_tables.shape[1]
     # mass: (max, sum) per head and split, and per block-table entry (running max, exp2 sum)
@@ -172,26 +194,28 @@ def paged_attention_metal(q: mx.array, k_pool, v_pool, block_tables: mx.array, c
     extra_dtypes = [mx.float32, mx.float32] if return_mass else []
     if not two_pass:
         kernel = registry.get_kernel(var.kernel("1pass", return_mass))
-        outs = kernel(inputs=inputs, template=var.template(), grid=(threads * B * n_heads, 1, 1),
+        outs = kernel(inputs=inputs, template=template, grid=(threads * B * n_heads, 1, 1),
                       threadgroup=(threads, 1, 1), output_shapes=[q.shape] + extra_shapes,
                       output_dtypes=[q.dtype] + extra_dtypes)
         out = outs[0]
     else:
         partial = registry.get_kernel(var.kernel("2pass_partial", return_mass))
-        outs = partial(inputs=inputs + [partition], template=var.template(),
+        outs = partial(inputs=inputs + [partition], template=template,
                        grid=(threads * B * n_heads, n_splits, 1), threadgroup=(threads, 1, 1),
                        output_shapes=[(B * n_heads, n_splits, D), (B * n_heads, n_splits, 2)] + extra_shapes[1:],
                        output_dtypes=[mx.float32, mx.float32] + extra_dtypes[1:])
         o_part = outs[0]
         reduce = registry.get_kernel("paged_attention_2pass_reduce")
-        out = reduce(inputs=[o_part, outs[1]], template=[("T", q.dtype), ("D", D)],
+        out = reduce(inputs=[o_part, outs[1], sink_logits], template=[("T", q.dtype), ("D", D),
+                                                                     ("SL", int(sinks is not None))],
                      grid=(REDUCE_THREADS * B * n_heads, 1, 1), threadgroup=(REDUCE_THREADS, 1, 1),
                      output_shapes=[q.shape], output_dtypes=[q.dtype])[0]
     if not return_mass:
         return out
     ml, bstats = outs[1], outs[2]
     mass_kernel = registry.get_kernel("paged_attention_mass")
-    mass = mass_kernel(inputs=[bstats, ml, inputs[-2]], template=[("BS", var.block_size)],
+    mass = mass_kernel(inputs=[bstats, ml, lens, win, sink_logits],
+                       template=[("BS", var.block_size), ("SL", int(sinks is not None))],
                        grid=(max_blocks, B, 1), threadgroup=(max(1, min(MASS_THREADS, max_blocks)), 1, 1),
                        output_shapes=[(B, max_blocks)], output_dtypes=[mx.float32])[0]
     return out, mass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from .window import check_sinks, check_window, first_block, sink_softmax, unview_mass, window_view
+
 _LOG2E = 1.4426950408889634
 # 2^f on [-0.5, 0.5]: Taylor series of e^(f ln 2) to degree 6 (relative error < 3e-7 after range reduction).
 _C = (1.0, 0.6931471805599453, 0.2402265069591007, 0.05550410866482158, 0.009618129107628477,
@@ -53,95 +55,122 @@ def softmax(s: mx.array, axis: int = -1) -> mx.array:
 
 def paged_attention_reference(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: mx.array,
                               context_lens: mx.array, scale: float, max_len: int | None = None,
-                              return_mass: bool = False):
+                              return_mass: bool = False, *, window: int | None = None,
+                              sinks: mx.array | None = None):
     """Decode attention: one query token per sequence over its paged K/V.
 
     Args:
         q: [B, n_heads, 1, head_dim] queries (rope applied).
         k_pool, v_pool: [num_blocks, n_kv_heads, block_size, head_dim].
-        block_tables: [B, max_blocks] int32 (rows padded with any valid block id).
+        block_tables: [B, max_blocks] int32 (rows padded with any valid block id; with a window, entries of
+            blocks wholly before it are never read and may hold anything).
         context_lens: [B] int32 number of valid positions per sequence (including the current token).
         scale: softmax scale.
         max_len: max(context_lens) if the caller knows it (saves a device sync).
         return_mass: also return the attention mass per block-table entry (`reference_mass.attention_mass`).
+        window: sliding window W (every sequence sees its last W positions, `window.py`), None = all.
+        sinks: float32 [n_heads] attention-sink logits (one extra softmax column per query head), or None.
     Returns:
         [B, n_heads, 1, head_dim] in q's dtype; with return_mass, (that, [B, max_blocks] float32).
     """
     B, nb = block_tables.shape
     _, h_kv, bs, d = k_pool.shape
-    # [B, nb, H, BS, D] -> [B, H, nb*BS, D]
-    k = k_pool[block_tables].transpose(0, 2, 1, 3, 4).reshape(B, h_kv, nb * bs, d)
-    v = v_pool[block_tables].transpose(0, 2, 1, 3, 4).reshape(B, h_kv, nb * bs, d)
-    if max_len is None:
-        max_len = int(context_lens.max().item())
-    k, v = k[:, :, :max_len], v[:, :, :max_len]
-    if B == 1:
+    check_sinks(sinks, q.shape[1])
+    tables, first, lo, hi = window_view(block_tables, context_lens, window, bs)
+    span = tables.shape[1]
+    # [B, span, H, BS, D] -> [B, H, span*BS, D]
+    k = k_pool[tables].transpose(0, 2, 1, 3, 4).reshape(B, h_kv, span * bs, d)
+    v = v_pool[tables].transpose(0, 2, 1, 3, 4).reshape(B, h_kv, span * bs, d)
+    if window is None:
+        if max_len is None:
+            max_len = int(context_lens.max().item())
+        k, v = k[:, :, :max_len], v[:, :, :max_len]
+    if B == 1 and window is None:
         mask = None  # the slice already is the whole valid context
     else:
-        # [B, 1, 1, L]: True where the position belongs to the sequence
-        mask = (mx.arange(max_len)[None, :] < context_lens[:, None])[:, None, None, :]
-    out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask)
+        # [B, 1, 1, L]: True where the position belongs to the sequence (and its window)
+        pos = mx.arange(k.shape[2])[None, :]
+        mask = ((pos < hi[:, None]) & (pos >= lo[:, None]))[:, None, None, :]
+    sk = {} if sinks is None else {"sinks": sinks.astype(q.dtype)}
+    out = mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask,
+                                               **sk)
     if not return_mass:
         return out
     from .reference_mass import attention_mass
 
-    return out, attention_mass(q, k_pool, block_tables, context_lens, scale)
+    view = mx.arange(B * span, dtype=mx.int32).reshape(B, span)  # the gathered blocks, in view order
+    k_view = k_pool[tables].reshape(B * span, h_kv, bs, d)
+    mass = attention_mass(q, k_view, view, hi, scale, lo=lo, sinks=sinks)
+    return out, (mass if window is None else unview_mass(mass, first, nb))
 
 
 def single_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, block_table: list[int],
                             length: int, scale: float, mass_out: list | None = None,
-                            plan: tuple | None = None) -> mx.array:
+                            plan: tuple | None = None, *, window: int | None = None,
+                            sinks: mx.array | None = None) -> mx.array:
     """Decode attention for one sequence, reading its K/V blocks once (CPU-friendly reference).
 
-    The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so
-    instead of copying K/V into [H_kv, L, D] this computes q against every row of the sequence's blocks in one
-    GEMM (all heads: cheap here, the GEMM is bound by reading K), keeps each query head's own kv head (the
-    block diagonal) before the softmax (exp is the costly op on the CPU), and multiplies V by the block-diagonal
-    probabilities. Contiguous runs of block ids are slices of the pool, so K/V are never copied (only the small
-    score rows are concatenated across runs); many scattered blocks are gathered instead.
+    The pool layout [num_blocks, H_kv, BS, D] keeps a sequence's rows for one head non-contiguous, so instead
+    of copying K/V into [H_kv, L, D] this treats each (block, kv head) as one small matrix of a batched matmul
+    over pool slices read in place: scores [n, H_kv, rep, BS] = q grouped by kv head [1, H_kv, rep, D] @ K^T
+    (no wasted products of a query head with another head's keys), one softmax over all blocks' positions
+    (the fast exp: exp is the costly op on the CPU), then (P @ V) summed over the blocks. Contiguous runs of
+    block ids are slices of the pool, so K/V are never copied; many scattered blocks are gathered instead.
+    With a window only the blocks it touches are read (earlier entries of block_table are never used). The
+    result depends only on this sequence, so it is the same alone as in any batch.
 
     Args:
         q: [1, n_heads, 1, D]; k_pool, v_pool: the layer's pool arrays.
         block_table: the sequence's block ids (python ints). length: valid positions (incl. this token).
-        mass_out: if a list, gets the attention mass per block [nb] (float32, summed over the query heads).
-        plan: `decode_plan(block_table, length, block_size)`, computed once per step for all layers.
+        mass_out: if a list, gets the attention mass per block [nb] (float32, summed over the query heads;
+            0 for blocks before the window).
+        plan: `decode_plan(block_table, length, block_size, window)`, computed once per step for all layers.
+        window: sliding window W (the last W positions are visible), None = all.
+        sinks: float32 [n_heads] attention-sink logits, or None.
     Returns:
         [1, n_heads, 1, D] in q's dtype.
     """
     _, h_kv, bs, d = k_pool.shape
     n_heads = q.shape[1]
     rep = n_heads // h_kv
-    nb = -(-length // bs)
-    runs, length_arr = plan or decode_plan(block_table, length, bs)
+    check_sinks(sinks, n_heads)
+    runs, bounds, first = plan or decode_plan(block_table, length, bs, window)
+    nb = -(-length // bs) - first  # blocks read
     if len(runs) > _MAX_RUNS:  # scattered blocks: one gather beats many small slices
-        idx = mx.array(block_table[:nb], dtype=mx.int32)
+        idx = mx.array(block_table[first:first + nb], dtype=mx.int32)
         parts = [(k_pool[idx], v_pool[idx], nb)]
     else:  # slices of the pool: no copy of K/V
         parts = [(k_pool[a:a + n], v_pool[a:a + n], n) for a, n in runs]
-    q2 = q.reshape(n_heads, d) * scale
-    # every query head against every row of each run: [H_kv, rep, n, H_kv, BS]
-    scores = [(q2 @ k.reshape(n * h_kv * bs, d).astype(q.dtype).T).reshape(h_kv, rep, n, h_kv, bs)
-              for k, _, n in parts]
-    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=2)
-    p = _decode_probs(s, length_arr)  # [rep, nb * BS, H_kv] float32
+    qh = (q.reshape(1, h_kv, rep, d) * scale)  # query heads grouped by their kv head
+    # every (block, kv head) pair: [n, H_kv, rep, BS]
+    scores = [qh @ k.astype(q.dtype).swapaxes(-1, -2) for k, _, n in parts]
+    s = scores[0] if len(scores) == 1 else mx.concatenate(scores, axis=0)
+    if sinks is None:
+        p = _decode_probs(s, bounds)  # [nb, H_kv, rep, BS] float32
+    else:  # query head kvh * rep + r
+        p = _decode_probs_sinks(s, bounds, sinks.astype(mx.float32).reshape(1, h_kv, rep, 1))
     if mass_out is not None:
-        mass_out.append(p.reshape(rep, nb, bs, h_kv).sum(axis=(0, 2, 3)))
-    eye = _eye(h_kv, q.dtype)
+        mass = p.sum(axis=(1, 2, 3))
+        mass_out.append(mass if not first else mx.pad(mass, (first, 0)))
+    p = p.astype(q.dtype)
     out, start = None, 0
     for _, v, n in parts:
-        pr = _spread(p[:, start * bs:(start + n) * bs].reshape(rep, n, bs, h_kv), eye)
-        o = pr @ v.reshape(n * h_kv * bs, d).astype(q.dtype)
+        o = (p[start:start + n] @ v.astype(q.dtype)).sum(axis=0)  # [H_kv, rep, D]
         out = o if out is None else out + o
         start += n
     return out.reshape(1, n_heads, 1, d)
 
-
 _MAX_RUNS = 8
 
 
-def decode_plan(block_table: list[int], length: int, block_size: int) -> tuple:
-    """What `single_decode_attention` derives from a table and length: (contiguous runs, length array)."""
-    return _runs(block_table[: -(-length // block_size)]), mx.array(length, dtype=mx.int32)
+def decode_plan(block_table: list[int], length: int, block_size: int, window: int | None = None) -> tuple:
+    """What `single_decode_attention` derives from a table, length and window: (contiguous runs of the blocks
+    read, int32 [2] visible positions [lo, hi) counted from the first block read, index of that block)."""
+    check_window(window)
+    first = first_block(length, window, block_size)
+    lo = 0 if window is None else max(0, length - window) - first * block_size
+    bounds = mx.array([lo, length - first * block_size], dtype=mx.int32)
+    return _runs(block_table[first: -(-length // block_size)]), bounds, first
 
 # Sequences up to this many positions decode through `grouped_decode_attention` (batched, padded per group of
 # equal block count); longer ones through `single_decode_attention` (no K/V copy).
@@ -149,58 +178,79 @@ GROUPED_MAX_LEN = 512
 
 
 def grouped_decode_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, tables: mx.array,
-                             lens: mx.array, scale: float) -> mx.array:
+                             lens: mx.array, scale: float, *, window: int | None = None,
+                             sinks: mx.array | None = None) -> mx.array:
     """Decode attention for G sequences that all span the same number of blocks, in one batched graph.
 
     The K/V of the group are gathered into [G, H_kv, nb * BS, D] (short contexts: a small copy), so a batch of
     sequences costs a handful of ops per layer instead of a handful per sequence. Every shape depends only on
-    (G, nb), and each sequence's rows are computed independently, so a sequence gets bitwise the same result
-    alone (G = 1) as inside a group.
+    (G, nb, window), and each sequence's rows are computed independently, so a sequence gets bitwise the same
+    result alone (G = 1) as inside a group. With a window only the entries it touches are gathered.
 
     Args:
         q: [G, n_heads, 1, D]. tables: [G, nb] int32 block ids. lens: [G] int32 valid positions (each in
             ((nb - 1) * BS, nb * BS]).
+        window: sliding window W, None = all. sinks: float32 [n_heads] attention-sink logits, or None.
     Returns:
         [G, n_heads, 1, D] in q's dtype.
     """
-    g, nb = tables.shape
+    g = tables.shape[0]
     _, h_kv, bs, d = k_pool.shape
     n_heads = q.shape[1]
-    k = k_pool[tables].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
-    v = v_pool[tables].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
+    check_sinks(sinks, n_heads)
+    view, _, lo, hi = window_view(tables, lens, window, bs)
+    nb = view.shape[1]
+    k = k_pool[view].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
+    v = v_pool[view].transpose(0, 2, 1, 3, 4).reshape(g, h_kv, nb * bs, d).astype(q.dtype)
     qg = (q.reshape(g, h_kv, n_heads // h_kv, d) * scale)  # query heads grouped by their kv head
-    p = _masked_probs(qg @ k.swapaxes(-1, -2), lens)  # [G, H_kv, rep, L] float32
+    s = qg @ k.swapaxes(-1, -2)  # [G, H_kv, rep, L]
+    if sinks is None:
+        p = _masked_probs(s, lo, hi)
+    else:
+        p = _masked_probs_sinks(s, lo, hi, sinks.astype(mx.float32).reshape(1, h_kv, n_heads // h_kv, 1))
     return (p.astype(q.dtype) @ v).reshape(g, n_heads, 1, d)
 
 
-@mx.compile
-def _masked_probs(s: mx.array, lens: mx.array) -> mx.array:
-    """Softmax over the last axis of [G, H, R, L] scores, positions >= lens[g] masked (fast exp)."""
+def _visible_probs(s: mx.array, lo: mx.array, hi: mx.array, sinks: mx.array | None) -> mx.array:
+    # s [G, H, R, L]: positions outside [lo[g], hi[g]) masked, softmax over L (with the sink logits)
     s = s.astype(mx.float32)
-    s = mx.where(mx.arange(s.shape[-1])[None, None, None, :] < lens[:, None, None, None], s, -float("inf"))
-    e = _exp_inline(s - s.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    pos = mx.arange(s.shape[-1])[None, None, None, :]
+    s = mx.where((pos < hi[:, None, None, None]) & (pos >= lo[:, None, None, None]), s, -float("inf"))
+    return sink_softmax(s, sinks, _exp_inline)
 
 
 @mx.compile
-def _decode_probs(s: mx.array, length: mx.array) -> mx.array:
-    """Block diagonal of the scores, masked past `length`, softmax over positions (one fused graph per shape).
-
-    s: [H_kv, rep, n, H_kv, BS] -> [rep, n * BS, H_kv] float32 probabilities.
-    """
-    h, rep, n, _, bs = s.shape
-    s = mx.diagonal(s, 0, 0, 3).reshape(rep, n * bs, h).astype(mx.float32)  # each query head's own kv head
-    s = mx.where((mx.arange(n * bs) < length)[None, :, None], s, -float("inf"))
-    e = _exp_inline(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+def _masked_probs(s: mx.array, lo: mx.array, hi: mx.array) -> mx.array:
+    """Softmax over the last axis of [G, H, R, L] scores, positions outside [lo[g], hi[g]) masked (fast exp)."""
+    return _visible_probs(s, lo, hi, None)
 
 
 @mx.compile
-def _spread(p: mx.array, eye: mx.array) -> mx.array:
-    """[rep, n, BS, H_kv] probabilities -> [H_q, n * H_kv * BS] over the block diagonal, in eye's dtype."""
-    rep, n, bs, h = p.shape
-    pr = p.astype(eye.dtype).transpose(3, 0, 1, 2)[:, :, :, None, :]  # [H_kv, rep, n, 1, BS]
-    return (pr * eye).reshape(h * rep, n * h * bs)
+def _masked_probs_sinks(s: mx.array, lo: mx.array, hi: mx.array, sinks: mx.array) -> mx.array:
+    """`_masked_probs` with sink logits [1, H, R, 1] in the denominator."""
+    return _visible_probs(s, lo, hi, sinks)
+
+
+def _block_probs(s: mx.array, bounds: mx.array, sinks: mx.array | None) -> mx.array:
+    # s: [n, H_kv, rep, BS] -> float32 probabilities over the n * BS positions, those outside [lo, hi) masked
+    n, _, _, bs = s.shape
+    s = s.astype(mx.float32)
+    pos = (mx.arange(n)[:, None] * bs + mx.arange(bs)[None, :])[:, None, None, :]
+    s = mx.where((pos < bounds[1]) & (pos >= bounds[0]), s, -float("inf"))
+    return sink_softmax(s, sinks, _exp_inline, axis=(0, 3))
+
+
+@mx.compile
+def _decode_probs(s: mx.array, bounds: mx.array) -> mx.array:
+    """Softmax of [n, H_kv, rep, BS] scores over the positions (axes 0 and 3) in [bounds[0], bounds[1])
+    (one fused graph per shape)."""
+    return _block_probs(s, bounds, None)
+
+
+@mx.compile
+def _decode_probs_sinks(s: mx.array, bounds: mx.array, sinks: mx.array) -> mx.array:
+    """`_decode_probs` with sink logits [1, H_kv, rep, 1] in the denominator."""
+    return _block_probs(s, bounds, sinks)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -212,16 +262,6 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append([b, 1])
     return [(a, n) for a, n in runs]
-
-
-_EYES: dict = {}
-
-
-def _eye(h: int, dtype) -> mx.array:
-    key = (h, dtype)
-    if key not in _EYES:
-        _EYES[key] = (mx.arange(h)[:, None] == mx.arange(h)[None, :]).astype(dtype).reshape(h, 1, 1, h, 1)
-    return _EYES[key]
 
 
 def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,

@@ -14,11 +14,12 @@ from functools import lru_cache
 import mlx.core as mx
 
 _MARK = "//// kernel: "
+# window: 0-d int sliding window (0 = none); sink_logits: float32 [n_heads] (a 1-element dummy without sinks)
 _ATTN_INPUTS = ["q", "k", "k_scales", "k_biases", "v", "v_scales", "v_biases", "block_tables", "context_lens",
-                "scale"]
+                "scale", "window", "sink_logits"]
 # keys per channel (kv_format.ChannelKeyPool): the tail and sink slabs and the per-block slot table after K
 _CK_INPUTS = ["q", "k", "k_scales", "k_biases", "k_tail", "k_sinks", "k_slots", "v", "v_scales", "v_biases",
-              "block_tables", "context_lens", "scale"]
+              "block_tables", "context_lens", "scale", "window", "sink_logits"]
 _FILE = "paged_attention.metal"
 _COMMON = "paged_common.h"
 _BLOCKS = ("paged_common.h", "paged_blocks.h")  # header = the files concatenated
@@ -27,11 +28,11 @@ _BLOCKS = ("paged_common.h", "paged_blocks.h")  # header = the files concatenate
 KERNELS: dict[str, tuple[str, str | tuple[str, ...], list[str], list[str]]] = {
     "paged_attention_1pass": (_FILE, _COMMON, _ATTN_INPUTS, ["out"]),
     "paged_attention_2pass_partial": (_FILE, _COMMON, _ATTN_INPUTS + ["partition"], ["o_part", "ml"]),
-    "paged_attention_2pass_reduce": (_FILE, _COMMON, ["o_part", "ml"], ["out"]),
+    "paged_attention_2pass_reduce": (_FILE, _COMMON, ["o_part", "ml", "sink_logits"], ["out"]),
     # attention mass (H2O): block statistics next to the usual outputs, then paged_attention_mass
     "paged_attention_1pass_mass": (_FILE, _BLOCKS, _ATTN_INPUTS, ["out", "ml", "bstats"]),
     "paged_attention_2pass_partial_mass": (_FILE, _BLOCKS, _ATTN_INPUTS + ["partition"], ["o_part", "ml", "bstats"]),
-    "paged_attention_mass": (_FILE, _COMMON, ["bstats", "ml", "context_lens"], ["mass"]),
+    "paged_attention_mass": (_FILE, _COMMON, ["bstats", "ml", "context_lens", "window", "sink_logits"], ["mass"]),
     # keys per channel with tail and sinks (pass 2 is paged_attention_2pass_reduce)
     "paged_attention_ck_1pass": (_FILE, _BLOCKS, _CK_INPUTS, ["out"]),
     "paged_attention_ck_2pass_partial": (_FILE, _BLOCKS, _CK_INPUTS + ["partition"], ["o_part", "ml"]),

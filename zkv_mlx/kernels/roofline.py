@@ -40,15 +40,24 @@ def row_bytes(head_dim: int, bits: int, group_size: int, scale_bytes: int = 2) -
 
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, context: int, k_format: str,
-                       v_format: str | None = None) -> float:
+                       v_format: str | None = None, window: int | None = None) -> float:
     """K and V bytes read over all layers to decode one token of one sequence at `context` positions.
 
     Block-table reads (4 bytes per block) and the query are negligible and left out. Each KV row is read by
     the GQA-ratio threadgroups of its query heads; this counts it once (the repeats hit the GPU caches).
+    With a sliding window W the kernels read only the min(context, W) visible rows (blocks wholly before the
+    window are skipped, the first block's earlier rows masked before they are loaded).
     """
     k = row_bytes(head_dim, *FORMATS[k_format])
     v = row_bytes(head_dim, *FORMATS[v_format or k_format])
-    return n_layers * n_kv_heads * context * (k + v)
+    rows = context if window is None else min(context, window)
+    return n_layers * n_kv_heads * rows * (k + v)
+
+
+def plan_bytes_per_token(plan: list[tuple[int, int | None]], n_kv_heads: int, head_dim: int, context: int,
+                         k_format: str, v_format: str | None = None) -> float:
+    """`kv_bytes_per_token` summed over a layer plan [(n_layers, window or None), ...] (e.g. 5:1 local:global)."""
+    return sum(kv_bytes_per_token(n, n_kv_heads, head_dim, context, k_format, v_format, w) for n, w in plan)
 
 
 def main() -> None:
@@ -73,6 +82,15 @@ def main() -> None:
         ms = [kv_bytes_per_token(layers, kv_heads, d, context, *pairs.get(n, (n,))) / (gbps * 1e9) * 1e3
               for n in names]
         print(f"| {chip} | {gbps:g} | " + " | ".join(f"{t:.2f}" for t in ms) + " |")
+    # Gemma-3-27B-like plan: 62 layers, 16 KV heads, head_dim 128, 5 of every 6 layers local with W = 1024
+    plans = {"all 62 layers global": [(62, None)], "52 local (W=1024) + 10 global": [(52, 1024), (10, None)]}
+    print("\nKV bytes read per decoded token with sliding-window layers, Gemma-3-27B-like (16 KV heads, "
+          "head_dim 128), fp16:\n")
+    print("| layer plan | " + " | ".join(f"L={c}" for c in contexts) + " |")
+    print("|---|" + "---|" * len(contexts))
+    for name, plan in plans.items():
+        sizes = [plan_bytes_per_token(plan, 16, 128, c, "fp16/bf16") / 2**20 for c in contexts]
+        print(f"| {name} | " + " | ".join(f"{x:,.1f} MiB" for x in sizes) + " |")
 
 
 if __name__ == "__main__":

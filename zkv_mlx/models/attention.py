@@ -78,6 +78,7 @@ class DecodeMetadata:
     groups: list | None = None
     plans: list | None = None
     kernel_args: tuple | None = None
+    window_plans: dict | None = None  # sliding window W -> per sequence its decode_plan (built on first use)
 
     is_prefill = False
 
@@ -161,15 +162,15 @@ def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scal
     Returns:
         [B, n_heads, L, head_dim].
     """
-    if window is not None or sinks is not None:
-        return _windowed(q, layer, meta, scale, window, sinks)
     if meta.is_prefill:
+        if window is not None or sinks is not None:
+            return _windowed(q, layer, meta, scale, window, sinks)
         return _prefill(q, layer, meta, scale)
     if meta.path == "grouped":
-        return _grouped(q, layer, meta, scale)
+        return _grouped(q, layer, meta, scale, window, sinks)
     if meta.path == "quantized":
-        return _quantized(q, layer, meta, scale)
-    return _metal(q, layer, meta, scale)
+        return _quantized(q, layer, meta, scale, window, sinks)
+    return _metal(q, layer, meta, scale, window, sinks)
 
 
 def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float) -> mx.array:
@@ -184,42 +185,60 @@ def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float) -> mx
     return out
 
 
-def _grouped(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+def _grouped(q: mx.array, layer: int, meta: DecodeMetadata, scale: float, window, sinks) -> mx.array:
     B = q.shape[0]
     kp, vp = meta.pool.k[layer], meta.pool.v[layer]
     outs: list = [None] * B
     for members, tables, lens in meta.groups or ():
         if len(members) == B:  # the whole batch in one group
-            return grouped_decode_attention(q, kp, vp, tables, lens, scale)
-        o = grouped_decode_attention(q[mx.array(members, dtype=mx.int32)], kp, vp, tables, lens, scale)
+            return grouped_decode_attention(q, kp, vp, tables, lens, scale, window=window, sinks=sinks)
+        o = grouped_decode_attention(q[mx.array(members, dtype=mx.int32)], kp, vp, tables, lens, scale,
+                                     window=window, sinks=sinks)
         for j, i in enumerate(members):
             outs[i] = o[j : j + 1]
+    plans = _plans(meta, window)
     for i, (t, n) in enumerate(zip(meta.block_tables, meta.context_lens)):
         if outs[i] is None:
             outs[i] = single_decode_attention(q if B == 1 else q[i : i + 1], kp, vp, t, n, scale,
                                               None if meta.mass is None else meta.mass[i],
-                                              meta.plans[i] if meta.plans else None)
+                                              plans[i] if plans else None, window=window, sinks=sinks)
     return outs[0] if B == 1 else mx.concatenate(outs, axis=0)
 
 
-def _quantized(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+def _plans(meta: DecodeMetadata, window: int | None) -> list | None:
+    """Per sequence its `decode_plan` for this layer's window (built once per step and window)."""
+    if window is None or meta.plans is None:
+        return meta.plans
+    if meta.window_plans is None:
+        meta.window_plans = {}
+    if window not in meta.window_plans:
+        bs = meta.pool.block_size
+        meta.window_plans[window] = [None if p is None else decode_plan(t, n, bs, window)
+                                     for p, t, n in zip(meta.plans, meta.block_tables, meta.context_lens)]
+    return meta.window_plans[window]
+
+
+def _quantized(q: mx.array, layer: int, meta: DecodeMetadata, scale: float, window, sinks) -> mx.array:
     pool, outs = meta.pool, []
+    if not pool.reads_quantized and (window is not None or sinks is not None):
+        return _windowed(q, layer, meta, scale, window, sinks)
     for i, (t, n) in enumerate(zip(meta.block_tables, meta.context_lens)):
         if pool.reads_quantized:  # straight from the packed blocks (mx.quantized_matmul)
-            outs.append(pool.decode_attention(layer, q[i : i + 1], t, n, scale))
+            outs.append(pool.decode_attention(layer, q[i : i + 1], t, n, scale, window=window, sinks=sinks))
             continue
         keys, values = pool.gather(layer, t, n)
         outs.append(prefill_attention_reference(q[i : i + 1], keys, values, scale))
     return outs[0] if q.shape[0] == 1 else mx.concatenate(outs, axis=0)
 
 
-def _metal(q: mx.array, layer: int, meta: DecodeMetadata, scale: float) -> mx.array:
+def _metal(q: mx.array, layer: int, meta: DecodeMetadata, scale: float, window, sinks) -> mx.array:
     pool = meta.pool
     tables, lens, max_len = meta.kernel_args
     if meta.mass is None:
-        return metal_paged_attention(q, pool.k_pool(layer), pool.v_pool(layer), tables, lens, scale, max_len)
+        return metal_paged_attention(q, pool.k_pool(layer), pool.v_pool(layer), tables, lens, scale, max_len,
+                                     window=window, sinks=sinks)
     out, mass = metal_paged_attention(q, pool.k_pool(layer), pool.v_pool(layer), tables, lens, scale, max_len,
-                                      return_mass=True)
+                                      return_mass=True, window=window, sinks=sinks)
     bs = pool.block_size
     for i, parts in enumerate(meta.mass):
         parts.append(mass[i, : -(-meta.context_lens[i] // bs)])

@@ -138,6 +138,18 @@ def make_template(model: nn.Module) -> list:
     return [leaf(c) for c in caches]
 
 
+def _refuse_unreproducible(model: nn.Module) -> None:
+    """Model features whose result depends on how a prompt is split into forward calls: a paged engine (chunked
+    prefill, prefix hits, batched decode) cannot reproduce them, so they are refused rather than decoded differently."""
+    from mlx_lm.models import rope_utils
+
+    for _, m in model.named_modules():
+        if isinstance(m, rope_utils.DynamicNTKScalingRoPE):
+            raise ModelLoadError(f"{_name(model)}: dynamic NTK rope scaling (rope_scaling type 'dynamic') takes its "
+                                 "base from each call's length, so its output depends on how the prompt is split; "
+                                 "not implemented -- use mlx-lm for this model or a config with another rope scaling")
+
+
 def _name(model) -> str:
     return getattr(getattr(model, "args", None), "model_type", None) or type(model).__module__.split(".")[-1]
 
@@ -230,6 +242,7 @@ def build_plan(model: nn.Module) -> LayerPlan:
             any attention layer to page.
     """
     template = make_template(model)
+    _refuse_unreproducible(model)
     sdpa_hook.install()
     try:
         probes, logits, step = _probe(model, template, poison=True)

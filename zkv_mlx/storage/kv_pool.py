@@ -166,12 +166,14 @@ class KVPool(ChannelKeySlabs, BlockBytes):
         """True when CPU decode can read this quantized pool directly (`decode_attention`)."""
         return self.quant is not None and qmm_supported(self.head_dim, self.quant.group_size, self.quant.k_channel)
 
-    def decode_attention(self, layer: int, q: mx.array, block_table, length: int, scale: float) -> mx.array:
+    def decode_attention(self, layer: int, q: mx.array, block_table, length: int, scale: float, *,
+                         window: int | None = None, sinks: mx.array | None = None) -> mx.array:
         """One sequence's decode attention over its first `length` positions, read from the quantized blocks
-        (`quantized_decode_attention`: no dequantized copy of K/V). q: [1, n_heads, 1, head_dim]."""
+        (`quantized_decode_attention`: no dequantized copy of K/V). q: [1, n_heads, 1, head_dim].
+        window, sinks: sliding window and attention-sink logits (as `models.attention.attend`)."""
         qs, bs = self.quant, self.block_size
         ids = list(block_table)[: -(-length // bs)]
-        tail = sinks = None
+        sinks_logits, tail, sinks = sinks, None, None
         if qs.k_channel:
             if ids[-1] in self._slot:
                 tail = self.tail_k[layer][self._slot[ids[-1]]]
@@ -179,7 +181,7 @@ class KVPool(ChannelKeySlabs, BlockBytes):
                 sinks = self.sink_k[layer][self._sink_slot[ids[0]]][:, : min(qs.sinks, length)]
         return quantized_decode_attention(q, self.k[layer], self.v[layer], ids, length, scale, k_bits=qs.k_bits,
                                           v_bits=qs.v_bits, group_size=qs.group_size, k_channel=qs.k_channel,
-                                          tail=tail, sinks=sinks)
+                                          tail=tail, sink_keys=sinks, window=window, sinks=sinks_logits)
 
 
 _DUMMIES: dict = {}
