@@ -139,7 +139,9 @@ class ZKV:
         Returns:
             A dict with total_size, used_size (bytes), blocks_total, blocks_used, blocks_cached, blocks_free,
             prompt_cache_hits, prompt_cache_misses (requests), hit_tokens, miss_tokens, hit_rate, evictions,
-            fragmentation, per_user ({user: {requests, hit_tokens, miss_tokens}}) and a few more.
+            fragmentation, per_user ({user: {requests, hit_tokens, miss_tokens}}), groups (KV bytes per layer
+            group: "full", "window" (one per sliding window W, its own window blocks) and "state", each with
+            slots, blocks_total/used/cached, total_size, used_size, cached_size) and a few more.
         """
         return self._thread.call(lambda eng: eng.stats())
 

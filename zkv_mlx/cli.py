@@ -36,6 +36,15 @@ def add_kv_quality_commands(sub, bsub) -> None:
     b.add_argument("--block-size", type=int, default=None)
     b.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
     b.set_defaults(func=verb("bench.kvmem:run"))
+    b = bsub.add_parser("kvwindow", help="KV bytes held for one long conversation on a Gemma-3-like plan: "
+                                         "window-sized sliding-window layers vs all layers global")
+    b.add_argument("--json", action="store_true", help="print only JSON lines (the last one is the result)")
+    b.add_argument("--context", type=int, default=32768, help="conversation length in tokens")
+    b.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    b.add_argument("--kv-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--baseline", default="derived", choices=["derived", "run"],
+                   help="all-global bytes from the windowed run's logical blocks (derived) or a second run")
+    b.set_defaults(func=verb("bench.kvwindow:run"))
     p = sub.add_parser("eval", help="quality evaluations")
     esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
     e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache or a long-context policy vs the "
@@ -149,9 +158,12 @@ def _add_tool_verbs(sub) -> None:
             b.add_argument("--" + flag.replace("_", "-"), type=int, default=default, help=text)
         add_engine_flags(b)
         b.set_defaults(func=verb("bench:run_bench"))
+        return b
 
-    bench("decode", "decode speed: zkv vs mlx-lm generate_step on the same weights",
-          context=(2048, "prompt tokens before decoding"), tokens=(64, "tokens decoded"))
+    b = bench("decode", "decode speed: zkv vs mlx-lm generate_step on the same weights",
+              context=(2048, "prompt tokens before decoding"), tokens=(64, "tokens decoded"))
+    b.add_argument("--contexts", default=None, metavar="N,N,...",
+                   help="several context lengths in one process, e.g. 2048,4096,8192 (instead of --context)")
     bench("batch", "continuous batching: tokens/s of one stream vs N concurrent streams",
           streams=(8, "concurrent streams"), tokens=(64, "tokens generated per stream"),
           prompt_tokens=(32, "prompt length of each stream"))

@@ -66,11 +66,9 @@ def run_doctor(args) -> int:
 
 def _layer_plan(args) -> int:
     """`doctor --model M`: loads M (weights as stored) and prints its layer plan."""
-    from .models.layer_plan import describe
-    from .models.loader import load_model
+    from .model_info import layer_plan
 
-    lm = load_model(args.model, "quantized")
-    d = dict(model=lm.name, architecture=lm.family, **describe(lm.plan, lm.dtype))
+    d = layer_plan(args.model)
     if args.json:
         print(json.dumps(d))
         return 0
@@ -82,7 +80,7 @@ def _layer_plan(args) -> int:
         window = f" W={g['window']}" if g["window"] else ""
         dense = " dense" if g["dense"] else ""
         print(f"  {g['kind']:<8} x{g['slots']:<3}{window} {g['n_kv_heads']} KV heads, head dim {g['k_head_dim']}"
-              f"/{g['v_head_dim']}{dense}: {g['kv_bytes_per_token']} KV bytes per token ({str(lm.dtype).split('.')[-1]})")
+              f"/{g['v_head_dim']}{dense}: {g['kv_bytes_per_token']} KV bytes per token ({d['kv_dtype']})")
     for n in d["notes"]:
         print(f"  note: {n}")
     return 0

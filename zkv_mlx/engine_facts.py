@@ -46,7 +46,7 @@ def read_facts(engine) -> EngineFacts:
         vocab_size=lm.plan.vocab_size, max_context=engine.max_context,
         kv_format=engine.kv_format, kv_dtype=str(pool.dtype).split(".")[-1], kv_quantized=pool.quant is not None,
         kv_blocks=pool.num_blocks, block_size=engine.blocks.block_size, bytes_per_block=engine.bytes_per_block,
-        n_layers=pool.n_layers, n_kv_heads=pool.n_kv_heads, head_dim=pool.head_dim,
+        n_layers=getattr(engine, "kv_bytes", pool).n_layers, n_kv_heads=pool.n_kv_heads, head_dim=pool.head_dim,
         sink_section_bytes=getattr(pool, "sink_section_bytes", 0), has_ssd=engine.ssd is not None,
         has_state=engine.snapshots is not None,
     )

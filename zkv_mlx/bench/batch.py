@@ -6,6 +6,10 @@ windows of the bench text), so no prefix-cache hit helps either side. `*_tok_s` 
 stream is generating (from the last stream's first token to the first stream's last token: the steady state that
 continuous batching speeds up); `*_e2e_tok_s` runs from submission to the last token, prefills included.
 Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup", ...} (medians).
+
+"model_speedup_ceiling" is what the model alone allows: the same weights run by mlx-lm (its own KV caches, greedy
+argmax, no engine) one decode step for 1 sequence vs for N, alternating, median step times (`model_step_ms_1`,
+`model_step_ms_n`). The engine's speedup can approach it but not pass it: the rest of the step is the model.
 """
 
 from __future__ import annotations
@@ -50,6 +54,34 @@ def _round(model, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
     return (n / (end - start) if end > start else float("nan")), e2e
 
 
+def _model_step_ms(model, batch: int, steps: int = 12) -> float:
+    """Median ms of one greedy decode step of the bare mlx-lm model for `batch` sequences at a 32-token context."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    y = mx.argmax(model(mx.zeros((batch, 32), dtype=mx.int32) + 17, cache=cache)[:, -1], axis=-1)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
+        times.append(time.perf_counter() - t0)
+    return median(times) * 1e3
+
+
+def _model_ceiling(args, streams: int, weights_dtype: str) -> dict:
+    from ..models.loader import load_model
+
+    model = load_model(args.model, weights_dtype).model
+    one, many = [], []
+    for _ in range(max(args.rounds, 3)):
+        one.append(_model_step_ms(model, 1))
+        many.append(_model_step_ms(model, streams))
+    return {"model_step_ms_1": round(median(one), 1), "model_step_ms_n": round(median(many), 1),
+            "model_speedup_ceiling": round(streams * median(one) / median(many), 2)}
+
+
 def run(args) -> int:
     from ..cli_common import open_model
 
@@ -79,8 +111,9 @@ def run(args) -> int:
         row = {"round": r, "single_tok_s": round(singles[-1], 2), "batched_tok_s": round(batched[-1], 2),
                "single_e2e_tok_s": round(singles_e2e[-1], 2), "batched_e2e_tok_s": round(batched_e2e[-1], 2)}
         emit(row) if args.json else log(args, str(row))
-    weights = model.info["weights"]
+    weights, weights_dtype = model.info["weights"], model.config.weights_dtype
     model.close()
+    ceiling = _model_ceiling(args, streams, weights_dtype)
     single, batch = median(singles), median(batched)
     emit({
         "streams": streams,
@@ -90,6 +123,7 @@ def run(args) -> int:
         "single_e2e_tok_s": round(median(singles_e2e), 2),
         "batched_e2e_tok_s": round(median(batched_e2e), 2),
         "e2e_speedup": round(median(batched_e2e) / median(singles_e2e), 2),
+        **ceiling,
         "tokens": args.tokens,
         "prompt_tokens": plen,
         "rounds": args.rounds,

@@ -3,7 +3,7 @@
 Both run in this process, alternating rounds; the result line reports medians:
 {"context", "zkv_tok_s", "mlx_lm_tok_s", "ratio", "prefill_zkv_tok_s", "prefill_mlx_lm_tok_s"}; with
 --kv-quant also "ratio_vs_fp16" (decode speed over the same engine with an unquantized cache) and the peak
-memory of both prefills above the memory in use before them.
+memory of both prefills above the memory in use before them. `--contexts N,N,...`: see `decode_contexts`.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ def _fp16_baseline(args, model, prompt):
 
 
 def run(args) -> int:
+    if getattr(args, "contexts", None):
+        from .decode_contexts import run as run_contexts
+
+        return run_contexts(args)
     from ..cli_common import engine_kwargs, open_model
     from ..models.loader import load_model
 

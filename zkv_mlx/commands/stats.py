@@ -37,9 +37,14 @@ def run(args) -> int:
         print(json.dumps(stats))
         return 0
     per_user = stats.pop("per_user", {})
+    groups = stats.pop("groups", [])
     width = max(map(len, stats))
     for k, v in stats.items():
         print(f"{k:<{width}}  {round(v, 4) if isinstance(v, float) else v}")
+    for g in groups:  # KV bytes per layer group (full / window W / state)
+        kind = g["kind"] if g["window"] is None else f"{g['kind']} {g['window']}"
+        print(f"group {kind}: {g['slots']} layers, {g['used_size']} bytes used, {g['cached_size']} cached, "
+              f"{g['total_size']} total")
     for u, v in per_user.items():
         print(f"user {u}: {v}")
     return 0

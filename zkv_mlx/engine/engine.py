@@ -34,6 +34,7 @@ from .sizing import plan_pool
 from .snapshots import StateSnapshots
 from .stats import block_map, engine_stats
 from .tiers import TierStore, open_ssd
+from .window_bytes import GroupedBlockBytes
 
 __all__ = ["Engine", "Event", "InFlight"]
 
@@ -58,17 +59,22 @@ class Engine:
         self.lm = lm
         self.cfg = cfg
         self.max_context = cfg.max_context or lm.max_context
-        num_blocks, kv_dtype = plan_pool(cfg, lm, self.max_context)
-        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv)
+        num_blocks, kv_dtype, window_blocks = plan_pool(cfg, lm, self.max_context)
+        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv, window_blocks=window_blocks)
         self.kv = self.runner.pool  # the KV arrays (KVPool); block bookkeeping is self.blocks
         self.kv_format = self.kv.format_name
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)
         use_ssd = cfg.tiers.ssd and cfg.prompt_cache.enabled and self.kv.n_layers > 0  # no paged layer: no bytes
-        self.tiers = TierStore(self.kv, open_ssd(cfg.tiers, self.kv, lm.fingerprint) if use_ssd else None)
+        # what sessions and the SSD tier export and import: every layer group's rows of a block
+        self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(
+            self.kv, self.runner.windows, [(s.window, s.index) for s in self.runner.plan.paged_slots])
+        self.tiers = TierStore(self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
+        if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
+            self.runner.windows.bind(self.blocks)
         self.prefix = PrefixCache(cfg.prompt_cache, lm.fingerprint, self.kv_format, lm.tokenizer,
                                   self.bytes_per_block)
-        self.sessions = ResidentSessions(self.blocks, self.kv, self.prefix.hash_key)
+        self.sessions = ResidentSessions(self.blocks, self.kv_bytes, self.prefix.hash_key)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.prefix, self.sessions)
         self.out = Outputs(set(lm.tokenizer.eos_token_ids), self.scheduler.finish, self._register)
         self._inflight: InFlight | None = None

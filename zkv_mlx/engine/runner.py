@@ -10,6 +10,7 @@ from ..models.loader import LoadedModel
 from ..models.paged import forward, new_states
 from ..storage.kv_pool import KVPool
 from .sequence import Sequence
+from .window_groups import WindowGroups, split_plan, window_counts
 
 
 class ModelRunner:
@@ -19,9 +20,11 @@ class ModelRunner:
         lm: the loaded model (its attention modules are replaced by paged ones).
         num_blocks, block_size, kv_dtype: pool geometry.
         kv: the `KVCacheConfig` (its quant settings choose the pool format); None = float storage.
+        window_blocks: window blocks per sliding window W (engine/sizing.py); None = as many as num_blocks.
     """
 
-    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None):
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None,
+                 window_blocks: dict[int, int] | None = None):
         self.lm = lm
         self.model = lm.model
         self.plan = lm.plan
@@ -35,7 +38,15 @@ class ModelRunner:
         self.snapshots = None  # StateSnapshots, set by the engine
         self.block_size = block_size
         quant = None if kv is None else QuantSpec.from_config(kv)
-        self.pool = KVPool(lm.n_layers, num_blocks, lm.n_kv_heads, block_size, lm.head_dim, kv_dtype, quant)
+        # Sliding-window slots live in their own window-sized pools (engine/window_groups.py).
+        counts = window_counts(self.plan)
+        self.windows: WindowGroups | None = None
+        if counts:
+            self.plan = split_plan(self.plan)
+            self.windows = WindowGroups(counts, window_blocks or {w: num_blocks for w in counts}, block_size,
+                                        lm.n_kv_heads, lm.head_dim, kv_dtype, quant)
+        n_full = lm.n_layers - sum(counts.values())
+        self.pool = KVPool(n_full, num_blocks, lm.n_kv_heads, block_size, lm.head_dim, kv_dtype, quant)
         self._tail_owner: dict[int, Sequence] = {}  # partial block in the tail slab -> its sequence
         self.mass: list | None = None  # h2o: per-block attention mass of the last forward, per sequence (lazy)
 
@@ -77,10 +88,13 @@ class ModelRunner:
         n_blocks = -(-context_len // self.block_size)
         plan = self._plan([seq], [list(range(start, end))])
         meta = prefill_metadata(self.pool, start, plan, seq.block_table[:n_blocks], context_len, _wants_mass(seq))
+        metas = meta
+        if self.windows is not None:  # window groups read and write their own blocks
+            metas = {None: meta, **self.windows.prefill_metas(seq, start, end, context_len)}
         if all_logits:
-            out = forward(self.model, self.plan, tokens, meta, seq.state)[0]
+            out = forward(self.model, self.plan, tokens, metas, seq.state)[0]
         else:
-            out = forward(self.model, self.plan, tokens, meta, seq.state, last_only=True)[0, -1]
+            out = forward(self.model, self.plan, tokens, metas, seq.state, last_only=True)[0, -1]
         self.mass = _sum_mass(meta)
         return out
 
@@ -108,8 +122,11 @@ class ModelRunner:
             tokens = tokens[:, None]
         meta = decode_metadata(self.pool, positions, self._plan(seqs, [[p] for p in positions]),
                                [s.block_table for s in seqs], context_lens, any(_wants_mass(s) for s in seqs))
+        metas = meta
+        if self.windows is not None:  # window groups read and write their own blocks
+            metas = {None: meta, **self.windows.decode_metas(seqs, positions, meta.positions, context_lens)}
         states = _stack_states([s.state for s in seqs]) if self.plan.n_state else []
-        out = forward(self.model, self.plan, tokens, meta, states)[:, -1, :]
+        out = forward(self.model, self.plan, tokens, metas, states)[:, -1, :]
         if self.plan.n_state and len(seqs) > 1:
             for i, s in enumerate(seqs):
                 s.state = [c.extract(i) for c in states]

@@ -13,10 +13,12 @@ def engine_stats(eng) -> dict:
     used_slots = sum(min(s.num_tokens, len(s.block_table) * bs) for s in running)
     looked_up = c["hit_tokens"] + c["miss_tokens"]
     ssd = eng.ssd
+    groups = layer_groups(eng)
     return {
-        "total_size": eng.kv.total_bytes,
-        "used_size": b.used * eng.bytes_per_block,
-        "cached_size": b.cached_free * eng.bytes_per_block,
+        "total_size": sum(g["total_size"] for g in groups),
+        "used_size": sum(g["used_size"] for g in groups),
+        "cached_size": sum(g["cached_size"] for g in groups),
+        "groups": groups,
         "block_size": bs,
         "bytes_per_block": eng.bytes_per_block,
         "blocks_total": b.total,
@@ -50,3 +52,25 @@ def engine_stats(eng) -> dict:
 def block_map(eng) -> list[str]:
     """State of every block: free, used, shared (several users of one block), cached, pinned."""
     return eng.blocks.block_states(eng.prefix.preloaded_blocks() | eng.sessions.pinned_blocks())
+
+
+def layer_groups(eng) -> list[dict]:
+    """KV bytes per layer group: "full" (the logical blocks' pool), one "window" group per sliding window W (its
+    own pool of window blocks, engine/window_groups.py) and "state" (per-sequence state caches of running
+    sequences: SSM / linear attention, unpaged KV). Each: kind, window, slots, bytes_per_block, blocks_total,
+    blocks_used, blocks_cached, total_size, used_size, cached_size (bytes)."""
+    b = eng.blocks.stats()
+    per = eng.bytes_per_block
+    out = [{"kind": "full", "window": None, "slots": eng.kv.n_layers, "bytes_per_block": per,
+            "blocks_total": b.total, "blocks_used": b.used, "blocks_cached": b.cached_free,
+            "total_size": eng.kv.total_bytes, "used_size": b.used * per, "cached_size": b.cached_free * per}]
+    windows = eng.runner.windows
+    if windows is not None:
+        out += windows.group_stats()
+    plan = eng.runner.plan
+    if plan.n_state:
+        held = sum(c.nbytes for s in eng.scheduler.running for c in (s.state or []))
+        out.append({"kind": "state", "window": None, "slots": plan.n_state, "bytes_per_block": 0,
+                    "blocks_total": 0, "blocks_used": 0, "blocks_cached": 0, "total_size": held,
+                    "used_size": held, "cached_size": 0})
+    return out

@@ -58,6 +58,8 @@ class TierStore:
         got = self.ssd.get(h, token_ids)
         if got is None:
             return False
+        if hasattr(self.kv, "premap"):  # window groups map their blocks now (engine/window_bytes.py)
+            self.kv.premap(block_id, got[0])
         self._staged.append((block_id, got[0], got[1]))
         return True
 

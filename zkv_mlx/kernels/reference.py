@@ -264,35 +264,5 @@ def _runs(ids: list[int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in runs]
 
 
-def prefill_attention_reference(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                                mass_out: list | None = None) -> mx.array:
-    """Causal attention of L new queries over all kv_len positions of one sequence (new ones last).
-
-    Args:
-        q: [1, n_heads, L, head_dim]; k, v: [1, n_kv_heads, kv_len, head_dim] gathered from the pool.
-        mass_out: if a list, gets the attention mass per key position [kv_len] (float32, summed over the
-            query heads and the L queries).
-    Returns:
-        [1, n_heads, L, head_dim].
-    """
-    if mass_out is not None and q.dtype != mx.float32:
-        out = prefill_attention_reference(q.astype(mx.float32), k.astype(mx.float32), v, scale, mass_out)
-        return out.astype(q.dtype)
-    if q.dtype != mx.float32:
-        # Metal / half precision: MLX's fused kernel (it aligns the causal mask to the bottom-right).
-        mask = "causal" if q.shape[2] > 1 else None
-        return mx.fast.scaled_dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale, mask=mask)
-    _, hq, L, d = q.shape
-    hkv, lkv = k.shape[1], k.shape[2]
-    rep = hq // hkv
-    # q head i reads kv head i // rep: group the query heads per kv head -> [H_kv, rep*L, D]
-    qg = (q * scale).reshape(hkv, rep * L, d)
-    s = qg @ k[0].swapaxes(-1, -2)  # [H_kv, rep*L, kv_len]
-    if L > 1:
-        visible = mx.arange(lkv)[None, :] <= (mx.arange(L) + (lkv - L))[:, None]  # [L, kv_len]
-        s = mx.where(visible[None, None], s.reshape(hkv, rep, L, lkv), -float("inf")).reshape(hkv, rep * L, lkv)
-    p = softmax(s)
-    if mass_out is not None:
-        mass_out.append(p.sum(axis=(0, 1)))
-    out = p @ v[0].astype(mx.float32)
-    return out.reshape(1, hq, L, d)
+# Prefill attention lives in prefill.py (tiles, windows, sinks); the old name stays for its callers.
+from .prefill import prefill_attention as prefill_attention_reference  # noqa: E402,F401

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..kernels import kernel_path, prefill_attention_reference
+from ..kernels.prefill import prefill_attention
 from ..kernels.dispatch import metal_paged_attention
 from ..kernels.reference import GROUPED_MAX_LEN, decode_plan, grouped_decode_attention, single_decode_attention
 from ..storage.kv_pool import KVPool, WritePlan
@@ -163,9 +164,7 @@ def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scal
         [B, n_heads, L, head_dim].
     """
     if meta.is_prefill:
-        if window is not None or sinks is not None:
-            return _windowed(q, layer, meta, scale, window, sinks)
-        return _prefill(q, layer, meta, scale)
+        return _prefill(q, layer, meta, scale, window, sinks)
     if meta.path == "grouped":
         return _grouped(q, layer, meta, scale, window, sinks)
     if meta.path == "quantized":
@@ -173,13 +172,19 @@ def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scal
     return _metal(q, layer, meta, scale, window, sinks)
 
 
-def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float) -> mx.array:
-    keys, values = meta.pool.gather(layer, meta.block_table, meta.context_len)
+def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, window, sinks) -> mx.array:
+    bs, n, table = meta.pool.block_size, meta.context_len, meta.block_table
+    if window is not None:
+        # only the blocks some query of the chunk can see: from the first query's window start on
+        first = max(0, n - q.shape[2] - window + 1) // bs
+        if first:
+            keys, values = meta.pool.gather(layer, table[first:], n - first * bs)
+            return prefill_attention(q, keys, values, scale, window=window, sinks=sinks)
+    keys, values = meta.pool.gather(layer, table, n)
     if meta.mass is None:
-        return prefill_attention_reference(q, keys, values, scale)
+        return prefill_attention(q, keys, values, scale, window=window, sinks=sinks)
     per_pos: list = []
-    out = prefill_attention_reference(q, keys, values, scale, mass_out=per_pos)
-    bs, n = meta.pool.block_size, meta.context_len
+    out = prefill_attention(q, keys, values, scale, mass_out=per_pos, window=window, sinks=sinks)
     nb = -(-n // bs)
     meta.mass[0].append(mx.pad(per_pos[0], (0, nb * bs - n)).reshape(nb, bs).sum(axis=1))
     return out
@@ -258,8 +263,11 @@ def _windowed(q: mx.array, layer: int, meta, scale: float, window: int | None, s
     outs = []
     for i, (table, n) in enumerate(seqs):
         lo = 0 if window is None else max(0, n - L - window + 1)
-        k, v = meta.pool.gather(layer, table, n)
-        k, v = k[:, :, lo:].astype(q.dtype), v[:, :, lo:].astype(q.dtype)
+        # read from the window's first block on: earlier ones may be released (engine/window_groups.py)
+        b0 = lo // meta.pool.block_size
+        k, v = meta.pool.gather(layer, table[b0:], n - b0 * meta.pool.block_size)
+        skip = lo - b0 * meta.pool.block_size
+        k, v = k[:, :, skip:].astype(q.dtype), v[:, :, skip:].astype(q.dtype)
         mask = None
         if L > 1 or window is not None:
             kpos = mx.arange(lo, n)[None, :]

@@ -139,7 +139,11 @@ def _install_last_only(model: nn.Module) -> bool:
 
 
 def build_caches(plan: LayerPlan, meta, states: list) -> list:
-    """The cache list for one forward pass: PagedCache per paged slot, `states[i]` for state/unpaged slot i."""
+    """The cache list for one forward pass: PagedCache per paged slot, `states[i]` for state/unpaged slot i.
+
+    meta: one metadata for every paged slot, or a dict window -> metadata (None: full attention) when window
+        slots have their own pools (engine/window_groups.py).
+    """
     def build(t):
         kind, x = t
         if kind == "list":
@@ -148,7 +152,9 @@ def build_caches(plan: LayerPlan, meta, states: list) -> list:
             return CacheList(*(build(c) for c in x))
         if kind == "state":
             return states[x]
-        return PagedCache(meta, x) if x.paged else states[x.index]
+        if not x.paged:
+            return states[x.index]
+        return PagedCache(meta[x.window] if isinstance(meta, dict) else meta, x)
 
     return [build(t) for t in plan.template]
 

@@ -71,6 +71,8 @@ class BlockBytes:
 
     def import_blocks(self, block_ids: list[int], ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
         """Writes blocks exported by `export_blocks` (same format) into the given block ids."""
+        if self.quant is None and self.dtype != mx.bfloat16 and self._write_in_place(block_ids, ks, vs):
+            return
         idx = mx.array(block_ids, dtype=mx.int32)
         n = len(block_ids)
         for layer in range(self.n_layers):
@@ -101,6 +103,32 @@ class BlockBytes:
                             self.sink_k[layer][self._sink_slot[b]] = rows[i]
         self._slot_map = None
         mx.eval(self.k, self.v)
+
+    def _write_in_place(self, block_ids: list[int], ks: list[np.ndarray], vs: list[np.ndarray]) -> bool:
+        """Float16/32 pools: copies the blocks straight into the pool arrays' memory (one memcpy per run of
+        consecutive block ids) instead of building an MLX array and scattering it (two more copies).
+
+        The blocks are free ones the caller just took (no sequence reads them, no queued op writes them), and the
+        pool arrays are evaluated first, so MLX sees the bytes as if a scatter had written them. Returns False
+        (nothing written) when an array is not one dense buffer numpy can write, e.g. a broadcast constant.
+        """
+        mx.eval(self.k, self.v)
+        views = []
+        for layer in range(self.n_layers):
+            for dst, data in ((self.k[layer], ks[layer]), (self.v[layer], vs[layer])):
+                view = np.asarray(dst)  # shares dst's buffer (dst is evaluated)
+                if not (view.flags.c_contiguous and view.flags.writeable) or view.dtype != data.dtype:
+                    return False
+                views.append((view, data))
+        runs, start = [], 0
+        for i in range(1, len(block_ids) + 1):
+            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
+                runs.append((block_ids[start], start, i))
+                start = i
+        for view, data in views:
+            for first, a, b in runs:
+                view[first:first + b - a] = data[a:b]
+        return True
 
 
 def _bytes(a: mx.array, n: int) -> np.ndarray:

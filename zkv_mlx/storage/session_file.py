@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +109,7 @@ def read(path: Path) -> SessionData:
         dtype = np.dtype(_DTYPES[meta["dtype"]])
         data = SessionData(meta=meta)
         kinds = [("k", data.k), ("v", data.v)] + ([("ks", data.sinks)] if "sink_section" in meta else [])
+        spans = []  # (name, start, end, shape, out) of every tensor, offsets into the data section
         for i in range(n_layers):
             for kind, out in kinds:
                 shape = _shape(meta, kind)
@@ -120,36 +123,52 @@ def read(path: Path) -> SessionData:
                     raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {shape}")
                 if base + end > size:
                     raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
-                f.seek(base + start)
-                raw = f.read(nbytes)
-                if len(raw) != nbytes:
-                    raise SessionFormatError(f"{path}: file is truncated")
-                if hashlib.sha256(raw).hexdigest() != meta["checksums"].get(name):
-                    raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
-                out.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+                spans.append((name, start, end, shape, out, dtype))
+        # hybrid models: the state arrays (float32), placed into data.state by (state cache, array) index
         for i, shapes in enumerate(meta.get("state", {}).get("shapes", [])):
-            data.state.append([None if shape is None else
-                               _tensor(f, header, meta, f"state.{i}.{j}", tuple(shape), base, size, path)
-                               for j, shape in enumerate(shapes)])
+            data.state.append([None] * len(shapes))
+            for j, shape in enumerate(shapes):
+                if shape is not None:
+                    spans.append(_state_span(header, f"state.{i}.{j}", tuple(shape), base, size, path,
+                                             data.state[i], j))
+        # The file is mapped, not copied: the tensors are read-only views of the page cache (the mapping lives as
+        # long as they do; session files are replaced by rename, never rewritten in place). The sha256 checks run
+        # on two threads (hashlib releases the GIL on large buffers); they fault the pages in, sequentially.
+        end = max((sp[2] for sp in spans), default=0)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+    buf = np.frombuffer(mm, dtype=np.uint8, count=end, offset=base)
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda sp: _sha_view(buf[sp[1]:sp[2]]), spans))
+    bad = next((sp[0] for sp, d in zip(spans, digests) if d != meta["checksums"].get(sp[0])), None)
+    if bad is not None:
+        raise SessionFormatError(f"{path}: checksum mismatch in tensor {bad} (the file is corrupt)")
+    for name, start, end, shape, out, dt in spans:
+        a = buf[start:end].view(dt).reshape(shape)
+        if isinstance(out, tuple):  # a state array: (its cache's list, index)
+            out[0][out[1]] = a
+        else:
+            out.append(a)
     return data
 
 
-def _tensor(f, header: dict, meta: dict, name: str, shape: tuple, base: int, size: int, path: Path) -> np.ndarray:
-    """One float32 tensor, validated (shape, bounds, checksum)."""
+def _state_span(header: dict, name: str, shape: tuple, base: int, size: int, path: Path, arrays: list, j: int):
+    """A state tensor's span (float32), validated like the K/V tensors."""
     info = header.get(name)
     if not isinstance(info, dict):
         raise SessionFormatError(f"{path}: tensor {name} is missing")
     start, end = _offsets(info, name, path)
-    nbytes = int(np.prod(shape)) * 4
-    if info.get("dtype") != "F32" or list(info.get("shape", [])) != list(shape) or end - start != nbytes:
+    if info.get("dtype") != "F32" or list(info.get("shape", [])) != list(shape) or end - start != int(
+            np.prod(shape)) * 4:
         raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {list(shape)}")
     if base + end > size:
         raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
-    f.seek(base + start)
-    raw = f.read(nbytes)
-    if len(raw) != nbytes or hashlib.sha256(raw).hexdigest() != meta["checksums"].get(name):
-        raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
-    return np.frombuffer(raw, dtype=np.float32).reshape(shape)
+    return (name, start, end, shape, (arrays, j), np.dtype(np.float32))
+
+
+def _sha_view(a: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(a)).hexdigest()
 
 
 def join_sinks(data: SessionData) -> tuple[list, list]:

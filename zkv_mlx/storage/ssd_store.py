@@ -201,7 +201,7 @@ class SSDStore:
             sizes = [int(np.prod(shape, dtype=np.int64)) * dt.itemsize for shape, dt in arrays]
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"bad block file header: {e}") from None
-        payload = data[12 + n:]
+        payload = memoryview(data)[12 + n:]  # views, not copies, of the one read of the file
         if any(not 1 <= len(shape) <= 5 for shape, _ in arrays) or len(payload) != sum(sizes):
             raise ValueError("torn block file")
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
