@@ -26,6 +26,7 @@ from zkv_mlx.errors import ModelLoadError
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 N = 16  # generated tokens per comparison
+BLOCK = 8  # KV block size (tokens)
 ATOL = RTOL = 1e-3  # float32 weights and KV
 # int8 KV: the median over the three prompts of max|dlogit| / (1 + max|logit|) is at most INT8_TOL. Chosen on llama
 # and qwen2 (about 0.01 there) with headroom for gemma's 16x-scaled embeddings; the median because one prompt can flip
@@ -94,7 +95,7 @@ class Case:
         if kind not in self._models:
             # max_context explicit: a config's max_position_embeddings may be shorter than a test prompt
             # (llama-rope-dynamic: 16, so its dynamic NTK scaling is in effect).
-            kw = dict(kv_cache_memory="32MB", block_size=8, max_context=256)
+            kw = dict(kv_cache_memory="32MB", block_size=BLOCK, max_context=256)
             if kind == "chunk16":
                 kw["prefill_chunk"] = 16
             elif kind == "int8":
@@ -126,7 +127,21 @@ def case(request, tmp_path_factory, bundled_tokenizer):
 def test_a_greedy_and_logits_equal_mlx_lm(case):
     m = case.model()
     _close(m.next_token_logits(case.prompt), case.ref_logits[0])
-    assert _greedy(m, case.prompt) == case.ref_tokens
+    tokens, groups = [], None
+    for ev in m.submit(case.prompt, temperature=0, max_tokens=N, ignore_eos=True):
+        if ev.kind == "error":
+            raise ev.error
+        if ev.token_id is not None:
+            tokens.append(ev.token_id)
+            if len(tokens) == 8:  # 44+ tokens in the sequence: past every window by a block or more
+                groups = m.kv_cache_stats()["groups"]
+    assert tokens == case.ref_tokens
+    # Sliding-window layers hold window-sized memory: the blocks covering the window, the current one and one of
+    # slack, while the full-attention layers hold all 6+.
+    windows = [g for g in groups if g["kind"] == "window"]
+    assert [g["window"] for g in windows] == ([case.arch.window] if case.arch.window else [])
+    for g in windows:
+        assert g["blocks_used"] <= -(-g["window"] // BLOCK) + 2, g
 
 
 def test_b_chunked_prefill_equals_one_chunk(case):
