@@ -39,7 +39,9 @@ chat: setup openblas
 
 test: setup openblas tmux
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; [ $$rc -eq 0 ] || exit $$rc; \
+	$(PY) -m pytest -q -m zoo_slow $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 doctor: setup openblas
 	$(VENV)/bin/zkv-mlx doctor
