@@ -76,7 +76,7 @@ def test_bytes_per_block_counts_scales(quant):
     assert stored == KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float32, spec) * 3
     fp16 = KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float16)
     ratio = stored / 3 / fp16
-    assert ratio <= {"int8": 0.54, "int4": 0.30, "k8v4": 0.41}[quant]
+    assert ratio <= {"int8": 0.57, "int4": 0.30, "k8v4": 0.41}[quant]  # int8: groups of 32 (DEFAULT_GROUP)
     assert spec.name(kv.block_size) in pool.format_name
 
 

@@ -59,7 +59,7 @@ class KVCacheConfig:
     block_size: tokens per block ("auto": 16, or 32 with per-channel keys). memory: bytes, a size string, or
     "dynamic" (a fraction of the memory left after the weights). dtype: "auto" = the model's activation dtype.
     quant: "none" | "int8" | "int4" | "k8v4" (K and V bits). group_size: 32 | 64, per-token group along head_dim
-    (default 64). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
+    (default: 32 for int8, 64 for int4 and k8v4; kernels/kv_quant.py DEFAULT_GROUP). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
     sinks: with per-channel keys, keys of each sequence's first `sinks` positions stay in full precision.
     """
 

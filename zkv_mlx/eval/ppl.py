@@ -18,6 +18,7 @@ import time
 import mlx.core as mx
 
 from ..config import KVCacheConfig
+from ..kernels.kv_quant import DEFAULT_GROUP
 from ..errors import ConfigError
 
 
@@ -253,8 +254,9 @@ def run(args) -> int:
             out["mlx_lm"] = None  # mlx-lm's cache has one bit width for K and V
         else:
             ref_model = load_model(args.model, args.weights_dtype or "auto").model
-            out["mlx_lm"] = eval_mlx_lm(ref_model, wins, spec_bits, kv.group_size or 64, args.chunk)
-            out["mlx_lm"]["group_size"] = kv.group_size or 64
+            group = kv.group_size or DEFAULT_GROUP[args.kv_quant]
+            out["mlx_lm"] = eval_mlx_lm(ref_model, wins, spec_bits, group, args.chunk)
+            out["mlx_lm"]["group_size"] = group
             d = out["mlx_lm"]["delta_pct"]
             out["delta_fraction_of_mlx_lm"] = round(out["delta_pct"] / d, 4) if d else None
             _log(args, f"mlx-lm QuantizedKVCache: {out['mlx_lm']}")
