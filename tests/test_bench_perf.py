@@ -57,4 +57,4 @@ def test_bench_restore_splits_load_and_first_token(tiny_model_dir, capsys):
     assert main(argv) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["read_gb_s"] > 0 and r["file_bytes"] > 0 and r["memory_hit_s"] > 0
-    assert abs(r["restore_s"] - (r["load_s"] + r["first_token_s"])) < 0.01
+    assert abs(r["restore_s"] - (r["load_s"] + r["first_token_s"])) < 0.01 + 0.001 * r["restore_s"]

@@ -68,14 +68,19 @@ def run(args) -> int:
     emit({
         "tokens": args.tokens,
         "rounds": args.rounds,
-        "recompute_s": round(median(rec), 3),
-        "restore_s": round(median(res), 3),
+        "recompute_s": _sig(median(rec)),
+        "restore_s": _sig(median(res)),
         "speedup": round(median(rec) / median(res), 1),
         "file_bytes": size,
-        "read_gb_s": round(size / median(reads) / 1e9, 2),
-        "load_s": round(median(loads), 3),
-        "first_token_s": round(median(firsts), 3),
-        "memory_hit_s": round(median(hits), 3),
+        "read_gb_s": _sig(size / median(reads) / 1e9),
+        "load_s": _sig(median(loads)),
+        "first_token_s": _sig(median(firsts)),
+        "memory_hit_s": _sig(median(hits)),
         "machine": machine(),
     })
     return 0
+
+
+def _sig(x: float) -> float:
+    # four significant digits: a small file read in microseconds must not print as 0.0 GB/s or 0.0 s
+    return float(f"{x:.4g}")
