@@ -65,6 +65,7 @@ RUN_BY = {
     "README.md": ["test_readme_python_examples"] * 5,
     "docs/kernels.md": ["test_kernels_md_simulator_snippet"],
     "docs/server.md": ["test_server_md_python_examples"] * 2,
+    "docs/distributed.md": ["test_distributed.py::test_distributed_md_python_example"],
 }
 
 

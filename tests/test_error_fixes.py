@@ -89,10 +89,14 @@ def test_every_suggested_fix_validates(argv, validate):
             pytest.fail(f"{argv} -> {message!r}\nsuggested {fixed} -> {again}")
 
 
-def test_the_issue_command_reports_the_float_kv_cache_first(validate):
+def test_a_quantized_cache_takes_a_policy_and_only_the_budget_is_reported(validate):
+    # Issue 19: --kv-quant with --kv-policy was refused ("needs a float KV cache"); now only a budget too small
+    # for the quantized format's block size (32 with per-channel keys) is an error, and its fix validates.
     with pytest.raises(ConfigError) as e:
         validate(["--kv-quant", "int4", "--kv-policy", "window", "--budget", "64"])
-    assert "needs a float KV cache" in str(e.value) and "too small" not in str(e.value)
+    assert "too small" in str(e.value) and "float KV cache" not in str(e.value)
+    validate(["--kv-quant", "int4", "--kv-policy", "window", "--budget", "128"])
+    validate(["--kv-quant", "int8", "--kv-policy", "h2o", "--budget", "512"])
 
 
 def test_parser_reads_alternatives_and_placeholders():

@@ -76,7 +76,7 @@ def test_bytes_per_block_counts_scales(quant):
     assert stored == KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float32, spec) * 3
     fp16 = KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float16)
     ratio = stored / 3 / fp16
-    assert ratio <= {"int8": 0.54, "int4": 0.30, "k8v4": 0.41}[quant]
+    assert ratio <= {"int8": 0.57, "int4": 0.30, "k8v4": 0.41}[quant]  # int8: groups of 32 (DEFAULT_GROUP)
     assert spec.name(kv.block_size) in pool.format_name
 
 
@@ -205,6 +205,35 @@ def test_eval_ppl_json_line(tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"format", "ppl_ref", "ppl", "delta_pct", "kl_mean", "tokens"} <= set(out)
     assert out["tokens"] == 2 * 79 and out["kl_mean"] >= 0 and "sinks=4" in out["kv_format"]
+
+
+def test_eval_ppl_policy_on_a_quantized_cache_reports_the_float_policy_beside_it(tiny_model_dir, capsys):
+    # Issue 19: `eval ppl --kv-quant int4 --kv-policy window --budget N` was refused; it now runs the policy on
+    # the quantized cache and the same policy on a float cache (same block size, same windows) in one pass.
+    import json
+    import types
+
+    from zkv_mlx.eval.ppl import run
+
+    args = types.SimpleNamespace(kv_quant="int4", kv_group_size=None, block_size=None, kv_key_layout="auto",
+                                 kv_sinks=4, text=None, model=str(tiny_model_dir("llama")), weights_dtype=None,
+                                 context=300, windows=1, chunk=32, vs_mlx_lm=False, json=True, kv_policy="window",
+                                 budget=128, sinks=4, h2o_recent=None, compare=False)
+    assert run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["format"] == "window+int4" and out["block_size"] == 32 and out["tokens"] == 299
+    flt = out["float_policy"]
+    assert flt["ppl_ref"] == out["ppl_ref"] and flt["tokens"] == out["tokens"]
+    assert flt["kl_mean"] > 0 and out["ppl"] != flt["ppl"]  # the window drops context; int4 adds its own error
+    assert out["vs_float_policy_points"] == pytest.approx(out["delta_pct"] - flt["delta_pct"], abs=2e-3)
+
+
+def test_kvmem_counts_the_tail_block_and_sinks_per_sequence():
+    from zkv_mlx.bench.kvmem import measure
+
+    r = measure(2, 3, 64, "int4")  # float32 tail rows, 4 sinks, 32-token blocks
+    assert r["tail_bytes_per_seq"] == 2 * 3 * 32 * 64 * 4 and r["sink_bytes_per_seq"] == 2 * 3 * 4 * 64 * 4
+    assert measure(2, 3, 64, "int8")["sink_bytes_per_seq"] == 0
 
 
 # -- CPU decode straight from the quantized blocks ----------------------------------------------------------------

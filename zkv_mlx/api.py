@@ -46,6 +46,10 @@ class ZKV:
             kwargs["model"] = str(model)
         kwargs.pop("paged_attention", None)  # paging is always on; accepted for zKV compatibility
         self.config: EngineConfig = make_config(toml, **kwargs)
+        if self.config.distributed:
+            from .distributed import serve_if_worker
+
+            serve_if_worker(self.config)  # ranks > 0 serve rank 0's plans here and exit when it closes
         self._sessions: dict[tuple[str, str], Session] = {}
         self._thread = EngineThread(self.config).start()
         _live.add(self)

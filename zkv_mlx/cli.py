@@ -173,6 +173,9 @@ def _add_tool_verbs(sub) -> None:
     bench("longctx", "decode speed as a conversation grows past the KV budget: full cache vs --kv-policy",
           rounds=1, prompt_tokens=(256, "prompt tokens"), tokens=(1536, "tokens generated"),
           segment=(256, "tokens per measured segment"))
+    bench("distributed", "one model on 2 local ranks (mx.distributed ring) vs one process: tok/s, bytes per step",
+          context=(256, "prompt tokens before decoding"), tokens=(32, "tokens decoded"),
+          ranks=(2, "ranks of the local job"))
     add_kv_quality_commands(sub, bsub)
 
 

@@ -34,6 +34,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssd-cache", default=None, choices=["on", "off"], help="spill idle cached blocks to disk")
     g.add_argument("--ssd-dir", default=None, help="where SSD-tier block files go (default: the cache dir)")
     g.add_argument("--ssd-cache-size", default=None, help='SSD tier budget, e.g. "8GB" (default: 10%% of free disk)')
+    g.add_argument("--distributed", action="store_true", default=None,
+                   help="shard the model and its KV over the ranks of an mlx.launch job (docs/distributed.md)")
     add_policy_flags(g)
 
 
@@ -66,6 +68,7 @@ def engine_kwargs(args) -> dict:
         "budget": args.budget,
         "sinks": args.sinks,
         "h2o_recent": args.h2o_recent,
+        "distributed": getattr(args, "distributed", None),
     }
 
 

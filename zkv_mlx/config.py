@@ -59,7 +59,7 @@ class KVCacheConfig:
     block_size: tokens per block ("auto": 16, or 32 with per-channel keys). memory: bytes, a size string, or
     "dynamic" (a fraction of the memory left after the weights). dtype: "auto" = the model's activation dtype.
     quant: "none" | "int8" | "int4" | "k8v4" (K and V bits). group_size: 32 | 64, per-token group along head_dim
-    (default 64). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
+    (default: 32 for int8, 64 for int4 and k8v4; kernels/kv_quant.py DEFAULT_GROUP). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
     sinks: with per-channel keys, keys of each sequence's first `sinks` positions stay in full precision.
     """
 
@@ -212,8 +212,8 @@ class PolicyConfig:
 
 def check_policy(kv: KVCacheConfig, kind, budget=None, sinks=4, recent=None) -> None:
     """Checks a long-context policy against the whole KV configuration, so that each error's suggested fix is
-    valid for the rest of it: the KV format first (a budget suggested for a quantized cache would fail on that
-    next), then the budget, at least what the policy needs at this block size.
+    valid for the rest of it: the budget, at least what the policy needs at this block size (every KV format,
+    quantized ones included, takes every policy: storage/key_shift.py).
 
     Args:
         kv: the KV cache settings. kind, budget, sinks, recent: as `PolicyConfig` (unvalidated values are left
@@ -230,11 +230,7 @@ def check_policy(kv: KVCacheConfig, kind, budget=None, sinks=4, recent=None) -> 
     except TypeError:  # sinks/recent of the wrong type: PolicyConfig names them
         return
     fits = isinstance(budget, int) and not isinstance(budget, bool) and budget >= need
-    # Dropping --kv-quant can only shrink the block size ("auto": 16 instead of 32), so `need` stays enough.
     example = max(need, 512)
-    if kv.quant != "none":
-        raise ConfigError(f"kv_policy {kind} needs a float KV cache; drop --kv-quant {kv.quant}"
-                          + ("" if fits else f" and pass --budget {example}") + " or use --kv-policy full")
     if budget is None:
         raise ConfigError(f"kv_policy {kind} needs a budget: pass --budget TOKENS (e.g. --budget {example})")
     if fits or not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
@@ -258,8 +254,11 @@ class EngineConfig:
     prompt_cache: PromptCacheConfig = field(default_factory=PromptCacheConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    distributed: bool = False  # one model sharded over the ranks of an mlx.launch job (zkv_mlx/distributed)
 
     def __post_init__(self):
+        if not isinstance(self.distributed, bool):
+            raise ConfigError(f"distributed: {self.distributed!r} must be true or false")
         if isinstance(self.policy, dict):
             self.policy = _build(PolicyConfig, self.policy, "policy.")
         if isinstance(self.tiers, dict):

@@ -43,3 +43,7 @@ class MessageError(ConfigError):
 
 class SamplingError(ZkvError):
     """The model's logits for a request had no finite value (all NaN or -inf): no token can be picked."""
+
+
+class DistributedError(ZkvError):
+    """A distributed run failed: a rank died or cannot be reached, or the ranks disagree on model or config."""

@@ -29,6 +29,10 @@ def run_bench(args) -> int:
         from .restore import run
 
         return run(args)
+    if args.bench == "distributed":
+        from .distributed import run
+
+        return run(args)
     if args.bench == "longctx":
         from .longctx import run
 

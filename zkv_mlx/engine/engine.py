@@ -55,12 +55,13 @@ class InFlight:
 class Engine:
     """Synchronous core. Not thread-safe: use EngineThread from other threads."""
 
-    def __init__(self, lm: LoadedModel, cfg: EngineConfig):
+    def __init__(self, lm: LoadedModel, cfg: EngineConfig, make_runner=ModelRunner):
         self.lm = lm
         self.cfg = cfg
         self.max_context = cfg.max_context or lm.max_context
         num_blocks, kv_dtype, window_blocks = plan_pool(cfg, lm, self.max_context)
-        self.runner = ModelRunner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv, window_blocks=window_blocks)
+        # make_runner: distributed runs pass rank 0's runner (zkv_mlx/distributed/leader.py)
+        self.runner = make_runner(lm, num_blocks, cfg.kv.block_size, kv_dtype, kv=cfg.kv, window_blocks=window_blocks)
         self.kv = self.runner.pool  # the KV arrays (KVPool); block bookkeeping is self.blocks
         self.kv_format = self.kv.format_name
         self.bytes_per_block = self.kv.total_bytes // max(1, self.kv.num_blocks)

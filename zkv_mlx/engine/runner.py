@@ -8,6 +8,7 @@ from ..kernels.kv_quant import QuantSpec
 from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata, prefill_metadata
 from ..models.loader import LoadedModel
 from ..models.paged import forward, new_states
+from ..storage.key_shift import shift_block_keys
 from ..storage.kv_pool import KVPool
 from .sequence import Sequence
 from .window_groups import WindowGroups, split_plan, window_counts
@@ -64,7 +65,7 @@ class ModelRunner:
         plan = self.pool.plan_write(blocks, offsets, [p for ps in positions for p in ps])
         if self.pool.tail_k:
             for s, ps in zip(seqs, positions):
-                end = ps[-1] + 1
+                end = ps[-1] + 1 - s.dropped  # cache rows after this write
                 if end % bs:
                     self._tail_owner[s.block_table[end // bs]] = s
         return plan
@@ -144,16 +145,16 @@ class ModelRunner:
                 and all(hasattr(getattr(layer, "self_attn", None), "rope") for layer in layers))
 
     def shift_keys(self, block_ids: list[int], delta: int) -> None:
-        """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively)."""
-        if self.pool.quant is not None:
-            raise ValueError("position shifts need a float KV pool")
-        idx = mx.array(block_ids, dtype=mx.int32)
-        n, h, bs, d = len(block_ids), self.pool.n_kv_heads, self.block_size, self.pool.head_dim
-        for i, layer in enumerate(self.model.layers):
-            k = self.pool.k[i][idx].astype(mx.float32).reshape(n * h * bs, 1, d)
+        """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively); quantized
+        blocks are dequantized, rotated and quantized again (storage/key_shift.py)."""
+        layers = self.model.layers
+
+        def rotate(i: int, k: mx.array) -> mx.array:
+            n, h, bs, d = k.shape
             # one position per row: every row turns by `delta`
-            k = layer.self_attn.rope(k, offset=delta).reshape(n, h, bs, d)
-            self.pool.k[i][idx] = k.astype(self.pool.dtype)
+            return layers[i].self_attn.rope(k.reshape(n * h * bs, 1, d), offset=delta).reshape(n, h, bs, d)
+
+        shift_block_keys(self.pool, block_ids, rotate)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copies one block's K/V (every layer) into another block."""
@@ -164,6 +165,7 @@ class ModelRunner:
                         a[dst] = a[src]
                 else:
                     arrs[i][dst] = arrs[i][src]
+        self.pool.copy_slots(src, dst)
 
 
 def _stack_states(per_seq: list[list]) -> list:

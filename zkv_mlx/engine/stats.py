@@ -46,7 +46,18 @@ def engine_stats(eng) -> dict:
         "ssd_spills": ssd.spills if ssd is not None else 0,
         "ssd_promotions": ssd.promotions if ssd is not None else 0,
         "per_user": {u: dict(v) for u, v in eng.prefix.per_user.items()},
+        **_ranks(eng),
     }
+
+
+def _ranks(eng) -> dict:
+    # distributed runs (zkv_mlx/distributed): each rank's heads, pool and memory; sizes above are rank 0's
+    if not hasattr(eng.runner, "rank_stats"):
+        return {}
+    ranks = eng.runner.rank_stats()
+    for r in ranks:
+        r["used_size"] = eng.blocks.stats().used * r["bytes_per_block"]
+    return {"world_size": len(ranks), "ranks": ranks}
 
 
 def block_map(eng) -> list[str]:

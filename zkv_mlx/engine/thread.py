@@ -89,8 +89,14 @@ class EngineThread:
 
     def _serve(self) -> None:
         try:
-            lm = load_model(self.cfg.model, self.cfg.weights_dtype)
-            self.engine = Engine(lm, self.cfg)
+            if self.cfg.distributed:
+                from ..distributed.leader import start
+
+                lm, cfg, make_runner = start(self.cfg)
+                self.engine = Engine(lm, cfg, make_runner)
+            else:
+                lm = load_model(self.cfg.model, self.cfg.weights_dtype)
+                self.engine = Engine(lm, self.cfg)
             self.engine.preload_prefixes()
         except BaseException as e:  # reported to start()'s caller
             self._error = e
@@ -108,6 +114,7 @@ class EngineThread:
                     eng.fail_all(ZkvError("the engine was closed"))
                     eng._resolve()
                     eng.close_tiers()
+                    getattr(eng.runner, "shutdown", lambda: None)()  # distributed: the other ranks end
                     return
                 self._handle(eng, cmd)
                 try:
@@ -118,7 +125,8 @@ class EngineThread:
                 try:
                     eng.step()
                 except Exception as e:  # keep serving; the requests in flight get the error
-                    traceback.print_exc()
+                    if not isinstance(e, ZkvError):  # ours (e.g. a lost rank) carry their own message
+                        traceback.print_exc()
                     eng.fail_all(e)
 
     def _handle(self, eng: Engine, cmd) -> None:

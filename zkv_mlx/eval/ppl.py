@@ -1,5 +1,6 @@
 """`zkv-mlx eval ppl`: perplexity and mean KL divergence of a quantized KV cache (or of a long-context policy,
-`--kv-policy window|h2o --budget N`) against the full-precision full cache.
+`--kv-policy window|h2o --budget N`, on a float or with `--kv-quant` a quantized cache) against the
+full-precision full cache.
 
 Both caches run through the real paged path (ModelRunner.prefill in chunks, so attention reads the stored,
 quantized pages), side by side on the same windows of `--context` tokens. The last output line is JSON:
@@ -17,6 +18,7 @@ import time
 import mlx.core as mx
 
 from ..config import KVCacheConfig
+from ..kernels.kv_quant import DEFAULT_GROUP
 from ..errors import ConfigError
 
 
@@ -91,13 +93,14 @@ def eval_zkv(lm, wins: list[list[int]], kv: KVCacheConfig, chunk: int) -> tuple[
 
 
 class _PolicyRun:
-    """One sequence under a long-context policy in its own small float pool (blocks from a free list)."""
+    """One sequence under a long-context policy in its own small pool (blocks from a free list); `kv` quantizes
+    it (None: float storage)."""
 
-    def __init__(self, lm, policy, n_blocks: int):
+    def __init__(self, lm, policy, n_blocks: int, kv: KVCacheConfig | None = None):
         from ..engine.runner import ModelRunner
 
         self.policy = policy
-        self.runner = ModelRunner(lm, n_blocks, policy.block_size, lm.dtype)
+        self.runner = ModelRunner(lm, n_blocks, policy.block_size, lm.dtype, kv=kv)
         self.n_blocks = n_blocks
         self.seq = None
 
@@ -128,12 +131,12 @@ class _PolicyRun:
         return logits
 
 
-def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int) -> dict:
-    """Perplexity/KL of each long-context policy against the full cache, chunk by chunk on the same windows.
+def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int, kvs: dict | None = None) -> dict:
+    """Perplexity/KL of each long-context policy against the full float cache, chunk by chunk on the same windows.
 
     Args:
         policies: name -> KVPolicy. chunk: tokens per forward (queries in a chunk see the cache as it was
-            before the chunk plus the chunk itself).
+            before the chunk plus the chunk itself). kvs: name -> KVCacheConfig of a quantized policy run.
     """
     from ..engine.runner import ModelRunner
     from ..engine.sequence import SamplingParams, Sequence
@@ -142,7 +145,8 @@ def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int) -> dict
     context = max(len(w) for w in wins)
     nb = -(-context // bs) + 1
     ref = ModelRunner(lm, nb, bs, lm.dtype)
-    runs = {name: _PolicyRun(lm, p, -(-(p.budget + chunk) // bs) + 2) for name, p in policies.items()}
+    kvs = kvs or {}
+    runs = {name: _PolicyRun(lm, p, -(-(p.budget + chunk) // bs) + 2, kvs.get(name)) for name, p in policies.items()}
     scores = {name: _Score() for name in policies}
     for wi, w in enumerate(wins):
         print(f"window {wi + 1}/{len(wins)} ({len(w)} tokens, {len(policies)} policies + the full cache)...",
@@ -163,11 +167,14 @@ def eval_policies(lm, wins: list[list[int]], policies: dict, chunk: int) -> dict
     return {name: sc.result() for name, sc in scores.items()}
 
 
-def run_policy(args, lm, wins, t0) -> int:
+def run_policy(args, lm, wins, t0, kv: KVCacheConfig) -> int:
+    """A policy on a float cache, or with --kv-quant on a quantized one beside the same policy on a float cache
+    (same block size, same windows): "float_policy" and "vs_float_policy_points" (delta_pct minus its)."""
     from ..cache.policy import KVPolicy
     from ..config import PolicyConfig
 
-    bs = args.block_size or 16
+    quant = kv.quant != "none"
+    bs = kv.block_size if quant else args.block_size or 16
     if args.kv_policy == "full" or args.budget is None:
         # an example that fits every policy evaluated (--compare adds h2o) at this block size
         need = KVPolicy("h2o", 0, bs, args.sinks, args.h2o_recent).min_budget
@@ -181,10 +188,19 @@ def run_policy(args, lm, wins, t0) -> int:
     if args.compare:
         policies = {"truncation": make("window", 0), "window": make("window", args.sinks),
                     "h2o": make("h2o", args.sinks)}
+    kvs = {}
+    if quant:
+        name = f"{args.kv_policy}+{kv.quant}"
+        policies = {**policies, name: policies[args.kv_policy]}
+        kvs[name] = kv
     chunk = min([args.chunk] + [p.chunk for p in policies.values()])
-    res = eval_policies(lm, wins, policies, chunk)
-    main = res[args.kv_policy]
+    res = eval_policies(lm, wins, policies, chunk, kvs)
+    main = res[name] if quant else res[args.kv_policy]
     out = {"format": args.kv_policy, "policy": args.kv_policy, "budget": args.budget, "sinks": args.sinks, **main}
+    if quant:
+        flt = res[args.kv_policy]
+        out.update({"format": name, "kv_quant": kv.quant, "block_size": bs, "float_policy": flt,
+                    "vs_float_policy_points": round(main["delta_pct"] - flt["delta_pct"], 3)})
     if args.compare:
         out["compare"] = res
     _log(args, f"policies: {res}")
@@ -218,8 +234,6 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     policy = getattr(args, "kv_policy", None)
-    if policy is not None and policy != "full" and args.kv_quant not in (None, "none"):
-        raise ConfigError("--kv-policy is evaluated with a float KV cache: drop --kv-quant")
     if args.kv_quant is None:
         args.kv_quant = "none" if policy else "int4"
     kv = KVCacheConfig(quant=args.kv_quant, group_size=args.kv_group_size, block_size=args.block_size or "auto",
@@ -230,7 +244,7 @@ def run(args) -> int:
     if not wins:
         raise SystemExit(f"the text has fewer than --context {args.context} tokens")
     if policy is not None and policy != "full":
-        return run_policy(args, lm, wins, t0)
+        return run_policy(args, lm, wins, t0, kv)
     res, fmt = eval_zkv(lm, wins, kv, args.chunk)
     out = {"format": args.kv_quant, "kv_format": fmt, **res}
     _log(args, f"zkv {fmt}: {res}")
@@ -240,8 +254,9 @@ def run(args) -> int:
             out["mlx_lm"] = None  # mlx-lm's cache has one bit width for K and V
         else:
             ref_model = load_model(args.model, args.weights_dtype or "auto").model
-            out["mlx_lm"] = eval_mlx_lm(ref_model, wins, spec_bits, kv.group_size or 64, args.chunk)
-            out["mlx_lm"]["group_size"] = kv.group_size or 64
+            group = kv.group_size or DEFAULT_GROUP[args.kv_quant]
+            out["mlx_lm"] = eval_mlx_lm(ref_model, wins, spec_bits, group, args.chunk)
+            out["mlx_lm"]["group_size"] = group
             d = out["mlx_lm"]["delta_pct"]
             out["delta_fraction_of_mlx_lm"] = round(out["delta_pct"] / d, 4) if d else None
             _log(args, f"mlx-lm QuantizedKVCache: {out['mlx_lm']}")

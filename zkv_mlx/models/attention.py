@@ -228,6 +228,13 @@ def _quantized(q: mx.array, layer: int, meta: DecodeMetadata, scale: float, wind
     if not pool.reads_quantized and (window is not None or sinks is not None):
         return _windowed(q, layer, meta, scale, window, sinks)
     for i, (t, n) in enumerate(zip(meta.block_tables, meta.context_lens)):
+        if meta.mass is not None:  # h2o: the attention mass per block, from the dequantized blocks
+            keys, values = pool.gather(layer, t, n)
+            per_pos: list = []
+            outs.append(prefill_attention_reference(q[i : i + 1], keys, values, scale, mass_out=per_pos))
+            nb = -(-n // pool.block_size)
+            meta.mass[i].append(mx.pad(per_pos[0], (0, nb * pool.block_size - n)).reshape(nb, -1).sum(axis=1))
+            continue
         if pool.reads_quantized:  # straight from the packed blocks (mx.quantized_matmul)
             outs.append(pool.decode_attention(layer, q[i : i + 1], t, n, scale, window=window, sinks=sinks))
             continue

@@ -214,7 +214,7 @@ def load_model(spec: str | None = None, weights_dtype: str = "auto") -> LoadedMo
     )
 
 
-def _load_mlx_dir(path: Path):
+def _load_mlx_dir(path: Path, lazy: bool = False):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path} has no config.json; pass a GGUF file or an mlx-lm model directory")
@@ -235,7 +235,7 @@ def _load_mlx_dir(path: Path):
     from mlx_lm.utils import load_model as mlx_load_model
 
     try:
-        model, cfg = mlx_load_model(path)
+        model, cfg = mlx_load_model(path, lazy=lazy)
     except Exception as e:
         raise ModelLoadError(f"cannot load the mlx-lm {mt} model in {path}: {e}") from None
     try:

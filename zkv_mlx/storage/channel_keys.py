@@ -151,6 +151,19 @@ class ChannelKeySlabs:
             self._free_sinks.extend(range(n - 1, old - 1, -1))
         return self._free_sinks.pop()
 
+    def copy_slots(self, src: int, dst: int) -> None:
+        """Gives block `dst` copies of block `src`'s tail and sink slab rows (a private copy of the block)."""
+        if self.quant is None or not self.quant.k_channel:
+            return
+        for slots, slabs, take, drop in ((self._slot, "tail_k", self._take_slot, self.drop_tail),
+                                         (self._sink_slot, "sink_k", self._take_sink, self._drop_sink)):
+            drop(dst)
+            if src in slots:
+                slots[dst] = take()  # may grow (replace) the slab arrays: read them after
+                for a in getattr(self, slabs):
+                    a[slots[dst]] = a[slots[src]]
+        self._slot_map = None
+
     # -- tail slab ------------------------------------------------------------------------------------
     def drop_tail(self, block_id: int) -> None:
         """Forgets the full-precision rows of a partial block (its sequence ended or the block was reused)."""

@@ -1,0 +1,255 @@
+"""Issue 21: one model and its paged KV sharded over 2 local ranks (ring backend), checked against one process.
+
+Each model's 2-rank job (tests/dist_job.py under `zkv_mlx.distributed.local.launch_local`, the environment
+mlx.launch gives) runs at once with the others; the same checks run in this process without distribution first.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TINY, write_tiny_model
+from zkv_mlx import ZKV
+from zkv_mlx.distributed.local import launch_local
+from zkv_mlx.errors import DistributedError, ModelLoadError
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_job  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+JOB = str(Path(__file__).parent / "dist_job.py")
+FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+           decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
+           rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False)
+TIMEOUT = 180  # seconds a job may take before the test kills it (never a hang)
+WATCHDOG = 5  # ZKV_DIST_TIMEOUT of the qwen3_moe job (its stop phase)
+
+
+def _wait(procs, timeout=TIMEOUT):
+    end = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank did not finish within {timeout} s")
+    return codes
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, bundled_tokenizer):
+    """family -> (model dir, single-process result dir, 2-rank result dir, open single-process ZKV)."""
+    TINY.setdefault("qwen3_moe", MOE)
+    base = tmp_path_factory.mktemp("dist")
+    out = {}
+    for fam in FAMILIES:
+        d = write_tiny_model(base / f"model-{fam}", fam, bundled_tokenizer)
+        one, two = base / f"one-{fam}", base / f"two-{fam}"
+        one.mkdir(), two.mkdir()
+        out[fam] = [d, one, two]
+    # the single-process reference (this process), keeping each model open for the 2 -> 1 import
+    models = {}
+    for fam, (d, one, _) in out.items():
+        sys.argv = ["dist_job", str(d), str(one)]
+        models[fam] = _reference(d, one)
+    procs = {}
+    for fam, (d, one, two) in out.items():
+        env = {"ZKV_DATA_DIR": str(two / "data"), "ZKV_CACHE_DIR": str(two / "cache")}
+        argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
+        if fam == "llama":
+            argv.append("--kill-phase")
+        if fam == "qwen3_moe":
+            argv.append("--stop-phase")
+            env["ZKV_DIST_TIMEOUT"] = str(WATCHDOG)
+        procs[fam] = launch_local(2, argv, env, stderr=subprocess.PIPE)
+    # once rank 0 has finished its checks: kill llama's rank 1, freeze qwen3_moe's (SIGSTOP: sockets stay open)
+    end = time.monotonic() + TIMEOUT
+    for fam, how, flag in (("llama", signal.SIGKILL, "killed"), ("qwen3_moe", signal.SIGSTOP, "stopped")):
+        ready = out[fam][2] / "ready"
+        while not ready.exists() and time.monotonic() < end and procs[fam][0].poll() is None:
+            time.sleep(0.1)
+        procs[fam][1].send_signal(how)
+        (out[fam][2] / flag).write_text("1")
+    codes = {fam: _wait(p) for fam, p in procs.items() if fam != "qwen3_moe"}
+    codes["qwen3_moe"] = [_wait(procs["qwen3_moe"][:1])[0]]
+    t_exit = time.time()
+    procs["qwen3_moe"][1].kill()
+    codes["qwen3_moe"].append(_wait(procs["qwen3_moe"][1:])[0])
+    (out["qwen3_moe"][2] / "t_exit").write_text(str(t_exit))
+    errs = {fam: [p.stderr.read().decode() for p in ps] for fam, ps in procs.items()}
+    yield {fam: (*out[fam], models[fam], codes[fam], errs[fam]) for fam in FAMILIES}
+    for m in models.values():
+        m.close()
+
+
+def _reference(d, one):
+    m = ZKV(str(d), **dist_job.SETTINGS)
+    greedy = dict(max_tokens=dist_job.MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    res = {"alone": [dist_job.tokens(m.submit(p, user="a", **greedy)) for p in dist_job.PROMPTS]}
+    logits = {"cold": m.next_token_logits(dist_job.PROMPTS[2], user="c")}
+    s = m.create_session("conv")
+    s.chat("hello there, how are you today my friend?", max_tokens=20, temperature=0.0)
+    s.export(one / "session.zkvs")
+    logits["own_session"] = m.next_token_logits(s.token_ids)
+    res["session_tokens"] = s.token_ids
+    np.savez(one / "logits.npz", **logits)
+    (one / "result.json").write_text(json.dumps(res))
+    return m
+
+
+def _load(d: Path):
+    return json.loads((d / "result.json").read_text()), dict(np.load(d / "logits.npz"))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_two_ranks_match_one_process(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    if fam == "qwen3":
+        assert codes == [0, 0], errs
+    r1, l1 = _load(one)
+    r2, l2 = _load(two)
+    assert r2["alone"] == r1["alone"]  # greedy tokens equal the single-process engine
+    assert r2["batched"] == r2["alone"]  # 3 sequences in one decode batch equal each alone
+    assert r2["prefix_hit"] == r2["alone"][0] and r2["hit_tokens"] >= 16  # a prefix hit equals a cold run
+    np.testing.assert_allclose(l2["cold"], l1["cold"], atol=1e-4)
+    assert r2["session_tokens"] == r1["session_tokens"]
+    # per-rank stats: each rank holds half of the KV heads and the same block count
+    ranks = r2["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
+    assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_session_moves_between_world_sizes(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    r1, l1 = _load(one)
+    r2, l2 = _load(two)
+    # 1 -> 2: the 2-rank job imported the single-process file; its cached K/V give the same next-token logits
+    assert r2["imported_hit_tokens"] >= 16
+    np.testing.assert_allclose(l2["imported"], l1["own_session"], atol=1e-4)
+    # 2 -> 1: the file the 2-rank job exported opens in one process with the same logits
+    s = model.load_session(str(two / "session.zkvs"), name="from-two-ranks")
+    before = model.kv_cache_stats()["hit_tokens"]
+    logits = model.next_token_logits(s.token_ids)
+    assert model.kv_cache_stats()["hit_tokens"] - before >= 16
+    np.testing.assert_allclose(logits, l2["own_session"], atol=1e-4)
+
+
+def test_killed_rank_gives_clear_error_in_bounded_time(jobs):
+    d, one, two, model, codes, errs = jobs["llama"]
+    kill = json.loads((two / "kill.json").read_text())
+    assert kill["error"] is not None and kill["error"].startswith("DistributedError")
+    assert "lost a rank" in kill["error"] and "mlx.launch" in kill["error"]
+    assert kill["seconds"] < 10
+    assert codes[0] == 1  # rank 0 ends non-zero
+
+
+def test_frozen_rank_ends_rank_0_by_the_watchdog_and_idle_ranks_wait(jobs):
+    d, one, two, model, codes, errs = jobs["qwen3_moe"]
+    res = json.loads((two / "result.json").read_text())
+    # idle past ZKV_DIST_TIMEOUT, then served: the other rank's wait for a plan has no watchdog
+    assert res["after_idle"] == res["alone"][1]
+    # rank 1 frozen (sockets open): rank 0's next collective is ended by the watchdog, exit 3, with a message
+    assert codes[0] == 3, errs[0]
+    assert f"no answer from the other ranks within {WATCHDOG} s" in errs[0] and "ZKV_DIST_TIMEOUT" in errs[0]
+    waited = float((two / "t_exit").read_text()) - float((two / "t_stop").read_text())
+    assert WATCHDOG - 1 < waited < WATCHDOG + 20
+
+
+def test_mismatched_model_is_refused_at_start(tmp_path, bundled_tokenizer):
+    # rank 1 gets other weights (another seed): both ranks refuse before any sharded forward
+    a = write_tiny_model(tmp_path / "a", "llama", bundled_tokenizer, seed=0)
+    b = write_tiny_model(tmp_path / "b", "llama", bundled_tokenizer, seed=1)
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, sys\nimport zkv_mlx\nfrom zkv_mlx import ZKV\n"
+        "path = sys.argv[1] if os.environ['MLX_RANK'] == '0' else sys.argv[2]\n"
+        "try:\n    ZKV(path, distributed=True, max_context=256, kv_cache_memory='4MB')\n"
+        "except Exception as e:\n    print(f'{type(e).__name__}: {e}', file=sys.stderr); sys.exit(1)\n")
+    procs = launch_local(2, [str(script), str(a), str(b)], {"ZKV_CACHE_DIR": str(tmp_path / "c")},
+                         stderr=subprocess.PIPE)
+    assert _wait(procs, 60) == [1, 1]
+    err0 = procs[0].stderr.read().decode()
+    assert "DistributedError: rank 1 differs from rank 0 in model fingerprint" in err0, err0
+    assert "rank 1 differs" in procs[1].stderr.read().decode()
+
+
+def test_model_without_shard_is_refused(tmp_path, bundled_tokenizer):
+    from zkv_mlx.config import make_config
+    from zkv_mlx.distributed.load import load_shard
+
+    TINY.setdefault("starcoder2", dict(model_type="starcoder2", hidden_size=64, num_hidden_layers=2,
+                                       intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
+    d = write_tiny_model(tmp_path / "starcoder2", "starcoder2", bundled_tokenizer)
+
+    class TwoRanks:  # load_shard refuses before any collective
+        rank, size = 0, 2
+
+    with pytest.raises(ModelLoadError, match="starcoder2.*has no shard"):
+        load_shard(make_config(model=str(d)), TwoRanks())
+
+
+def test_distributed_outside_a_launched_job_is_a_clear_error(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("MLX_RANK", raising=False)
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    with pytest.raises(DistributedError, match="mlx.launch"):
+        ZKV(str(tiny_model_dir("llama")), distributed=True)
+
+
+def test_plan_messages_round_trip():
+    from zkv_mlx.distributed import plan as P
+    from zkv_mlx.engine.sequence import SamplingParams, Sequence
+
+    a = Sequence(prompt_ids=[4, 5, 6, 7, 8], params=SamplingParams())
+    a.block_table, a.dropped = [3, 9], 0
+    b = Sequence(prompt_ids=[1, 2], params=SamplingParams())
+    b.block_table = [4]
+    shadows: dict = {}
+    r = P.Reader(P.encode_prefill([], a, 2, 5, False))
+    assert r.int() == P.PREFILL
+    P.apply_drops(r, shadows)
+    s, start, end, all_logits = P.apply_prefill(r, shadows)
+    assert (s.all_ids[2:5], start, end, s.block_table, all_logits) == ([6, 7, 8], 2, 5, [3, 9], False)
+    r = P.Reader(P.encode_decode([a.seq_id], [b], [11]))
+    assert r.int() == P.DECODE
+    P.apply_drops(r, shadows)
+    assert a.seq_id not in shadows and s.is_finished  # an ended sequence's state is dropped on every rank
+    seqs, tokens = P.apply_decode(r, shadows)
+    assert [(x.seq_id, x.num_tokens, x.block_table) for x in seqs] == [(b.seq_id, 2, [4])] and tokens == [11]
+
+
+def test_bench_distributed_counts_the_collectives_of_a_decode_step(tiny_model_dir):
+    # tiny llama: 2 layers, hidden 64, float32 -> per decode step 2 all_sums per layer of [1, 1, 64] float32
+    cmd = [sys.executable, "-m", "zkv_mlx.cli", "bench", "distributed", "--json", "-m", str(tiny_model_dir("llama")),
+           "--rounds", "1", "--context", "24", "--tokens", "4", "--kv-cache-memory", "4MB"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["model_collectives_per_step"] == 4 and res["model_bytes_per_step"] == 4 * 64 * 4
+    assert res["plan_collectives_per_step"] == 1 and res["two_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
+
+
+def test_distributed_md_python_example(tmp_path, tiny_model_dir):
+    # docs/distributed.md's example, as written, on 2 local ranks in a directory where ./my-model is a tiny llama
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    (code,) = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    (tmp_path / "my-model").symlink_to(tiny_model_dir("llama"))
+    (tmp_path / "app.py").write_text(code)
+    env = {"ZKV_DATA_DIR": str(tmp_path / "data"), "ZKV_CACHE_DIR": str(tmp_path / "cache")}
+    procs = launch_local(2, ["app.py"], env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert _wait(procs) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    assert procs[0].stdout.read().decode().strip()  # rank 0 printed the reply
+    assert procs[1].stdout.read().decode() == ""  # rank 1 never returned from ZKV(...)

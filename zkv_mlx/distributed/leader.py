@@ -1,0 +1,198 @@
+"""Rank 0's side: the engine's `ModelRunner` and KV pool, wrapped so that every call that runs the model or
+touches KV blocks first sends its plan to the other ranks (`plan.py`), which make the same call on their shard.
+
+Decode is not pipelined across steps here: each step's logits are evaluated before the call returns, so the
+collectives of one step finish before the next plan is sent (every rank then sees them in the same order), and a
+lost rank surfaces as a `DistributedError` inside this module rather than somewhere in the sampler.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from ..engine.runner import ModelRunner
+from ..errors import SessionError
+from . import plan as P
+from .group import DistGroup
+
+# KV pool dtypes as sent in the start-up geometry message.
+DTYPES = [mx.float16, mx.bfloat16, mx.float32]
+# Numpy dtypes of exported float blocks (bfloat16 travels as its raw uint16 bits).
+NP_DTYPES = [np.float16, np.uint16, np.float32]
+
+
+def runner_factory(group: DistGroup):
+    """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner."""
+    def make(lm, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None, window_blocks=None) -> "LeaderRunner":
+        # (window_blocks: load_shard refuses models with sliding-window layer groups)
+        group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype)], "start-up")
+        return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv), group)
+
+    return make
+
+
+class LeaderRunner:
+    """`ModelRunner`'s interface on rank 0 of a distributed job (what the engine, drop and eval call).
+
+    Args:
+        inner: rank 0's own runner (its shard). group: the job's group.
+    """
+
+    def __init__(self, inner: ModelRunner, group: DistGroup):
+        self.inner, self.group = inner, group
+        self.pool = ShardedPool(inner.pool, self)
+        self._live: dict[int, object] = {}  # sequences the other ranks hold state for
+        self.closed = False
+
+    def __getattr__(self, name):  # lm, model, plan, block_size, batch_decode, mass: rank 0's own
+        return getattr(self.inner, name)
+
+    @property
+    def shifts_keys(self) -> bool:
+        # Long-context policies rank blocks by attention mass, which each rank sees for its heads only.
+        return False
+
+    def send(self, msg: list[int]) -> None:
+        self.group.send_ints(msg, P.OP_NAMES[msg[0]])
+
+    def _drops(self) -> list[int]:
+        done = [sid for sid, s in self._live.items() if s.is_finished]
+        for sid in done:
+            del self._live[sid]
+        return done
+
+    def _eval(self, out: mx.array) -> mx.array:
+        mass = [m for m in (self.inner.mass or []) if m is not None]
+        self.group._run("a forward pass", [out, *mass])
+        return out
+
+    def prefill(self, seq, start: int, end: int, all_logits: bool = False) -> mx.array:
+        """As `ModelRunner.prefill`, on every rank; the logits come back evaluated."""
+        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits))
+        self._live[seq.seq_id] = seq
+        return self._eval(self.inner.prefill(seq, start, end, all_logits))
+
+    def decode(self, seqs: list, tokens: mx.array | None = None) -> mx.array:
+        """As `ModelRunner.decode`, on every rank (tokens in flight are read first: no cross-step pipelining)."""
+        values = tokens.tolist() if tokens is not None else [s.all_ids[-1] for s in seqs]
+        self.send(P.encode_decode(self._drops(), seqs, values))
+        for s in seqs:
+            self._live[s.seq_id] = s
+        return self._eval(self.inner.decode(seqs, None if tokens is None else mx.array(values, dtype=mx.int32)))
+
+    def copy_block(self, src: int, dst: int) -> None:
+        self.send([P.COPY, src, dst])
+        self.inner.copy_block(src, dst)
+
+    def shift_keys(self, block_ids: list[int], delta: int) -> None:
+        self.send([P.SHIFT, delta, len(block_ids), *block_ids])
+        self.inner.shift_keys(block_ids, delta)
+
+    def rank_stats(self) -> list[dict]:
+        """Per rank: its KV heads, pool bytes and blocks, weight bytes and MLX active memory."""
+        self.send([P.STATS])
+        return gather_stats(self.group, self.inner)
+
+    def shutdown(self) -> None:
+        """Tells the other ranks to end (they exit 0). Safe to call twice or after a failure."""
+        if self.closed or self.group.failed is not None:
+            return
+        self.closed = True
+        try:
+            self.send([P.CLOSE])
+        except Exception:  # noqa: BLE001 -- the job is ending anyway; the failure was reported already
+            pass
+
+
+def gather_stats(group: DistGroup, runner: ModelRunner) -> list[dict]:
+    """Every rank's figures, gathered (call on every rank after a STATS message)."""
+    pool = runner.pool
+    mine = mx.array([group.rank, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
+                     pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory()],
+                    dtype=mx.int64)
+    rows = group.gather(mine, "stats").tolist()
+    keys = ("rank", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+class ShardedPool:
+    """Rank 0's view of the pool for the engine, sessions and stats: rank 0's own arrays, but exports gather every
+    rank's KV heads into the normal (single-process) block layout and imports hand each rank its heads."""
+
+    def __init__(self, pool, leader: LeaderRunner):
+        self._pool, self._leader = pool, leader
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """KV heads of the whole model (each rank holds n_kv_heads / world size of them)."""
+        return self._pool.n_kv_heads * self._leader.group.size
+
+    def block_layout(self):
+        (ks, kd), (vs, vd) = self._pool.block_layout()
+        if self._pool.quant is not None:
+            return (ks, kd), (vs, vd)
+        full = (self.n_kv_heads, *ks[1:])
+        return (full, kd), (full, vd)
+
+    def _float_only(self, what: str) -> None:
+        if self._pool.quant is not None:
+            raise SessionError(f"{what} in a distributed run needs a float KV pool (this one is "
+                               f"{self._pool.format_name}); start every rank without --kv-quant")
+
+    def export_blocks(self, block_ids: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Blocks' K/V with every rank's heads, per layer [n, n_kv_heads (all), block_size, head_dim]."""
+        self._float_only("exporting KV blocks")
+        self._leader.send([P.EXPORT, len(block_ids), *block_ids])
+        return export_gathered(self._leader.group, self._pool, block_ids)
+
+    def import_blocks(self, block_ids: list[int], ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
+        """Writes blocks of the single-process layout (all heads) into every rank's pool, each its heads."""
+        self._float_only("importing KV blocks")
+        code = NP_DTYPES.index(np.dtype(ks[0].dtype).type) if ks else 0
+        self._leader.send([P.IMPORT, code, len(block_ids), *block_ids])
+        import_sharded(self._leader.group, self._pool, block_ids, code, np.stack(ks), np.stack(vs))
+
+
+def export_gathered(group: DistGroup, pool, block_ids: list[int]):
+    """Every rank's exported heads of `block_ids`, concatenated in rank order (rank r holds heads
+    [r*h, (r+1)*h), as mlx-lm's `shard_linear` "all-to-sharded" split gives them). Call on every rank."""
+    ks, vs = pool.export_blocks(block_ids)
+    both = mx.array(np.stack([np.stack(ks), np.stack(vs)]))  # [2, L, n, h, BS, D]
+    allr = np.array(group.gather(both, "an export"))  # [R, 2, L, n, h, BS, D]
+    R, _, L, n, h, bs, d = allr.shape
+    full = allr.transpose(1, 2, 3, 0, 4, 5, 6).reshape(2, L, n, R * h, bs, d)
+    return [full[0, i] for i in range(L)], [full[1, i] for i in range(L)]
+
+
+def import_sharded(group: DistGroup, pool, block_ids: list[int], code: int, k: np.ndarray | None,
+                   v: np.ndarray | None) -> None:
+    """Broadcasts the blocks' K/V ([L, n, all heads, BS, D] each, rank 0's) and writes this rank's heads."""
+    L, n, h = pool.n_layers, len(block_ids), pool.n_kv_heads
+    shape = (2, L, n, h * group.size, pool.block_size, pool.head_dim)
+    dtype = {np.float16: mx.float16, np.uint16: mx.uint16, np.float32: mx.float32}[NP_DTYPES[code]]
+    both = None if k is None else mx.array(np.stack([k, v]))
+    both = np.array(group.broadcast(both, shape, dtype, "an import"))
+    mine = both[:, :, :, group.rank * h : (group.rank + 1) * h]
+    pool.import_blocks(block_ids, [np.ascontiguousarray(mine[0, i]) for i in range(L)],
+                       [np.ascontiguousarray(mine[1, i]) for i in range(L)])
+
+
+def start(cfg):
+    """Rank 0's engine inputs: (its shard of the model, the engine config, the `make_runner` for `Engine`).
+
+    The SSD tier is off in a distributed run (a rank's blocks would need spilling on every rank; not built yet).
+    """
+    import dataclasses
+
+    from .group import current_group
+    from .load import load_shard
+
+    group = current_group()
+    lm = load_shard(cfg, group)
+    if cfg.tiers.ssd:
+        cfg = dataclasses.replace(cfg, tiers=dataclasses.replace(cfg.tiers, ssd=False))
+    return lm, cfg, runner_factory(group)

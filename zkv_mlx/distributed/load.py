@@ -1,0 +1,109 @@
+"""Loads this rank's shard of a model: mlx-lm's own tensor-parallel `model.shard(group)` (the same split as
+mlx-lm's `sharded_load`), after every rank has checked that all ranks load the same model with the same settings.
+
+The check runs before the first forward: a sharded forward all-sums partial results across ranks, so ranks with
+different weights or shapes would compute garbage or block each other.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+
+from ..errors import DistributedError, ModelLoadError
+from ..models import loader
+from ..models.paged import attach
+from .group import DistGroup
+
+# Bytes of each rank's description in the start-up check (a fixed size: all_gather needs equal shapes).
+DESCRIPTION_BYTES = 4096
+
+
+def describe(cfg, family: str, fingerprint: str) -> dict:
+    """What must be equal on every rank: model, weights format, KV format, scheduling limits, library versions."""
+    from importlib.metadata import version
+
+    import mlx_lm
+
+    kv = {k: getattr(cfg.kv, k) for k in ("block_size", "dtype", "quant") if hasattr(cfg.kv, k)}
+    return {"model fingerprint": fingerprint, "model family": family, "weights_dtype": cfg.weights_dtype,
+            "kv": json.dumps(kv, default=str, sort_keys=True), "max_context": cfg.max_context,
+            "max_num_seqs": cfg.max_num_seqs, "prefill_chunk": cfg.prefill_chunk,
+            "zkv-mlx": version("zkv-mlx"), "mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}
+
+
+def check_same_everywhere(group: DistGroup, mine: dict) -> None:
+    """Gathers every rank's description; raises on every rank when one differs from rank 0's.
+
+    Raises:
+        DistributedError: names the first differing rank, the setting and both values.
+    """
+    raw = json.dumps(mine, sort_keys=True, default=str).encode()
+    if len(raw) > DESCRIPTION_BYTES:
+        raise DistributedError(f"rank {group.rank}: start-up description too long ({len(raw)} bytes)")
+    buf = mx.zeros((DESCRIPTION_BYTES,), dtype=mx.uint8)
+    buf[: len(raw)] = mx.array(list(raw), dtype=mx.uint8)
+    # no watchdog: ranks load their weights at their own disk's speed (minutes apart for a large model)
+    rows = group.gather(buf, "the start-up check", watchdog=False)
+    descs = [json.loads(bytes(r.tolist()).rstrip(b"\0").decode()) for r in rows]
+    for r, d in enumerate(descs[1:], start=1):
+        for key in descs[0]:
+            if d.get(key) != descs[0][key]:
+                raise DistributedError(
+                    f"rank {r} differs from rank 0 in {key}: {d.get(key)!r} (rank {r}) vs {descs[0][key]!r} "
+                    f"(rank 0); give every rank the same model files, zkv-mlx settings and library versions")
+
+
+def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
+    """This rank's shard of `cfg.model`, attached for the engine (its layer plan has this rank's KV heads).
+
+    Raises:
+        ModelLoadError: the model cannot be loaded or has no `shard()` (no tensor parallelism in mlx-lm).
+        DistributedError: the ranks differ (see `check_same_everywhere`).
+    """
+    path = loader.resolve_model_path(cfg.model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is not a .gguf file; pass a GGUF file or an mlx-lm model directory")
+        weights, meta = loader.read_gguf(path)
+        model, mcfg = loader.build_model_from_gguf(path, weights, meta, loader._classes)
+        del weights
+        tokenizer = loader.tokenizer_from_gguf_metadata(meta)
+        files, name = [path], str(meta.get("general.name") or path.stem)
+    else:
+        model, mcfg, tokenizer, files = loader._load_mlx_dir(path, lazy=True)  # only this rank's shard is read
+        name = path.name
+    family = str(mcfg["model_type"])
+    if not hasattr(model, "shard"):
+        raise ModelLoadError(
+            f"{name} ({family}): mlx-lm's {family} model has no shard() (tensor parallelism), so it cannot run "
+            "with distributed=True; run it on one machine, or pick a family whose mlx-lm model has shard() "
+            "(llama, qwen2, qwen3, qwen3_moe, deepseek_v3, ...)")
+    fp = loader.fingerprint(files, tokenizer.to_json())
+    check_same_everywhere(group, describe(cfg, family, fp))
+    fmt = loader.choose_weights(model, cfg.weights_dtype)
+    heads = _kv_heads(mcfg)
+    if heads is not None and heads % group.size:
+        raise ModelLoadError(f"{name}: its {heads} KV heads do not split over {group.size} ranks; launch a number "
+                             f"of ranks that divides {heads}")
+    model.shard(group.group)
+    mx.eval(model.parameters())
+    plan = attach(model)  # probe forwards run on every rank at once (the sharded layers all-sum)
+    if plan.windows or plan.has_state:
+        # every rank computes the same plan, so every rank refuses (no rank is left waiting)
+        what = "sliding-window layers" if plan.windows else "state layers (SSM / linear attention) or unpaged KV"
+        raise ModelLoadError(f"{name} ({family}): distributed runs of models with {what} are not implemented yet "
+                             "(their window blocks / per-sequence state live on rank 0 only); run it on one machine")
+    return loader.LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, path=path, family=family, fingerprint=fp, plan=plan,
+        n_layers=len(plan.paged_slots), n_kv_heads=plan.n_kv_heads, head_dim=plan.head_dim,
+        max_context=loader._max_context(mcfg), dtype=plan.kv_dtype, weights_format=fmt,
+        weight_bytes=loader._nbytes(model))
+
+
+def _kv_heads(mcfg: dict) -> int | None:
+    for key in ("num_key_value_heads", "num_attention_heads"):
+        if isinstance(mcfg.get(key), int):
+            return mcfg[key]
+    return None

@@ -1,0 +1,97 @@
+"""A step's plan as int32 lists (rank 0 -> every rank) and the sequences the other ranks rebuild from it.
+
+Layouts (one int32 list per message; `drops` = ids of sequences that ended since the last plan):
+    PREFILL: [op, n_drop, *drops, seq_id, start, end, dropped, all_logits, n_tok, *tokens, n_blk, *block_table]
+    DECODE:  [op, n_drop, *drops, B, then per sequence: seq_id, num_tokens, dropped, token, n_blk, *block_table]
+    COPY:    [op, src, dst]                         SHIFT: [op, delta, n, *block_ids]
+    EXPORT:  [op, n, *block_ids]                    IMPORT: [op, dtype code, n, *block_ids] (+ K/V broadcast)
+    STATS:   [op]                                   CLOSE: [op]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PREFILL, DECODE, COPY, SHIFT, EXPORT, IMPORT, STATS, CLOSE = range(1, 9)
+OP_NAMES = {PREFILL: "prefill", DECODE: "decode", COPY: "a block copy", SHIFT: "a key shift", EXPORT: "an export",
+            IMPORT: "an import", STATS: "stats", CLOSE: "close"}
+
+
+@dataclass(slots=True)
+class ShadowSeq:
+    """What a rank > 0 knows of a sequence: enough for `ModelRunner.prefill/decode` (same attribute names as
+    `engine.sequence.Sequence`). Its per-sequence caches (`state`) live across steps on this rank."""
+
+    seq_id: int
+    num_tokens: int = 0
+    dropped: int = 0
+    block_table: list[int] = field(default_factory=list)
+    all_ids: list[int] = field(default_factory=list)
+    state: list | None = None
+    policy: object = None  # policies run on rank 0 only (their block drops arrive as COPY/SHIFT)
+    is_finished: bool = False
+
+
+def _table(out: list[int], table: list[int]) -> None:
+    out.append(len(table))
+    out.extend(table)
+
+
+def encode_prefill(drops: list[int], seq, start: int, end: int, all_logits: bool) -> list[int]:
+    out = [PREFILL, len(drops), *drops, seq.seq_id, start, end, seq.dropped, int(all_logits), end - start]
+    out.extend(seq.all_ids[start:end])
+    _table(out, list(seq.block_table))
+    return out
+
+
+def encode_decode(drops: list[int], seqs: list, tokens: list[int]) -> list[int]:
+    out = [DECODE, len(drops), *drops, len(seqs)]
+    for s, t in zip(seqs, tokens):
+        out.extend((s.seq_id, s.num_tokens, s.dropped, t))
+        _table(out, list(s.block_table))
+    return out
+
+
+class Reader:
+    """Reads a message's fields in order."""
+
+    def __init__(self, msg: list[int]):
+        self.msg, self.at = msg, 0
+
+    def int(self) -> int:
+        self.at += 1
+        return self.msg[self.at - 1]
+
+    def ints(self, n: int | None = None) -> list[int]:
+        n = self.int() if n is None else n
+        self.at += n
+        return self.msg[self.at - n : self.at]
+
+
+def apply_prefill(r: Reader, shadows: dict[int, ShadowSeq]):
+    """(sequence, start, end, all_logits) of a PREFILL message, the shadow sequence updated."""
+    sid, start, end, dropped, all_logits = (r.int() for _ in range(5))
+    tokens = r.ints()
+    s = shadows.setdefault(sid, ShadowSeq(sid))
+    s.all_ids = [0] * start + tokens  # the runner reads all_ids[start:end] only
+    s.num_tokens, s.dropped, s.block_table = end, dropped, r.ints()
+    return s, start, end, bool(all_logits)
+
+
+def apply_decode(r: Reader, shadows: dict[int, ShadowSeq]):
+    """(sequences, last tokens) of a DECODE message, the shadow sequences updated."""
+    seqs, tokens = [], []
+    for _ in range(r.int()):
+        sid, n, dropped, token = (r.int() for _ in range(4))
+        s = shadows.setdefault(sid, ShadowSeq(sid))
+        s.num_tokens, s.dropped, s.block_table = n, dropped, r.ints()
+        seqs.append(s)
+        tokens.append(token)
+    return seqs, tokens
+
+
+def apply_drops(r: Reader, shadows: dict[int, ShadowSeq]) -> None:
+    for sid in r.ints():
+        s = shadows.pop(sid, None)
+        if s is not None:
+            s.is_finished = True  # the runner frees its partial-block tail rows on the next write plan
