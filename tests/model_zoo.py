@@ -1,8 +1,8 @@
 """Tiny random-weight models of many mlx-lm architectures, for the model test matrix (issue #16).
 
-Each entry of `ARCHS` (tests/zoo_archs.py) is built from the installed mlx-lm's own `ModelArgs` (tiny dims: hidden 64, 2-4 layers,
-few experts, sliding windows of a few tokens so eviction happens in short prompts) and written as an mlx-lm model
-directory by `write_zoo_model`. `reference_greedy` is mlx-lm's own greedy generation on the same directory.
+Each entry of `ARCHS` (tests/zoo_archs.py) is built from the installed mlx-lm's own `ModelArgs` (tiny dims: hidden
+64, 2-4 layers, few experts, sliding windows of a few tokens so eviction happens in short prompts) and written as an
+mlx-lm model directory by `write_zoo_model`. `reference_greedy` is mlx-lm's own greedy generation on the same directory.
 
     python -m tests.model_zoo --readme   # the README's table of supported architectures
     python -m tests.model_zoo --check    # build, round-trip and run every entry through mlx-lm

@@ -108,8 +108,8 @@ ARCHS: list[Arch] = [
     _a("dots1", "paged", n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0, **MOE),
     # Cross-layer attention: every second layer reuses the previous layer's K/V.
     _a("hunyuan", "paged", use_cla=True, cla_share_factor=2, moe_topk=2, num_shared_expert=1,
-       use_mixed_mlp_moe=True, use_qk_norm=True, embed_std=0.15, rope_scaling={"type": "dynamic", "factor": 1.0, "alpha": 1000.0},
-       **MOE),
+       use_mixed_mlp_moe=True, use_qk_norm=True, embed_std=0.15,
+       rope_scaling={"type": "dynamic", "factor": 1.0, "alpha": 1000.0}, **MOE),
     # -- sliding-window layers (RotatingKVCache in make_cache) ------------------------------------------------
     _a("llama-sliding", "window", True, model_type="llama", window=5, num_hidden_layers=3,
        layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
