@@ -116,6 +116,11 @@ def test_plain_chat_opens_creates_and_saves_the_named_session(tiny_model_dir, tm
     assert users == ["hi", "again"]
     r = subprocess.run(cmd[:-1] + ["a/b"], input="hi\n", capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 1 and "invalid session name 'a/b'" in r.stderr and "Traceback" not in r.stderr
+    # a saved session that cannot be opened says why (it is not "already exists" from a create attempt)
+    p.write_bytes(b"not a session file at all")
+    r = subprocess.run(cmd, input="hi\n", capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "not a session file" in r.stderr and "already exists" not in r.stderr
+    assert p.read_bytes() == b"not a session file at all"  # and the file is left alone
 
 
 def test_bench_counts_below_one_fail_in_one_line_before_loading(capsys):

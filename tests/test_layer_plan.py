@@ -113,7 +113,7 @@ def test_hybrid_session_file_carries_the_state(tiny_model_dir, tmp_path):
 
 
 def test_policies_are_refused_on_models_they_do_not_handle(tiny_model_dir):
-    with pytest.raises(ConfigError, match="kv-policy window"):
+    with pytest.raises(ConfigError, match=r"llama has sliding-window layers \(window 6\)"):
         engine_for(tiny_model_dir("llama_swa"), kv_policy="window", budget=64)
 
 
@@ -125,3 +125,12 @@ def test_doctor_prints_the_layer_plan(tiny_model_dir):
     kinds = {(g["kind"], g["window"], g["slots"]) for g in d["groups"]}
     assert kinds == {("window", 6, 2), ("full", None, 2)}
     assert all(g["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 for g in d["groups"])  # slots*heads*(K+V)*dim*f32
+
+
+def test_window_model_repeated_prompt_hits_after_its_blocks_left_the_window(tiny_model_dir):
+    # Window blocks that leave the window stay in the window pool's LRU while their logical block is cached, so
+    # the same prompt again (its last blocks long out of the window of the first run's decode) still hits.
+    eng = engine_for(tiny_model_dir("llama_swa"))
+    first = run(eng, [PROMPT], n=24)[0]
+    again = run(eng, [PROMPT], n=24)[0]
+    assert again.num_cached_tokens == 32 and again.output_ids == first.output_ids

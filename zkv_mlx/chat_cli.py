@@ -78,7 +78,9 @@ def _open_or_create(model, name: str, user: str | None):
 
     try:
         session = model.open_session(name, user=user)
-    except SessionError:
+    except SessionError as e:
+        if not str(e).startswith("no session named"):
+            raise  # it exists but cannot be opened (corrupt, another model or KV format): say why
         session = model.create_session(name, user=user)
     print(f"session: {name} ({len(session.messages)} messages so far)", file=sys.stderr)
     return session

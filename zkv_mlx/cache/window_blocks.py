@@ -190,9 +190,12 @@ class WindowBlocks:
         self.refs[lid] -= 1
         if self.refs[lid]:
             return
-        h = None if out_of_window else self.hash_of(lid)
+        # A block that left the window stays mapped while its logical block is in the prefix cache (the issue's
+        # "released into the LRU with their hashes, not lost"): retained blocks are reused least recently released
+        # first (`_take`), so the window pool stays window-sized and a repeated prompt can still hit.
+        self.released += out_of_window
+        h = self.hash_of(lid)
         if h is None:
-            self.released += out_of_window
             self._free(lid)
         else:
             self.retained[lid] = h

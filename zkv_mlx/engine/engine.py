@@ -101,9 +101,9 @@ class Engine:
         if cfg is not None:
             check_policy(self.cfg.kv, cfg.kind, cfg.budget, cfg.sinks, cfg.recent)  # the KV format first
             if cfg.kind != "full" and not self.runner.shifts_keys:
-                raise ConfigError(f"--kv-policy {cfg.kind}: {self.lm.family} has sliding-window, state or dense "
-                                  "attention layers, which the long-context policies do not handle yet; "
-                                  "run it without a policy (--kv-policy full)")
+                raise ConfigError(f"kv_policy {cfg.kind!r} (--kv-policy): {self.lm.family} has "
+                                  f"{self.runner.policy_blocker()}, which the long-context policies do not handle "
+                                  "yet; run it without a policy (kv_policy='full', --kv-policy full)")
         return KVPolicy.from_config(cfg, self.cfg.kv.block_size)
 
     def hash_key(self, user: str, prompt_ids: list[int]) -> HashKey | None:

@@ -144,6 +144,19 @@ class ModelRunner:
                 and all(s.paged and s.window is None and not s.dense for s in slots)
                 and all(hasattr(getattr(layer, "self_attn", None), "rope") for layer in layers))
 
+    def policy_blocker(self) -> str:
+        """Why `shifts_keys` is False, in words for an error message."""
+        p = self.plan
+        if p.windows:
+            return f"sliding-window layers (window {', '.join(map(str, p.windows))})"
+        if p.n_state_layers:
+            return "state layers (SSM / linear attention)"
+        if any(not s.paged for s in p.slots):
+            return "attention layers whose K/V are not paged (MLA)"
+        if any(s.dense for s in p.slots):
+            return "attention layers that use their K/V themselves (dense, e.g. soft-capped scores)"
+        return "attention layers without their own rope module"
+
     def shift_keys(self, block_ids: list[int], delta: int) -> None:
         """Rotates the stored keys of whole blocks by `delta` more positions (RoPE composes additively); quantized
         blocks are dequantized, rotated and quantized again (storage/key_shift.py)."""

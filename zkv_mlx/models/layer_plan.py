@@ -91,10 +91,15 @@ class LayerPlan:
             out.setdefault(key, []).append(s.index)
         groups = [dict(kind=k[0], window=k[1], dense=k[2], n_kv_heads=k[3], k_head_dim=k[4], v_head_dim=k[5],
                        slots=len(v)) for k, v in out.items()]
-        if self.n_state:
+        if self.n_state_layers:
             groups.append(dict(kind="state", window=None, dense=False, n_kv_heads=0, k_head_dim=0, v_head_dim=0,
-                               slots=self.n_state - sum(1 for s in self.slots if not s.paged)))
+                               slots=self.n_state_layers))
         return groups
+
+    @property
+    def n_state_layers(self) -> int:
+        """Recurrent-state caches (SSM / linear attention), unpaged KV slots not counted."""
+        return self.n_state - sum(1 for s in self.slots if not s.paged)
 
 
 def describe(plan: LayerPlan, kv_dtype: mx.Dtype) -> dict:
@@ -108,7 +113,7 @@ def describe(plan: LayerPlan, kv_dtype: mx.Dtype) -> dict:
     if any(g["dense"] for g in plan.groups()):
         notes.append("some layers use their fetched K/V themselves (own softmax, soft-capping, ...): they get dense "
                      "K/V gathered from the pool and decode one sequence at a time")
-    if plan.has_state:
+    if plan.n_state_layers:
         notes.append("state layers (SSM / linear attention) are kept per sequence; prefix hits resume them from "
                      "snapshots at block boundaries")
     return {"groups": groups, "sinks": plan.sinks, "vocab_size": plan.vocab_size, "notes": notes}

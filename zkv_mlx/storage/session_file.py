@@ -291,5 +291,5 @@ def check_compatible(meta: dict, fingerprint: str, kv_format: str, path: Path | 
     if meta["kv_format"] != kv_format:
         raise SessionMismatchError(
             f"{path} stores KV format {meta['kv_format']!r} but this engine uses {kv_format!r}; start zkv-mlx with "
-            "the same --kv-dtype and --block-size"
+            "the same --kv-dtype, --kv-quant (and --kv-group-size) and --block-size"
         )
