@@ -286,7 +286,8 @@ def check_compatible(meta: dict, fingerprint: str, kv_format: str, path: Path | 
     if meta["model_fingerprint"] != fingerprint:
         raise SessionMismatchError(
             f"{path} was made with model {meta['model_fingerprint']} but the loaded model is {fingerprint}; "
-            f"load the model the session was created with (it was {meta.get('model_name', 'unknown')})"
+            f"load the model the session was created with (it was {meta.get('model_name', 'unknown')}; CLI: "
+            "--model PATH, Python: ZKV(PATH))"
         )
     if meta["kv_format"] != kv_format:
         raise SessionMismatchError(
