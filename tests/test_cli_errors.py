@@ -207,3 +207,12 @@ def test_bad_flags_are_one_line_and_exit_1(capsys):
     with pytest.raises(SystemExit) as e:  # --help is not an error
         main(["generate", "--help"])
     assert e.value.code == 0
+
+
+@pytest.mark.parametrize("args, verb", [(["doctor", "--bogus"], "zkv-mlx doctor"),
+                                        (["bench", "decode", "--bogus", "3"], "zkv-mlx bench decode"),
+                                        (["--bogus"], "zkv-mlx")])
+def test_unknown_flag_names_the_verbs_help_once(tmp_path, args, verb):
+    r = run_cli(args, tmp_path)
+    assert_one_line_error(r, "unrecognized arguments: --bogus", f"(see {verb} --help)")
+    assert r.stderr.count("zkv-mlx: error") == 1 and r.stderr.count("zkv-mlx:") == 1, r.stderr

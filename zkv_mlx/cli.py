@@ -184,7 +184,28 @@ class _Parser(argparse.ArgumentParser):
     (argparse's own prints the whole usage block and exits 2). Subcommand parsers inherit it."""
 
     def error(self, message: str):
-        self.exit(1, f"zkv-mlx: error: {self.prog}: {message} (see {self.prog} --help)\n")
+        where = "" if self.prog == "zkv-mlx" else f"{self.prog}: "
+        self.exit(1, f"zkv-mlx: error: {where}{message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # Unknown flags are reported by the verb's own parser, so the message points at `zkv-mlx VERB --help`
+        # (argparse reports them from the top-level parser, which names only `zkv-mlx`).
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            verb_parser = _verb_parser(self, ns)
+            verb_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+
+def _verb_parser(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The deepest subparser `ns` was parsed with (e.g. `zkv-mlx bench decode`), else `parser` itself."""
+    current = parser
+    while True:
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(ns, subs[0].dest, None) if subs and subs[0].dest != argparse.SUPPRESS else None
+        if not subs or chosen not in subs[0].choices:
+            return current
+        current = subs[0].choices[chosen]
 
 
 def build_parser() -> argparse.ArgumentParser:
