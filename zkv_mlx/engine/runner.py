@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..errors import ConfigError
 from ..kernels.kv_quant import QuantSpec
 from ..models.attention import DecodeMetadata, PrefillMetadata, decode_metadata, prefill_metadata
 from ..models.loader import LoadedModel
@@ -39,6 +40,10 @@ class ModelRunner:
         self.snapshots = None  # StateSnapshots, set by the engine
         self.block_size = block_size
         quant = None if kv is None else QuantSpec.from_config(kv)
+        if quant is not None and not self.plan.paged_slots:
+            # MLA-style models keep mlx-lm's own K/V per sequence: a quantized pool would hold nothing
+            raise ConfigError(f"kv_quant {kv.quant!r} (--kv-quant): {lm.family} keeps every layer's K/V outside "
+                              "the paged pool (MLA), so it cannot be quantized yet; run it with --kv-quant none")
         # Sliding-window slots live in their own window-sized pools (engine/window_groups.py).
         counts = window_counts(self.plan)
         self.windows: WindowGroups | None = None
