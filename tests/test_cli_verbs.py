@@ -140,3 +140,20 @@ def test_chat_refuses_a_bad_session_name_before_loading(capsys):
         assert main(["chat", "--model", "/nonexistent", "--session", "a/b", *extra]) == 1
         err = capsys.readouterr().err
         assert "invalid session name 'a/b'" in err and "nonexistent" not in err
+
+
+def test_sessions_list_names_a_corrupt_file_by_its_session_name_and_delete_removes_it(tmp_path, monkeypatch, capsys):
+    from zkv_mlx.cli import main
+    from zkv_mlx.saved_sessions import user_dir
+
+    monkeypatch.setenv("ZKV_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ZKV_CACHE_DIR", str(tmp_path / "cache"))
+    d = user_dir("local")
+    d.mkdir(parents=True)
+    (d / "broken.zkvs").write_bytes(b"garbage")
+    assert main(["sessions", "list", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["name"] == "broken" and "not a session file" in row["error"]
+    assert "zkv-mlx sessions delete broken" in row["error"]
+    assert main(["sessions", "delete", "broken"]) == 0  # the fix the message names works
+    assert not (d / "broken.zkvs").exists()

@@ -26,7 +26,7 @@ def _list(user: str, as_json: bool) -> None:
     rows = []
     for name, f, m in saved_sessions(user):
         if isinstance(m, SessionError):
-            rows.append({"name": f.name, "error": str(m)})
+            rows.append({"name": name, "error": f"{m} (remove it: zkv-mlx sessions delete {name})"})
             continue
         rows.append({"name": name, "tokens": len(m["token_ids"]), "messages": len(m["messages"]),
                      "bytes": f.stat().st_size, "model": m.get("model_name"), "updated_at": iso_utc(m.get("updated_at"))})
