@@ -253,3 +253,29 @@ def test_distributed_md_python_example(tmp_path, tiny_model_dir):
     assert _wait(procs) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
     assert procs[0].stdout.read().decode().strip()  # rank 0 printed the reply
     assert procs[1].stdout.read().decode() == ""  # rank 1 never returned from ZKV(...)
+
+
+def test_ssd_tier_per_rank_promotes_on_every_rank_and_recomputes_a_corrupt_rank(tmp_path, tiny_model_dir):
+    import dist_ssd_job as job
+
+    d = tiny_model_dir("llama")
+    with ZKV(str(d), ssd_cache="off", prompt_cache=False, kv_cache_memory="4MB", **job.SETTINGS) as m:
+        cold = dist_job.tokens(m.submit(job.PROMPT, **job.GREEDY))
+    procs = launch_local(2, [str(Path(__file__).parent / "dist_ssd_job.py"), str(d), str(tmp_path)],
+                         stderr=subprocess.PIPE)
+    assert _wait(procs, 120) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    res = json.loads((tmp_path / "result.json").read_text())
+    # each rank's files are under its own cache dir
+    assert list((tmp_path / "cache-rank0").rglob("*.kvb")) and res["corrupted_files"] > 0
+    assert res["cold"] == cold
+    # evicted to SSD, promoted on both ranks: the greedy tokens equal a cold single-process run
+    assert res["promoted"] == cold
+    assert res["after_promote"]["hit_tokens"] - res["before_promote"]["hit_tokens"] >= 48
+    for before, after in zip(res["before_promote"]["ranks"], res["after_promote"]["ranks"]):
+        assert before["ssd_spills"] > 0 and after["ssd_promotions"] - before["ssd_promotions"] >= 3
+        assert before["ssd_blocks"] > 0
+    # rank 1's files corrupted: no rank promotes, rank 0 recomputes, the tokens stay right
+    assert res["recomputed"] == cold
+    assert res["after_corrupt"]["hit_tokens"] == res["before_corrupt"]["hit_tokens"]
+    assert [r["ssd_promotions"] for r in res["after_corrupt"]["ranks"]] == \
+        [r["ssd_promotions"] for r in res["before_corrupt"]["ranks"]]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.runner import ModelRunner
-from ..errors import SessionError
+from ..errors import ConfigError, SessionError
 from . import plan as P
 from .group import DistGroup
 
@@ -43,6 +43,7 @@ class LeaderRunner:
         self.inner, self.group = inner, group
         self.pool = ShardedPool(inner.pool, self)
         self._live: dict[int, object] = {}  # sequences the other ranks hold state for
+        self.ssd = None  # rank 0's SSD store (make_tiers)
         self.closed = False
 
     def __getattr__(self, name):  # lm, model, plan, block_size, batch_decode, mass: rank 0's own
@@ -89,10 +90,37 @@ class LeaderRunner:
         self.send([P.SHIFT, delta, len(block_ids), *block_ids])
         self.inner.shift_keys(block_ids, delta)
 
+    def make_tiers(self, tiers_cfg, fingerprint: str, use_ssd: bool):
+        """The engine's tier store: with `use_ssd`, every rank opens its own SSD store (distributed/tiers.py).
+
+        Raises:
+            ConfigError: a rank cannot use its SSD cache directory (names the rank; its own output says why).
+        """
+        from .tiers import LeaderTiers, open_rank_ssd
+
+        if not use_ssd:
+            return LeaderTiers(self, None)
+        self.send([P.SSD_OPEN])
+        ssd, err = None, None
+        try:
+            ssd = open_rank_ssd(tiers_cfg, self.inner.pool, fingerprint, self.group)
+        except ConfigError as e:
+            err = e
+        self.ssd = ssd
+        bad = ssd_opened(self.group, ssd is not None)
+        if err is not None:
+            raise err
+        if bad:
+            raise ConfigError(f"rank {bad[0]} cannot use its SSD cache directory (its output says why); give "
+                              "that machine a writable --ssd-dir, or start every rank with --ssd-cache off")
+        return LeaderTiers(self, ssd)
+
     def rank_stats(self) -> list[dict]:
         """Per rank: its KV heads, pool bytes and blocks, weight bytes and MLX active memory."""
         self.send([P.STATS])
-        return gather_stats(self.group, self.inner)
+        if self.ssd is not None:
+            self.ssd.flush()  # every rank counts its written files (the others flush too)
+        return gather_stats(self.group, self.inner, self.ssd)
 
     def shutdown(self) -> None:
         """Tells the other ranks to end (they exit 0). Safe to call twice or after a failure."""
@@ -105,14 +133,22 @@ class LeaderRunner:
             pass
 
 
-def gather_stats(group: DistGroup, runner: ModelRunner) -> list[dict]:
-    """Every rank's figures, gathered (call on every rank after a STATS message)."""
+def ssd_opened(group: DistGroup, ok: bool) -> list[int]:
+    """The ranks that could not open their SSD store (call on every rank after SSD_OPEN)."""
+    flags = np.array(group.gather(mx.array([int(ok)], dtype=mx.int32), "opening the SSD tier")).reshape(-1)
+    return [r for r, f in enumerate(flags.tolist()) if not f]
+
+
+def gather_stats(group: DistGroup, runner: ModelRunner, ssd=None) -> list[dict]:
+    """Every rank's figures, gathered (call on every rank after a STATS message; `ssd`: this rank's store)."""
     pool = runner.pool
+    disk = [len(ssd), ssd.used_bytes, ssd.spills, ssd.promotions] if ssd is not None else [0, 0, 0, 0]
     mine = mx.array([group.rank, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
-                     pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory()],
-                    dtype=mx.int64)
+                     pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory(),
+                     *disk], dtype=mx.int64)
     rows = group.gather(mine, "stats").tolist()
-    keys = ("rank", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory")
+    keys = ("rank", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory",
+            "ssd_blocks", "ssd_size", "ssd_spills", "ssd_promotions")
     return [dict(zip(keys, r)) for r in rows]
 
 
@@ -183,16 +219,9 @@ def import_sharded(group: DistGroup, pool, block_ids: list[int], code: int, k: n
 
 def start(cfg):
     """Rank 0's engine inputs: (its shard of the model, the engine config, the `make_runner` for `Engine`).
-
-    The SSD tier is off in a distributed run (a rank's blocks would need spilling on every rank; not built yet).
-    """
-    import dataclasses
-
+    The SSD tier, if on, is one store per rank (`LeaderRunner.make_tiers`)."""
     from .group import current_group
     from .load import load_shard
 
     group = current_group()
-    lm = load_shard(cfg, group)
-    if cfg.tiers.ssd:
-        cfg = dataclasses.replace(cfg, tiers=dataclasses.replace(cfg.tiers, ssd=False))
-    return lm, cfg, runner_factory(group)
+    return load_shard(cfg, group), cfg, runner_factory(group)

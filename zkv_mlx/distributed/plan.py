@@ -6,15 +6,20 @@ Layouts (one int32 list per message; `drops` = ids of sequences that ended since
     COPY:    [op, src, dst]                         SHIFT: [op, delta, n, *block_ids]
     EXPORT:  [op, n, *block_ids]                    IMPORT: [op, dtype code, n, *block_ids] (+ K/V broadcast)
     STATS:   [op]                                   CLOSE: [op]
+    SSD_OPEN: [op]                                  FLUSH: [op] (write promoted blocks into the pool)
+    SPILL, PROMOTE: [op, block_id, n_hash, *hash as int32, n_tok, *tokens]   (distributed/tiers.py)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PREFILL, DECODE, COPY, SHIFT, EXPORT, IMPORT, STATS, CLOSE = range(1, 9)
+import numpy as np
+
+PREFILL, DECODE, COPY, SHIFT, EXPORT, IMPORT, STATS, CLOSE, SSD_OPEN, SPILL, PROMOTE, FLUSH = range(1, 13)
 OP_NAMES = {PREFILL: "prefill", DECODE: "decode", COPY: "a block copy", SHIFT: "a key shift", EXPORT: "an export",
-            IMPORT: "an import", STATS: "stats", CLOSE: "close"}
+            IMPORT: "an import", STATS: "stats", CLOSE: "close", SSD_OPEN: "opening the SSD tier",
+            SPILL: "an SSD spill", PROMOTE: "an SSD promotion", FLUSH: "writing promoted blocks"}
 
 
 @dataclass(slots=True)
@@ -50,6 +55,19 @@ def encode_decode(drops: list[int], seqs: list, tokens: list[int]) -> list[int]:
         out.extend((s.seq_id, s.num_tokens, s.dropped, t))
         _table(out, list(s.block_table))
     return out
+
+
+def encode_block(op: int, block_id: int, h: bytes, tokens: list[int]) -> list[int]:
+    """A SPILL or PROMOTE message: the block id, its chained hash (bytes, a multiple of 4) and its tokens."""
+    words = np.frombuffer(h, dtype="<i4").tolist()
+    return [op, block_id, len(words), *words, len(tokens), *tokens]
+
+
+def read_block(r: "Reader") -> tuple[int, bytes, list[int]]:
+    """(block id, hash, tokens) of a SPILL or PROMOTE message (after its op)."""
+    block_id = r.int()
+    h = np.array(r.ints(), dtype="<i4").tobytes()
+    return block_id, h, r.ints()
 
 
 class Reader:

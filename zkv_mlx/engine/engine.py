@@ -69,7 +69,9 @@ class Engine:
         # what sessions and the SSD tier export and import: every layer group's rows of a block
         self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(
             self.kv, self.runner.windows, [(s.window, s.index) for s in self.runner.plan.paged_slots])
-        self.tiers = TierStore(self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
+        make_tiers = getattr(self.runner, "make_tiers", None)  # distributed: an SSD store per rank (its heads)
+        self.tiers = make_tiers(cfg.tiers, lm.fingerprint, use_ssd) if make_tiers is not None else TierStore(
+            self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
         if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
             self.runner.windows.bind(self.blocks)
