@@ -24,7 +24,9 @@ import dist_job  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 JOB = str(Path(__file__).parent / "dist_job.py")
-FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+SESSION_FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+WINDOW_FAMILIES = ["llama_swa"]  # sliding-window layers (window 6): window blocks chosen on rank 0, replayed on 1
+FAMILIES = SESSION_FAMILIES + WINDOW_FAMILIES
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
            decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
@@ -68,6 +70,8 @@ def jobs(tmp_path_factory, bundled_tokenizer):
         argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
         if fam == "llama":
             argv.append("--kill-phase")
+        if fam in WINDOW_FAMILIES:
+            argv.append("--no-sessions")
         if fam == "qwen3_moe":
             argv.append("--stop-phase")
             env["ZKV_DIST_TIMEOUT"] = str(WATCHDOG)
@@ -114,7 +118,7 @@ def _load(d: Path):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_two_ranks_match_one_process(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
-    if fam == "qwen3":
+    if fam in ("qwen3", *WINDOW_FAMILIES):
         assert codes == [0, 0], errs
     r1, l1 = _load(one)
     r2, l2 = _load(two)
@@ -130,7 +134,15 @@ def test_two_ranks_match_one_process(jobs, fam):
     assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", WINDOW_FAMILIES)
+def test_window_model_sessions_are_refused_clearly_in_distributed_runs(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    r2, _ = _load(two)
+    assert r2["session_error"].startswith("SessionError") and "sliding-window" in r2["session_error"]
+    assert not (two / "session.zkvs").exists()
+
+
+@pytest.mark.parametrize("fam", SESSION_FAMILIES)
 def test_session_moves_between_world_sizes(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
     r1, l1 = _load(one)

@@ -25,9 +25,10 @@ NP_DTYPES = [np.float16, np.uint16, np.float32]
 def runner_factory(group: DistGroup):
     """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner."""
     def make(lm, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None, window_blocks=None) -> "LeaderRunner":
-        # (window_blocks: load_shard refuses models with sliding-window layer groups)
-        group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype)], "start-up")
-        return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv), group)
+        wins = [x for w, n in sorted((window_blocks or {}).items()) for x in (w, n)]
+        group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype), len(wins) // 2, *wins], "start-up")
+        return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv, window_blocks=window_blocks),
+                            group)
 
     return make
 
@@ -68,16 +69,33 @@ class LeaderRunner:
         self.group._run("a forward pass", [out, *mass])
         return out
 
+    def _window_tables(self, prefill_args=None, seqs=None) -> list | None:
+        # Rank 0's window groups choose the window tables before anything is built: the plan carries them, and
+        # building the forward may already evaluate parts of it (with their collectives) -- not before the plan.
+        windows = self.inner.windows
+        if windows is None:
+            return None
+        if prefill_args is not None:
+            calls = [windows.prefill_tables(*prefill_args)]
+        elif self.inner.batch_decode or len(seqs) == 1:
+            calls = [windows.decode_tables(seqs, [s.num_tokens - 1 for s in seqs])]
+        else:  # ModelRunner.decode runs such a batch one sequence at a time
+            calls = [windows.decode_tables([s], [s.num_tokens - 1]) for s in seqs]
+        windows.replay = list(calls)
+        return calls
+
     def prefill(self, seq, start: int, end: int, all_logits: bool = False) -> mx.array:
         """As `ModelRunner.prefill`, on every rank; the logits come back evaluated."""
-        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits))
+        calls = self._window_tables(prefill_args=(seq, start, end))
+        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits) + P.encode_windows(calls))
         self._live[seq.seq_id] = seq
         return self._eval(self.inner.prefill(seq, start, end, all_logits))
 
     def decode(self, seqs: list, tokens: mx.array | None = None) -> mx.array:
         """As `ModelRunner.decode`, on every rank (tokens in flight are read first: no cross-step pipelining)."""
         values = tokens.tolist() if tokens is not None else [s.all_ids[-1] for s in seqs]
-        self.send(P.encode_decode(self._drops(), seqs, values))
+        calls = self._window_tables(seqs=seqs)
+        self.send(P.encode_decode(self._drops(), seqs, values) + P.encode_windows(calls))
         for s in seqs:
             self._live[s.seq_id] = s
         return self._eval(self.inner.decode(seqs, None if tokens is None else mx.array(values, dtype=mx.int32)))
@@ -98,7 +116,8 @@ class LeaderRunner:
         """
         from .tiers import LeaderTiers, open_rank_ssd
 
-        if not use_ssd:
+        if not use_ssd or self.inner.windows is not None:
+            # sliding-window models: their window rows are not spilled per rank yet (docs/distributed.md, Limits)
             return LeaderTiers(self, None)
         self.send([P.SSD_OPEN])
         ssd, err = None, None
@@ -175,6 +194,10 @@ class ShardedPool:
         return (full, kd), (full, vd)
 
     def _float_only(self, what: str) -> None:
+        if self._leader.inner.windows is not None:
+            raise SessionError(f"{what} in a distributed run of a model with sliding-window layers is not "
+                               "implemented yet (each rank's window blocks would have to move too); run the "
+                               "model on one machine to save, export or import its sessions")
         if self._pool.quant is not None:
             raise SessionError(f"{what} in a distributed run needs a float KV pool (this one is "
                                f"{self._pool.format_name}); start every rank without --kv-quant")

@@ -90,11 +90,15 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     model.shard(group.group)
     mx.eval(model.parameters())
     plan = attach(model)  # probe forwards run on every rank at once (the sharded layers all-sum)
-    if plan.windows or plan.has_state:
-        # every rank computes the same plan, so every rank refuses (no rank is left waiting)
-        what = "sliding-window layers" if plan.windows else "state layers (SSM / linear attention) or unpaged KV"
-        raise ModelLoadError(f"{name} ({family}): distributed runs of models with {what} are not implemented yet "
-                             "(their window blocks / per-sequence state live on rank 0 only); run it on one machine")
+    # every rank computes the same plan, so every rank refuses (no rank is left waiting)
+    if plan.has_state:
+        raise ModelLoadError(f"{name} ({family}): distributed runs of models with state layers (SSM / linear "
+                             "attention) or unpaged KV (MLA) are not implemented yet (their per-sequence state "
+                             "lives on rank 0 only); run it on one machine")
+    if plan.windows and getattr(cfg.kv, "quant", None) not in (None, "none", "off"):
+        raise ModelLoadError(f"{name} ({family}): a quantized KV pool (--kv-quant {cfg.kv.quant}) with "
+                             "sliding-window layers is not implemented in distributed runs (the window blocks' "
+                             "partial rows are freed on rank 0 only); start every rank without --kv-quant")
     return loader.LoadedModel(
         model=model, tokenizer=tokenizer, name=name, path=path, family=family, fingerprint=fp, plan=plan,
         n_layers=len(plan.paged_slots), n_kv_heads=plan.n_kv_heads, head_dim=plan.head_dim,

@@ -1,8 +1,12 @@
 """A step's plan as int32 lists (rank 0 -> every rank) and the sequences the other ranks rebuild from it.
 
 Layouts (one int32 list per message; `drops` = ids of sequences that ended since the last plan):
-    PREFILL: [op, n_drop, *drops, seq_id, start, end, dropped, all_logits, n_tok, *tokens, n_blk, *block_table]
-    DECODE:  [op, n_drop, *drops, B, then per sequence: seq_id, num_tokens, dropped, token, n_blk, *block_table]
+    PREFILL: [op, n_drop, *drops, seq_id, start, end, dropped, all_logits, n_tok, *tokens, n_blk, *block_table,
+              *windows]
+    DECODE:  [op, n_drop, *drops, B, then per sequence: seq_id, num_tokens, dropped, token, n_blk, *block_table,
+              then *windows]
+    windows: the window block tables rank 0's sliding-window groups chose for the call (engine/window_groups.py):
+             [n_calls, per call: n_groups, per group: W, n_seq, per sequence: n, *window table]; [0] without
     COPY:    [op, src, dst]                         SHIFT: [op, delta, n, *block_ids]
     EXPORT:  [op, n, *block_ids]                    IMPORT: [op, dtype code, n, *block_ids] (+ K/V broadcast)
     STATS:   [op]                                   CLOSE: [op]
@@ -55,6 +59,31 @@ def encode_decode(drops: list[int], seqs: list, tokens: list[int]) -> list[int]:
         out.extend((s.seq_id, s.num_tokens, s.dropped, t))
         _table(out, list(s.block_table))
     return out
+
+
+def encode_windows(record: list | None) -> list[int]:
+    """The `windows` part of a PREFILL / DECODE message: per runner call, the tables `WindowGroups.prefill_tables`
+    / `decode_tables` chose (None: no window groups)."""
+    out = [len(record or [])]
+    for call in record or []:
+        out.append(len(call))
+        for w, tables in call.items():
+            out.extend((w, len(tables)))
+            for t in tables:
+                _table(out, list(t))
+    return out
+
+
+def read_windows(r: "Reader") -> list[dict[int, list[list[int]]]]:
+    """The window tables of each call, as `WindowGroups.replay` takes them."""
+    calls = []
+    for _ in range(r.int()):
+        call = {}
+        for _ in range(r.int()):
+            w = r.int()
+            call[w] = [r.ints() for _ in range(r.int())]
+        calls.append(call)
+    return calls
 
 
 def encode_block(op: int, block_id: int, h: bytes, tokens: list[int]) -> list[int]:

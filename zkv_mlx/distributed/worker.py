@@ -36,8 +36,9 @@ def run_worker(cfg, group: DistGroup) -> int:
     """Serves until rank 0 sends CLOSE (returns 0) or the job fails (prints why, returns 1)."""
     try:
         lm = load_shard(cfg, group)
-        num_blocks, block_size, dtype = group.send_ints(None, "start-up", watchdog=False)
-        runner = ModelRunner(lm, num_blocks, block_size, DTYPES[dtype], kv=cfg.kv)
+        num_blocks, block_size, dtype, n_win, *wins = group.send_ints(None, "start-up", watchdog=False)
+        window_blocks = {wins[2 * i]: wins[2 * i + 1] for i in range(n_win)}
+        runner = ModelRunner(lm, num_blocks, block_size, DTYPES[dtype], kv=cfg.kv, window_blocks=window_blocks)
         serve(runner, group, cfg)
         return 0
     except ZkvError as e:
@@ -73,15 +74,23 @@ class _Worker:
         if op == P.PREFILL:
             P.apply_drops(r, shadows)
             seq, start, end, all_logits = P.apply_prefill(r, shadows)
+            self._replay(r)
             out = runner.prefill(seq, start, end, all_logits)
         elif op == P.DECODE:
             P.apply_drops(r, shadows)
             seqs, tokens = P.apply_decode(r, shadows)
+            self._replay(r)
             out = runner.decode(seqs, mx.array(tokens, dtype=mx.int32))
         else:
             return self._other(op, r)
         group._run(P.OP_NAMES[op], [out, *[m for m in (runner.mass or []) if m is not None]])
         return True
+
+    def _replay(self, r: P.Reader) -> None:
+        # the window tables rank 0's window groups chose for this call (this rank's maps stay unused)
+        calls = P.read_windows(r)
+        if self.runner.windows is not None:
+            self.runner.windows.replay = calls
 
     def _other(self, op: int, r: P.Reader) -> bool:
         runner, group = self.runner, self.group
