@@ -25,13 +25,22 @@ import dist_job  # noqa: E402
 pytestmark = pytest.mark.distributed
 JOB = str(Path(__file__).parent / "dist_job.py")
 SESSION_FAMILIES = ["llama", "qwen3", "qwen3_moe"]
-WINDOW_FAMILIES = ["llama_swa"]  # sliding-window layers (window 6): window blocks chosen on rank 0, replayed on 1
-FAMILIES = SESSION_FAMILIES + WINDOW_FAMILIES
+# sessions do not move yet: sliding-window layers (llama_swa: window 6; window tables chosen on rank 0, replayed on
+# rank 1) and a hybrid (qwen3_5: gated-delta linear attention, each rank its state heads and its snapshots)
+NO_SESSION_FAMILIES = {"llama_swa": "sliding-window", "qwen3_5": "hybrid model (state layers)"}
+FAMILIES = SESSION_FAMILIES + list(NO_SESSION_FAMILIES)
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
            decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
            rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False)
-TIMEOUT = 180  # seconds a job may take before the test kills it (never a hang)
+# mlx-lm's qwen3_5 has shard() (qwen3_next has none): linear-attention heads and KV heads split over the ranks
+QWEN3_5 = dict(model_type="qwen3_5", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+               max_position_embeddings=512, tie_word_embeddings=True, linear_num_value_heads=2,
+               linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+               full_attention_interval=2, rope_parameters={"type": "default", "rope_theta": 10000.0,
+                                                           "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+TIMEOUT = 240  # seconds a job may take before the test kills it (never a hang)
 WATCHDOG = 5  # ZKV_DIST_TIMEOUT of the qwen3_moe job (its stop phase)
 
 
@@ -52,6 +61,7 @@ def _wait(procs, timeout=TIMEOUT):
 def jobs(tmp_path_factory, bundled_tokenizer):
     """family -> (model dir, single-process result dir, 2-rank result dir, open single-process ZKV)."""
     TINY.setdefault("qwen3_moe", MOE)
+    TINY.setdefault("qwen3_5", QWEN3_5)
     base = tmp_path_factory.mktemp("dist")
     out = {}
     for fam in FAMILIES:
@@ -70,7 +80,7 @@ def jobs(tmp_path_factory, bundled_tokenizer):
         argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
         if fam == "llama":
             argv.append("--kill-phase")
-        if fam in WINDOW_FAMILIES:
+        if fam in NO_SESSION_FAMILIES:
             argv.append("--no-sessions")
         if fam == "qwen3_moe":
             argv.append("--stop-phase")
@@ -118,7 +128,7 @@ def _load(d: Path):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_two_ranks_match_one_process(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
-    if fam in ("qwen3", *WINDOW_FAMILIES):
+    if fam in ("qwen3", *NO_SESSION_FAMILIES):
         assert codes == [0, 0], errs
     r1, l1 = _load(one)
     r2, l2 = _load(two)
@@ -134,12 +144,12 @@ def test_two_ranks_match_one_process(jobs, fam):
     assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
 
 
-@pytest.mark.parametrize("fam", WINDOW_FAMILIES)
-def test_window_model_sessions_are_refused_clearly_in_distributed_runs(jobs, fam):
+@pytest.mark.parametrize("fam", list(NO_SESSION_FAMILIES))
+def test_window_and_hybrid_sessions_are_refused_clearly_in_distributed_runs(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
     r2, _ = _load(two)
-    assert r2["session_error"].startswith("SessionError") and "sliding-window" in r2["session_error"]
-    assert not (two / "session.zkvs").exists()
+    assert r2["session_error"].startswith("SessionError") and NO_SESSION_FAMILIES[fam] in r2["session_error"]
+    assert "one machine" in r2["session_error"] and not (two / "session.zkvs").exists()
 
 
 @pytest.mark.parametrize("fam", SESSION_FAMILIES)

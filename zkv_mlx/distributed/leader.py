@@ -51,6 +51,20 @@ class LeaderRunner:
         return getattr(self.inner, name)
 
     @property
+    def snapshots(self):
+        return self.inner.snapshots
+
+    @snapshots.setter
+    def snapshots(self, value) -> None:  # the engine sets the one `make_snapshots` gave it
+        self.inner.snapshots = value
+
+    def make_snapshots(self, max_bytes: int, block_size: int):
+        """Hybrid models: the engine's state snapshots, every change sent to the other ranks (snapshots.py)."""
+        from .snapshots import LeaderSnapshots
+
+        return LeaderSnapshots(max_bytes, block_size, self)
+
+    @property
     def shifts_keys(self) -> bool:
         # Long-context policies rank blocks by attention mass, which each rank sees for its heads only.
         return False
@@ -87,7 +101,11 @@ class LeaderRunner:
     def prefill(self, seq, start: int, end: int, all_logits: bool = False) -> mx.array:
         """As `ModelRunner.prefill`, on every rank; the logits come back evaluated."""
         calls = self._window_tables(prefill_args=(seq, start, end))
-        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits) + P.encode_windows(calls))
+        resume = None  # hybrid models: a prefix hit resumes its state from the snapshot at its end
+        if self.inner.plan.has_state and start > 0 and seq.state is None:
+            resume = seq.block_hashes[seq.num_computed // self.inner.snapshots.block_size - 1]
+        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits) + P.encode_windows(calls)
+                  + P.hash_words(resume))
         self._live[seq.seq_id] = seq
         return self._eval(self.inner.prefill(seq, start, end, all_logits))
 
@@ -194,6 +212,10 @@ class ShardedPool:
         return (full, kd), (full, vd)
 
     def _float_only(self, what: str) -> None:
+        if self._leader.inner.plan.has_state:
+            from .snapshots import _SESSIONS
+
+            raise SessionError(_SESSIONS)
         if self._leader.inner.windows is not None:
             raise SessionError(f"{what} in a distributed run of a model with sliding-window layers is not "
                                "implemented yet (each rank's window blocks would have to move too); run the "

@@ -91,10 +91,11 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     mx.eval(model.parameters())
     plan = attach(model)  # probe forwards run on every rank at once (the sharded layers all-sum)
     # every rank computes the same plan, so every rank refuses (no rank is left waiting)
-    if plan.has_state:
-        raise ModelLoadError(f"{name} ({family}): distributed runs of models with state layers (SSM / linear "
-                             "attention) or unpaged KV (MLA) are not implemented yet (their per-sequence state "
-                             "lives on rank 0 only); run it on one machine")
+    if any(not s.paged for s in plan.slots):
+        raise ModelLoadError(f"{name} ({family}): distributed runs of models whose attention K/V are not paged "
+                             "(MLA's compressed K/V) are not implemented: that K/V is not split by heads, so every "
+                             "rank would hold all of it, and no test covers mlx-lm's shard() of it; run it on one "
+                             "machine")
     if plan.windows and getattr(cfg.kv, "quant", None) not in (None, "none", "off"):
         raise ModelLoadError(f"{name} ({family}): a quantized KV pool (--kv-quant {cfg.kv.quant}) with "
                              "sliding-window layers is not implemented in distributed runs (the window blocks' "

@@ -12,6 +12,9 @@ Layouts (one int32 list per message; `drops` = ids of sequences that ended since
     STATS:   [op]                                   CLOSE: [op]
     SSD_OPEN: [op]                                  FLUSH: [op] (write promoted blocks into the pool)
     SPILL, PROMOTE: [op, block_id, n_hash, *hash as int32, n_tok, *tokens]   (distributed/tiers.py)
+    hybrid models' state snapshots (distributed/snapshots.py): SNAP_CAPTURE: [op, seq_id, k];
+    SNAP_PUT: [op, seq_id, k, n_hash, *hash]; SNAP_DROP: [op, n, then n times: n_hash, *hash]
+A PREFILL of a hybrid model ends with [n_hash, *hash]: the snapshot the chunk resumes from (n_hash 0: none).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PREFILL, DECODE, COPY, SHIFT, EXPORT, IMPORT, STATS, CLOSE, SSD_OPEN, SPILL, PROMOTE, FLUSH = range(1, 13)
+(PREFILL, DECODE, COPY, SHIFT, EXPORT, IMPORT, STATS, CLOSE, SSD_OPEN, SPILL, PROMOTE, FLUSH, SNAP_CAPTURE, SNAP_PUT,
+ SNAP_DROP) = range(1, 16)
 OP_NAMES = {PREFILL: "prefill", DECODE: "decode", COPY: "a block copy", SHIFT: "a key shift", EXPORT: "an export",
             IMPORT: "an import", STATS: "stats", CLOSE: "close", SSD_OPEN: "opening the SSD tier",
-            SPILL: "an SSD spill", PROMOTE: "an SSD promotion", FLUSH: "writing promoted blocks"}
+            SPILL: "an SSD spill", PROMOTE: "an SSD promotion", FLUSH: "writing promoted blocks",
+            SNAP_CAPTURE: "a state snapshot", SNAP_PUT: "storing a state snapshot",
+            SNAP_DROP: "dropping state snapshots"}
 
 
 @dataclass(slots=True)
@@ -39,6 +45,7 @@ class ShadowSeq:
     state: list | None = None
     policy: object = None  # policies run on rank 0 only (their block drops arrive as COPY/SHIFT)
     is_finished: bool = False
+    restore_hash: bytes | None = None  # hybrid models: the snapshot a prefix hit resumes from
 
 
 def _table(out: list[int], table: list[int]) -> None:
@@ -86,16 +93,26 @@ def read_windows(r: "Reader") -> list[dict[int, list[list[int]]]]:
     return calls
 
 
+def hash_words(h: bytes | None) -> list[int]:
+    """[n, *words]: a chained hash (bytes, a multiple of 4) as int32 words; [0] for None."""
+    words = [] if h is None else np.frombuffer(h, dtype="<i4").tolist()
+    return [len(words), *words]
+
+
+def read_hash(r: "Reader") -> bytes | None:
+    words = r.ints()
+    return np.array(words, dtype="<i4").tobytes() if words else None
+
+
 def encode_block(op: int, block_id: int, h: bytes, tokens: list[int]) -> list[int]:
     """A SPILL or PROMOTE message: the block id, its chained hash (bytes, a multiple of 4) and its tokens."""
-    words = np.frombuffer(h, dtype="<i4").tolist()
-    return [op, block_id, len(words), *words, len(tokens), *tokens]
+    return [op, block_id, *hash_words(h), len(tokens), *tokens]
 
 
 def read_block(r: "Reader") -> tuple[int, bytes, list[int]]:
     """(block id, hash, tokens) of a SPILL or PROMOTE message (after its op)."""
     block_id = r.int()
-    h = np.array(r.ints(), dtype="<i4").tobytes()
+    h = read_hash(r)
     return block_id, h, r.ints()
 
 
@@ -137,8 +154,11 @@ def apply_decode(r: Reader, shadows: dict[int, ShadowSeq]):
     return seqs, tokens
 
 
-def apply_drops(r: Reader, shadows: dict[int, ShadowSeq]) -> None:
-    for sid in r.ints():
+def apply_drops(r: Reader, shadows: dict[int, ShadowSeq]) -> list[int]:
+    """Ends the sequences of a message's `drops`; returns their ids."""
+    sids = r.ints()
+    for sid in sids:
         s = shadows.pop(sid, None)
         if s is not None:
             s.is_finished = True  # the runner frees its partial-block tail rows on the next write plan
+    return sids

@@ -13,6 +13,7 @@ from . import plan as P
 from .group import DistGroup, current_group
 from .leader import DTYPES, export_gathered, gather_stats, import_sharded, ssd_opened
 from .load import load_shard
+from .snapshots import WorkerSnapshots
 from .tiers import RankTier, open_rank_ssd
 
 
@@ -39,6 +40,8 @@ def run_worker(cfg, group: DistGroup) -> int:
         num_blocks, block_size, dtype, n_win, *wins = group.send_ints(None, "start-up", watchdog=False)
         window_blocks = {wins[2 * i]: wins[2 * i + 1] for i in range(n_win)}
         runner = ModelRunner(lm, num_blocks, block_size, DTYPES[dtype], kv=cfg.kv, window_blocks=window_blocks)
+        if runner.snapshots_ok:  # hybrid models: this rank's snapshots of its state shard
+            runner.snapshots = WorkerSnapshots(block_size)
         serve(runner, group, cfg)
         return 0
     except ZkvError as e:
@@ -72,12 +75,15 @@ class _Worker:
         r = P.Reader(msg)
         op = r.int()
         if op == P.PREFILL:
-            P.apply_drops(r, shadows)
+            self._drops(r)
             seq, start, end, all_logits = P.apply_prefill(r, shadows)
             self._replay(r)
+            seq.restore_hash = P.read_hash(r)
+            if seq.restore_hash is not None:
+                seq.state = None  # resumed from that snapshot, as on rank 0 (even if this rank kept a state)
             out = runner.prefill(seq, start, end, all_logits)
         elif op == P.DECODE:
-            P.apply_drops(r, shadows)
+            self._drops(r)
             seqs, tokens = P.apply_decode(r, shadows)
             self._replay(r)
             out = runner.decode(seqs, mx.array(tokens, dtype=mx.int32))
@@ -85,6 +91,11 @@ class _Worker:
             return self._other(op, r)
         group._run(P.OP_NAMES[op], [out, *[m for m in (runner.mass or []) if m is not None]])
         return True
+
+    def _drops(self, r: P.Reader) -> None:
+        for sid in P.apply_drops(r, self.shadows):
+            if self.runner.snapshots is not None:
+                self.runner.snapshots.forget(sid)
 
     def _replay(self, r: P.Reader) -> None:
         # the window tables rank 0's window groups chose for this call (this rank's maps stay unused)
@@ -116,6 +127,8 @@ class _Worker:
             self.tier.promote(*P.read_block(r))
         elif op == P.FLUSH:
             self.tier.flush()
+        elif op in (P.SNAP_CAPTURE, P.SNAP_PUT, P.SNAP_DROP):
+            runner.snapshots.apply(op, r, self.shadows)
         elif op == P.CLOSE:
             return False
         else:

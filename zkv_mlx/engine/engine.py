@@ -85,7 +85,8 @@ class Engine:
         if self.runner.snapshots_ok:
             # hybrid models: state snapshots beside the blocks, capped at a quarter of the KV budget
             cap = max(64 << 20, num_blocks * self.bytes_per_block // 4)
-            self.snapshots = self.runner.snapshots = StateSnapshots(cap, cfg.kv.block_size)
+            make = getattr(self.runner, "make_snapshots", StateSnapshots)  # distributed: every rank keeps its own
+            self.snapshots = self.runner.snapshots = make(cap, cfg.kv.block_size)
             self.blocks.hit_limits.append(self.snapshots.limit)
             self.scheduler.align_chunks = True
         self.policy_dropped_blocks = 0
