@@ -27,7 +27,9 @@ JOB = str(Path(__file__).parent / "dist_job.py")
 SESSION_FAMILIES = ["llama", "qwen3", "qwen3_moe"]
 # sessions do not move yet: sliding-window layers (llama_swa: window 6; window tables chosen on rank 0, replayed on
 # rank 1) and a hybrid (qwen3_5: gated-delta linear attention, each rank its state heads and its snapshots)
-NO_SESSION_FAMILIES = {"llama_swa": "sliding-window", "qwen3_5": "hybrid model (state layers)"}
+NO_SESSION_FAMILIES = {"llama_swa": "sliding-window", "qwen3_5": "hybrid model (state layers)",
+                       "qwen3_5-pipeline": "--distributed pipeline"}
+PIPELINE = {"qwen3_5-pipeline"}  # mlx-lm's pipeline(): rank 1 holds layers 0-1, rank 0 layers 2-3 (and their KV)
 FAMILIES = SESSION_FAMILIES + list(NO_SESSION_FAMILIES)
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
@@ -62,6 +64,7 @@ def jobs(tmp_path_factory, bundled_tokenizer):
     """family -> (model dir, single-process result dir, 2-rank result dir, open single-process ZKV)."""
     TINY.setdefault("qwen3_moe", MOE)
     TINY.setdefault("qwen3_5", QWEN3_5)
+    TINY.setdefault("qwen3_5-pipeline", QWEN3_5)
     base = tmp_path_factory.mktemp("dist")
     out = {}
     for fam in FAMILIES:
@@ -82,6 +85,8 @@ def jobs(tmp_path_factory, bundled_tokenizer):
             argv.append("--kill-phase")
         if fam in NO_SESSION_FAMILIES:
             argv.append("--no-sessions")
+        if fam in PIPELINE:
+            argv.append("--pipeline")
         if fam == "qwen3_moe":
             argv.append("--stop-phase")
             env["ZKV_DIST_TIMEOUT"] = str(WATCHDOG)
@@ -140,8 +145,12 @@ def test_two_ranks_match_one_process(jobs, fam):
     # per-rank stats: each rank holds half of the KV heads and the same block count
     ranks = r2["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
     assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
+    if fam in PIPELINE:  # every KV head of its own layers: qwen3_5's 2 attention layers (of 4), one per rank
+        assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"]
+        assert ranks[0]["n_layers"] == ranks[1]["n_layers"] == 1
+    else:  # tensor split: half of the KV heads of every layer
+        assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
 
 
 @pytest.mark.parametrize("fam", list(NO_SESSION_FAMILIES))
@@ -301,3 +310,34 @@ def test_ssd_tier_per_rank_promotes_on_every_rank_and_recomputes_a_corrupt_rank(
     assert res["after_corrupt"]["hit_tokens"] == res["before_corrupt"]["hit_tokens"]
     assert [r["ssd_promotions"] for r in res["after_corrupt"]["ranks"]] == \
         [r["ssd_promotions"] for r in res["before_corrupt"]["ranks"]]
+
+
+def test_distributed_flag_chooses_the_split():
+    from zkv_mlx.cli import build_parser
+    from zkv_mlx.cli_common import engine_kwargs
+    from zkv_mlx.config import make_config
+    from zkv_mlx.errors import ConfigError
+
+    parser = build_parser()
+
+    def cfg(*flags):
+        return make_config(model="m", **engine_kwargs(parser.parse_args(["generate", "--prompt", "hi", *flags])))
+
+    assert (cfg().distributed, cfg().distributed_split) == (False, "tensor")
+    assert (cfg("--distributed").distributed, cfg("--distributed").distributed_split) == (True, "tensor")
+    c = cfg("--distributed", "pipeline", "-m", "x")
+    assert (c.distributed, c.distributed_split) == (True, "pipeline")
+    with pytest.raises(ConfigError, match="'layers' is not one of tensor, pipeline"):
+        make_config(model="m", distributed=True, distributed_split="layers")
+
+
+def test_pipeline_split_needs_a_model_with_pipeline(tiny_model_dir):
+    from zkv_mlx.config import make_config
+    from zkv_mlx.distributed.load import load_shard
+
+    class TwoRanks:  # load_shard refuses before any collective
+        rank, size = 0, 2
+
+    cfg = make_config(model=str(tiny_model_dir("llama")), distributed=True, distributed_split="pipeline")
+    with pytest.raises(ModelLoadError, match="llama.*has no pipeline.*--distributed tensor"):
+        load_shard(cfg, TwoRanks())

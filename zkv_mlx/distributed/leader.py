@@ -22,13 +22,14 @@ DTYPES = [mx.float16, mx.bfloat16, mx.float32]
 NP_DTYPES = [np.float16, np.uint16, np.float32]
 
 
-def runner_factory(group: DistGroup):
-    """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner."""
+def runner_factory(group: DistGroup, split: str = "tensor"):
+    """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner.
+    `split`: "tensor" (each rank 1/N of the heads) or "pipeline" (each rank 1/N of the layers)."""
     def make(lm, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None, window_blocks=None) -> "LeaderRunner":
         wins = [x for w, n in sorted((window_blocks or {}).items()) for x in (w, n)]
         group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype), len(wins) // 2, *wins], "start-up")
         return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv, window_blocks=window_blocks),
-                            group)
+                            group, split)
 
     return make
 
@@ -37,11 +38,11 @@ class LeaderRunner:
     """`ModelRunner`'s interface on rank 0 of a distributed job (what the engine, drop and eval call).
 
     Args:
-        inner: rank 0's own runner (its shard). group: the job's group.
+        inner: rank 0's own runner (its shard). group: the job's group. split: "tensor" or "pipeline".
     """
 
-    def __init__(self, inner: ModelRunner, group: DistGroup):
-        self.inner, self.group = inner, group
+    def __init__(self, inner: ModelRunner, group: DistGroup, split: str = "tensor"):
+        self.inner, self.group, self.split = inner, group, split
         self.pool = ShardedPool(inner.pool, self)
         self._live: dict[int, object] = {}  # sequences the other ranks hold state for
         self.ssd = None  # rank 0's SSD store (make_tiers)
@@ -140,7 +141,7 @@ class LeaderRunner:
         self.send([P.SSD_OPEN])
         ssd, err = None, None
         try:
-            ssd = open_rank_ssd(tiers_cfg, self.inner.pool, fingerprint, self.group)
+            ssd = open_rank_ssd(tiers_cfg, self.inner.pool, fingerprint, self.group, self.split)
         except ConfigError as e:
             err = e
         self.ssd = ssd
@@ -179,12 +180,13 @@ def ssd_opened(group: DistGroup, ok: bool) -> list[int]:
 def gather_stats(group: DistGroup, runner: ModelRunner, ssd=None) -> list[dict]:
     """Every rank's figures, gathered (call on every rank after a STATS message; `ssd`: this rank's store)."""
     pool = runner.pool
+    n_layers = len(runner.plan.paged_slots)  # this rank's paged layers (pipeline: its share of them)
     disk = [len(ssd), ssd.used_bytes, ssd.spills, ssd.promotions] if ssd is not None else [0, 0, 0, 0]
-    mine = mx.array([group.rank, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
+    mine = mx.array([group.rank, n_layers, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
                      pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory(),
                      *disk], dtype=mx.int64)
     rows = group.gather(mine, "stats").tolist()
-    keys = ("rank", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory",
+    keys = ("rank", "n_layers", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory",
             "ssd_blocks", "ssd_size", "ssd_spills", "ssd_promotions")
     return [dict(zip(keys, r)) for r in rows]
 
@@ -201,8 +203,8 @@ class ShardedPool:
 
     @property
     def n_kv_heads(self) -> int:
-        """KV heads of the whole model (each rank holds n_kv_heads / world size of them)."""
-        return self._pool.n_kv_heads * self._leader.group.size
+        """KV heads of the whole model (tensor split: each rank holds n_kv_heads / world size of them)."""
+        return self._pool.n_kv_heads * (self._leader.group.size if self._leader.split == "tensor" else 1)
 
     def block_layout(self):
         (ks, kd), (vs, vd) = self._pool.block_layout()
@@ -212,6 +214,9 @@ class ShardedPool:
         return (full, kd), (full, vd)
 
     def _float_only(self, what: str) -> None:
+        if self._leader.split == "pipeline":
+            raise SessionError(f"{what} in a --distributed pipeline run is not implemented yet (each rank holds "
+                               "the K/V of other layers); use --distributed tensor, or one machine, for sessions")
         if self._leader.inner.plan.has_state:
             from .snapshots import _SESSIONS
 
@@ -269,4 +274,4 @@ def start(cfg):
     from .load import load_shard
 
     group = current_group()
-    return load_shard(cfg, group), cfg, runner_factory(group)
+    return load_shard(cfg, group), cfg, runner_factory(group, cfg.distributed_split)

@@ -20,17 +20,18 @@ from . import plan as P
 from .group import DistGroup
 
 
-def open_rank_ssd(tiers_cfg, pool, fingerprint: str, group: DistGroup) -> SSDStore:
+def open_rank_ssd(tiers_cfg, pool, fingerprint: str, group: DistGroup, split: str = "tensor") -> SSDStore:
     """This rank's SSD store: its own directory per (model, KV format, rank, world size), so two ranks that share
     a cache directory (two local ranks) never read each other's heads.
 
     Args:
         tiers_cfg: this rank's `TiersConfig` (its own `--ssd-dir` / size). pool: this rank's `KVPool` (its heads).
-        fingerprint: the model's fingerprint. group: the job's group.
+        fingerprint: the model's fingerprint. group: the job's group. split: "tensor" (this rank's heads of every
+            layer) or "pipeline" (every head of this rank's layers).
     Raises:
         ConfigError: the directory cannot be used (names it and the flag that changes it).
     """
-    return open_ssd(tiers_cfg, pool, f"{fingerprint}|rank {group.rank} of {group.size}")
+    return open_ssd(tiers_cfg, pool, f"{fingerprint}|rank {group.rank} of {group.size}|{split}")
 
 
 class RankTier:

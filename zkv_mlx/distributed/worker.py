@@ -138,7 +138,8 @@ class _Worker:
     def _open_ssd(self) -> None:
         ssd = None
         try:
-            ssd = open_rank_ssd(self.cfg.tiers, self.runner.pool, self.runner.lm.fingerprint, self.group)
+            ssd = open_rank_ssd(self.cfg.tiers, self.runner.pool, self.runner.lm.fingerprint, self.group,
+                                self.cfg.distributed_split)
         except ZkvError as e:  # reported here; rank 0 names this rank and stops the job
             print(f"zkv-mlx: rank {self.group.rank}: {e}", file=sys.stderr, flush=True)
         if ssd_opened(self.group, ssd is not None):
