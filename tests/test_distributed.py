@@ -28,8 +28,9 @@ SESSION_FAMILIES = ["llama", "qwen3", "qwen3_moe"]
 # sessions do not move yet: sliding-window layers (llama_swa: window 6; window tables chosen on rank 0, replayed on
 # rank 1) and a hybrid (qwen3_5: gated-delta linear attention, each rank its state heads and its snapshots)
 NO_SESSION_FAMILIES = {"llama_swa": "sliding-window", "qwen3_5": "hybrid model (state layers)",
-                       "qwen3_5-pipeline": "--distributed pipeline"}
-PIPELINE = {"qwen3_5-pipeline"}  # mlx-lm's pipeline(): rank 1 holds layers 0-1, rank 0 layers 2-3 (and their KV)
+                       "qwen3_5-pipeline": "--distributed pipeline", "qwen3_moe-pipeline": "--distributed pipeline"}
+# mlx-lm's pipeline(): rank 1 holds the first half of the layers, rank 0 the rest (and their KV)
+PIPELINE = {"qwen3_5-pipeline", "qwen3_moe-pipeline"}
 FAMILIES = SESSION_FAMILIES + list(NO_SESSION_FAMILIES)
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
@@ -65,6 +66,7 @@ def jobs(tmp_path_factory, bundled_tokenizer):
     TINY.setdefault("qwen3_moe", MOE)
     TINY.setdefault("qwen3_5", QWEN3_5)
     TINY.setdefault("qwen3_5-pipeline", QWEN3_5)
+    TINY.setdefault("qwen3_moe-pipeline", MOE)
     base = tmp_path_factory.mktemp("dist")
     out = {}
     for fam in FAMILIES:
@@ -146,7 +148,7 @@ def test_two_ranks_match_one_process(jobs, fam):
     ranks = r2["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
-    if fam in PIPELINE:  # every KV head of its own layers: qwen3_5's 2 attention layers (of 4), one per rank
+    if fam in PIPELINE:  # every KV head of its own layers: one attention layer per rank (qwen3_5: 2 of its 4)
         assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"]
         assert ranks[0]["n_layers"] == ranks[1]["n_layers"] == 1
     else:  # tensor split: half of the KV heads of every layer
