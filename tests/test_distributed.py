@@ -24,12 +24,26 @@ import dist_job  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 JOB = str(Path(__file__).parent / "dist_job.py")
-FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+SESSION_FAMILIES = ["llama", "qwen3", "qwen3_moe"]
+# sessions do not move yet: sliding-window layers (llama_swa: window 6; window tables chosen on rank 0, replayed on
+# rank 1) and a hybrid (qwen3_5: gated-delta linear attention, each rank its state heads and its snapshots)
+NO_SESSION_FAMILIES = {"llama_swa": "sliding-window", "qwen3_5": "hybrid model (state layers)",
+                       "qwen3_5-pipeline": "--distributed pipeline", "qwen3_moe-pipeline": "--distributed pipeline"}
+# mlx-lm's pipeline(): rank 1 holds the first half of the layers, rank 0 the rest (and their KV)
+PIPELINE = {"qwen3_5-pipeline", "qwen3_moe-pipeline"}
+FAMILIES = SESSION_FAMILIES + list(NO_SESSION_FAMILIES)
 MOE = dict(model_type="qwen3_moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
            num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
            decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=64, norm_topk_prob=True,
            rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=512, tie_word_embeddings=False)
-TIMEOUT = 180  # seconds a job may take before the test kills it (never a hang)
+# mlx-lm's qwen3_5 has shard() (qwen3_next has none): linear-attention heads and KV heads split over the ranks
+QWEN3_5 = dict(model_type="qwen3_5", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+               max_position_embeddings=512, tie_word_embeddings=True, linear_num_value_heads=2,
+               linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+               full_attention_interval=2, rope_parameters={"type": "default", "rope_theta": 10000.0,
+                                                           "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]})
+TIMEOUT = 240  # seconds a job may take before the test kills it (never a hang)
 WATCHDOG = 5  # ZKV_DIST_TIMEOUT of the qwen3_moe job (its stop phase)
 
 
@@ -50,6 +64,9 @@ def _wait(procs, timeout=TIMEOUT):
 def jobs(tmp_path_factory, bundled_tokenizer):
     """family -> (model dir, single-process result dir, 2-rank result dir, open single-process ZKV)."""
     TINY.setdefault("qwen3_moe", MOE)
+    TINY.setdefault("qwen3_5", QWEN3_5)
+    TINY.setdefault("qwen3_5-pipeline", QWEN3_5)
+    TINY.setdefault("qwen3_moe-pipeline", MOE)
     base = tmp_path_factory.mktemp("dist")
     out = {}
     for fam in FAMILIES:
@@ -68,6 +85,10 @@ def jobs(tmp_path_factory, bundled_tokenizer):
         argv = [JOB, str(d), str(two), str(one / "session.zkvs"), "--distributed"]
         if fam == "llama":
             argv.append("--kill-phase")
+        if fam in NO_SESSION_FAMILIES:
+            argv.append("--no-sessions")
+        if fam in PIPELINE:
+            argv.append("--pipeline")
         if fam == "qwen3_moe":
             argv.append("--stop-phase")
             env["ZKV_DIST_TIMEOUT"] = str(WATCHDOG)
@@ -114,7 +135,7 @@ def _load(d: Path):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_two_ranks_match_one_process(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
-    if fam == "qwen3":
+    if fam in ("qwen3", *NO_SESSION_FAMILIES):
         assert codes == [0, 0], errs
     r1, l1 = _load(one)
     r2, l2 = _load(two)
@@ -126,11 +147,23 @@ def test_two_ranks_match_one_process(jobs, fam):
     # per-rank stats: each rank holds half of the KV heads and the same block count
     ranks = r2["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
     assert ranks[0]["blocks_total"] == ranks[1]["blocks_total"] > 0
+    if fam in PIPELINE:  # every KV head of its own layers: one attention layer per rank (qwen3_5: 2 of its 4)
+        assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"]
+        assert ranks[0]["n_layers"] == ranks[1]["n_layers"] == 1
+    else:  # tensor split: half of the KV heads of every layer
+        assert ranks[0]["n_kv_heads"] == ranks[1]["n_kv_heads"] == TINY[fam]["num_key_value_heads"] // 2
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", list(NO_SESSION_FAMILIES))
+def test_window_and_hybrid_sessions_are_refused_clearly_in_distributed_runs(jobs, fam):
+    d, one, two, model, codes, errs = jobs[fam]
+    r2, _ = _load(two)
+    assert r2["session_error"].startswith("SessionError") and NO_SESSION_FAMILIES[fam] in r2["session_error"]
+    assert "one machine" in r2["session_error"] and not (two / "session.zkvs").exists()
+
+
+@pytest.mark.parametrize("fam", SESSION_FAMILIES)
 def test_session_moves_between_world_sizes(jobs, fam):
     d, one, two, model, codes, errs = jobs[fam]
     r1, l1 = _load(one)
@@ -253,3 +286,60 @@ def test_distributed_md_python_example(tmp_path, tiny_model_dir):
     assert _wait(procs) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
     assert procs[0].stdout.read().decode().strip()  # rank 0 printed the reply
     assert procs[1].stdout.read().decode() == ""  # rank 1 never returned from ZKV(...)
+
+
+def test_ssd_tier_per_rank_promotes_on_every_rank_and_recomputes_a_corrupt_rank(tmp_path, tiny_model_dir):
+    import dist_ssd_job as job
+
+    d = tiny_model_dir("llama")
+    with ZKV(str(d), ssd_cache="off", prompt_cache=False, kv_cache_memory="4MB", **job.SETTINGS) as m:
+        cold = dist_job.tokens(m.submit(job.PROMPT, **job.GREEDY))
+    procs = launch_local(2, [str(Path(__file__).parent / "dist_ssd_job.py"), str(d), str(tmp_path)],
+                         stderr=subprocess.PIPE)
+    assert _wait(procs, 120) == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    res = json.loads((tmp_path / "result.json").read_text())
+    # each rank's files are under its own cache dir
+    assert list((tmp_path / "cache-rank0").rglob("*.kvb")) and res["corrupted_files"] > 0
+    assert res["cold"] == cold
+    # evicted to SSD, promoted on both ranks: the greedy tokens equal a cold single-process run
+    assert res["promoted"] == cold
+    assert res["after_promote"]["hit_tokens"] - res["before_promote"]["hit_tokens"] >= 48
+    for before, after in zip(res["before_promote"]["ranks"], res["after_promote"]["ranks"]):
+        assert before["ssd_spills"] > 0 and after["ssd_promotions"] - before["ssd_promotions"] >= 3
+        assert before["ssd_blocks"] > 0
+    # rank 1's files corrupted: no rank promotes, rank 0 recomputes, the tokens stay right
+    assert res["recomputed"] == cold
+    assert res["after_corrupt"]["hit_tokens"] == res["before_corrupt"]["hit_tokens"]
+    assert [r["ssd_promotions"] for r in res["after_corrupt"]["ranks"]] == \
+        [r["ssd_promotions"] for r in res["before_corrupt"]["ranks"]]
+
+
+def test_distributed_flag_chooses_the_split():
+    from zkv_mlx.cli import build_parser
+    from zkv_mlx.cli_common import engine_kwargs
+    from zkv_mlx.config import make_config
+    from zkv_mlx.errors import ConfigError
+
+    parser = build_parser()
+
+    def cfg(*flags):
+        return make_config(model="m", **engine_kwargs(parser.parse_args(["generate", "--prompt", "hi", *flags])))
+
+    assert (cfg().distributed, cfg().distributed_split) == (False, "tensor")
+    assert (cfg("--distributed").distributed, cfg("--distributed").distributed_split) == (True, "tensor")
+    c = cfg("--distributed", "pipeline", "-m", "x")
+    assert (c.distributed, c.distributed_split) == (True, "pipeline")
+    with pytest.raises(ConfigError, match="'layers' is not one of tensor, pipeline"):
+        make_config(model="m", distributed=True, distributed_split="layers")
+
+
+def test_pipeline_split_needs_a_model_with_pipeline(tiny_model_dir):
+    from zkv_mlx.config import make_config
+    from zkv_mlx.distributed.load import load_shard
+
+    class TwoRanks:  # load_shard refuses before any collective
+        rank, size = 0, 2
+
+    cfg = make_config(model=str(tiny_model_dir("llama")), distributed=True, distributed_split="pipeline")
+    with pytest.raises(ModelLoadError, match="llama.*has no pipeline.*--distributed tensor"):
+        load_shard(cfg, TwoRanks())

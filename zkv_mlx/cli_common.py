@@ -34,8 +34,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssd-cache", default=None, choices=["on", "off"], help="spill idle cached blocks to disk")
     g.add_argument("--ssd-dir", default=None, help="where SSD-tier block files go (default: the cache dir)")
     g.add_argument("--ssd-cache-size", default=None, help='SSD tier budget, e.g. "8GB" (default: 10%% of free disk)')
-    g.add_argument("--distributed", action="store_true", default=None,
-                   help="shard the model and its KV over the ranks of an mlx.launch job (docs/distributed.md)")
+    g.add_argument("--distributed", nargs="?", const="tensor", default=None, choices=["tensor", "pipeline"],
+                   help="shard the model and its KV over the ranks of an mlx.launch job: tensor (default: each rank "
+                        "1/N of every layer's heads) or pipeline (each rank 1/N of the layers) (docs/distributed.md)")
     add_policy_flags(g)
 
 
@@ -68,7 +69,8 @@ def engine_kwargs(args) -> dict:
         "budget": args.budget,
         "sinks": args.sinks,
         "h2o_recent": args.h2o_recent,
-        "distributed": getattr(args, "distributed", None),
+        "distributed": None if getattr(args, "distributed", None) is None else True,
+        "distributed_split": getattr(args, "distributed", None),
     }
 
 

@@ -255,10 +255,16 @@ class EngineConfig:
     tiers: TierConfig = field(default_factory=TierConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     distributed: bool = False  # one model sharded over the ranks of an mlx.launch job (zkv_mlx/distributed)
+    # how: "tensor" (mlx-lm's shard(): every layer, 1/N of its heads) or "pipeline" (mlx-lm's pipeline(): 1/N of
+    # the layers, all their heads)
+    distributed_split: str = "tensor"
 
     def __post_init__(self):
         if not isinstance(self.distributed, bool):
             raise ConfigError(f"distributed: {self.distributed!r} must be true or false")
+        if self.distributed_split not in ("tensor", "pipeline"):
+            raise ConfigError(f"distributed_split: {self.distributed_split!r} is not one of tensor, pipeline "
+                              "(e.g. --distributed pipeline)")
         if isinstance(self.policy, dict):
             self.policy = _build(PolicyConfig, self.policy, "policy.")
         if isinstance(self.tiers, dict):

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.runner import ModelRunner
-from ..errors import SessionError
+from ..errors import ConfigError, SessionError
 from . import plan as P
 from .group import DistGroup
 
@@ -22,12 +22,14 @@ DTYPES = [mx.float16, mx.bfloat16, mx.float32]
 NP_DTYPES = [np.float16, np.uint16, np.float32]
 
 
-def runner_factory(group: DistGroup):
-    """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner."""
+def runner_factory(group: DistGroup, split: str = "tensor"):
+    """A `make_runner` for `Engine`: sends the pool geometry to the other ranks, then builds the leader runner.
+    `split`: "tensor" (each rank 1/N of the heads) or "pipeline" (each rank 1/N of the layers)."""
     def make(lm, num_blocks: int, block_size: int, kv_dtype: mx.Dtype, kv=None, window_blocks=None) -> "LeaderRunner":
-        # (window_blocks: load_shard refuses models with sliding-window layer groups)
-        group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype)], "start-up")
-        return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv), group)
+        wins = [x for w, n in sorted((window_blocks or {}).items()) for x in (w, n)]
+        group.send_ints([num_blocks, block_size, DTYPES.index(kv_dtype), len(wins) // 2, *wins], "start-up")
+        return LeaderRunner(ModelRunner(lm, num_blocks, block_size, kv_dtype, kv=kv, window_blocks=window_blocks),
+                            group, split)
 
     return make
 
@@ -36,17 +38,32 @@ class LeaderRunner:
     """`ModelRunner`'s interface on rank 0 of a distributed job (what the engine, drop and eval call).
 
     Args:
-        inner: rank 0's own runner (its shard). group: the job's group.
+        inner: rank 0's own runner (its shard). group: the job's group. split: "tensor" or "pipeline".
     """
 
-    def __init__(self, inner: ModelRunner, group: DistGroup):
-        self.inner, self.group = inner, group
+    def __init__(self, inner: ModelRunner, group: DistGroup, split: str = "tensor"):
+        self.inner, self.group, self.split = inner, group, split
         self.pool = ShardedPool(inner.pool, self)
         self._live: dict[int, object] = {}  # sequences the other ranks hold state for
+        self.ssd = None  # rank 0's SSD store (make_tiers)
         self.closed = False
 
     def __getattr__(self, name):  # lm, model, plan, block_size, batch_decode, mass: rank 0's own
         return getattr(self.inner, name)
+
+    @property
+    def snapshots(self):
+        return self.inner.snapshots
+
+    @snapshots.setter
+    def snapshots(self, value) -> None:  # the engine sets the one `make_snapshots` gave it
+        self.inner.snapshots = value
+
+    def make_snapshots(self, max_bytes: int, block_size: int):
+        """Hybrid models: the engine's state snapshots, every change sent to the other ranks (snapshots.py)."""
+        from .snapshots import LeaderSnapshots
+
+        return LeaderSnapshots(max_bytes, block_size, self)
 
     @property
     def shifts_keys(self) -> bool:
@@ -67,16 +84,37 @@ class LeaderRunner:
         self.group._run("a forward pass", [out, *mass])
         return out
 
+    def _window_tables(self, prefill_args=None, seqs=None) -> list | None:
+        # Rank 0's window groups choose the window tables before anything is built: the plan carries them, and
+        # building the forward may already evaluate parts of it (with their collectives) -- not before the plan.
+        windows = self.inner.windows
+        if windows is None:
+            return None
+        if prefill_args is not None:
+            calls = [windows.prefill_tables(*prefill_args)]
+        elif self.inner.batch_decode or len(seqs) == 1:
+            calls = [windows.decode_tables(seqs, [s.num_tokens - 1 for s in seqs])]
+        else:  # ModelRunner.decode runs such a batch one sequence at a time
+            calls = [windows.decode_tables([s], [s.num_tokens - 1]) for s in seqs]
+        windows.replay = list(calls)
+        return calls
+
     def prefill(self, seq, start: int, end: int, all_logits: bool = False) -> mx.array:
         """As `ModelRunner.prefill`, on every rank; the logits come back evaluated."""
-        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits))
+        calls = self._window_tables(prefill_args=(seq, start, end))
+        resume = None  # hybrid models: a prefix hit resumes its state from the snapshot at its end
+        if self.inner.plan.has_state and start > 0 and seq.state is None:
+            resume = seq.block_hashes[seq.num_computed // self.inner.snapshots.block_size - 1]
+        self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits) + P.encode_windows(calls)
+                  + P.hash_words(resume))
         self._live[seq.seq_id] = seq
         return self._eval(self.inner.prefill(seq, start, end, all_logits))
 
     def decode(self, seqs: list, tokens: mx.array | None = None) -> mx.array:
         """As `ModelRunner.decode`, on every rank (tokens in flight are read first: no cross-step pipelining)."""
         values = tokens.tolist() if tokens is not None else [s.all_ids[-1] for s in seqs]
-        self.send(P.encode_decode(self._drops(), seqs, values))
+        calls = self._window_tables(seqs=seqs)
+        self.send(P.encode_decode(self._drops(), seqs, values) + P.encode_windows(calls))
         for s in seqs:
             self._live[s.seq_id] = s
         return self._eval(self.inner.decode(seqs, None if tokens is None else mx.array(values, dtype=mx.int32)))
@@ -89,10 +127,38 @@ class LeaderRunner:
         self.send([P.SHIFT, delta, len(block_ids), *block_ids])
         self.inner.shift_keys(block_ids, delta)
 
+    def make_tiers(self, tiers_cfg, fingerprint: str, use_ssd: bool):
+        """The engine's tier store: with `use_ssd`, every rank opens its own SSD store (distributed/tiers.py).
+
+        Raises:
+            ConfigError: a rank cannot use its SSD cache directory (names the rank; its own output says why).
+        """
+        from .tiers import LeaderTiers, open_rank_ssd
+
+        if not use_ssd or self.inner.windows is not None:
+            # sliding-window models: their window rows are not spilled per rank yet (docs/distributed.md, Limits)
+            return LeaderTiers(self, None)
+        self.send([P.SSD_OPEN])
+        ssd, err = None, None
+        try:
+            ssd = open_rank_ssd(tiers_cfg, self.inner.pool, fingerprint, self.group, self.split)
+        except ConfigError as e:
+            err = e
+        self.ssd = ssd
+        bad = ssd_opened(self.group, ssd is not None)
+        if err is not None:
+            raise err
+        if bad:
+            raise ConfigError(f"rank {bad[0]} cannot use its SSD cache directory (its output says why); give "
+                              "that machine a writable --ssd-dir, or start every rank with --ssd-cache off")
+        return LeaderTiers(self, ssd)
+
     def rank_stats(self) -> list[dict]:
         """Per rank: its KV heads, pool bytes and blocks, weight bytes and MLX active memory."""
         self.send([P.STATS])
-        return gather_stats(self.group, self.inner)
+        if self.ssd is not None:
+            self.ssd.flush()  # every rank counts its written files (the others flush too)
+        return gather_stats(self.group, self.inner, self.ssd)
 
     def shutdown(self) -> None:
         """Tells the other ranks to end (they exit 0). Safe to call twice or after a failure."""
@@ -105,14 +171,23 @@ class LeaderRunner:
             pass
 
 
-def gather_stats(group: DistGroup, runner: ModelRunner) -> list[dict]:
-    """Every rank's figures, gathered (call on every rank after a STATS message)."""
+def ssd_opened(group: DistGroup, ok: bool) -> list[int]:
+    """The ranks that could not open their SSD store (call on every rank after SSD_OPEN)."""
+    flags = np.array(group.gather(mx.array([int(ok)], dtype=mx.int32), "opening the SSD tier")).reshape(-1)
+    return [r for r, f in enumerate(flags.tolist()) if not f]
+
+
+def gather_stats(group: DistGroup, runner: ModelRunner, ssd=None) -> list[dict]:
+    """Every rank's figures, gathered (call on every rank after a STATS message; `ssd`: this rank's store)."""
     pool = runner.pool
-    mine = mx.array([group.rank, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
-                     pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory()],
-                    dtype=mx.int64)
+    n_layers = len(runner.plan.paged_slots)  # this rank's paged layers (pipeline: its share of them)
+    disk = [len(ssd), ssd.used_bytes, ssd.spills, ssd.promotions] if ssd is not None else [0, 0, 0, 0]
+    mine = mx.array([group.rank, n_layers, pool.n_kv_heads, pool.num_blocks, pool.total_bytes,
+                     pool.total_bytes // max(1, pool.num_blocks), runner.lm.weight_bytes, mx.get_active_memory(),
+                     *disk], dtype=mx.int64)
     rows = group.gather(mine, "stats").tolist()
-    keys = ("rank", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory")
+    keys = ("rank", "n_layers", "n_kv_heads", "blocks_total", "total_size", "bytes_per_block", "weight_bytes", "active_memory",
+            "ssd_blocks", "ssd_size", "ssd_spills", "ssd_promotions")
     return [dict(zip(keys, r)) for r in rows]
 
 
@@ -128,8 +203,8 @@ class ShardedPool:
 
     @property
     def n_kv_heads(self) -> int:
-        """KV heads of the whole model (each rank holds n_kv_heads / world size of them)."""
-        return self._pool.n_kv_heads * self._leader.group.size
+        """KV heads of the whole model (tensor split: each rank holds n_kv_heads / world size of them)."""
+        return self._pool.n_kv_heads * (self._leader.group.size if self._leader.split == "tensor" else 1)
 
     def block_layout(self):
         (ks, kd), (vs, vd) = self._pool.block_layout()
@@ -139,6 +214,17 @@ class ShardedPool:
         return (full, kd), (full, vd)
 
     def _float_only(self, what: str) -> None:
+        if self._leader.split == "pipeline":
+            raise SessionError(f"{what} in a --distributed pipeline run is not implemented yet (each rank holds "
+                               "the K/V of other layers); use --distributed tensor, or one machine, for sessions")
+        if self._leader.inner.plan.has_state:
+            from .snapshots import _SESSIONS
+
+            raise SessionError(_SESSIONS)
+        if self._leader.inner.windows is not None:
+            raise SessionError(f"{what} in a distributed run of a model with sliding-window layers is not "
+                               "implemented yet (each rank's window blocks would have to move too); run the "
+                               "model on one machine to save, export or import its sessions")
         if self._pool.quant is not None:
             raise SessionError(f"{what} in a distributed run needs a float KV pool (this one is "
                                f"{self._pool.format_name}); start every rank without --kv-quant")
@@ -183,16 +269,9 @@ def import_sharded(group: DistGroup, pool, block_ids: list[int], code: int, k: n
 
 def start(cfg):
     """Rank 0's engine inputs: (its shard of the model, the engine config, the `make_runner` for `Engine`).
-
-    The SSD tier is off in a distributed run (a rank's blocks would need spilling on every rank; not built yet).
-    """
-    import dataclasses
-
+    The SSD tier, if on, is one store per rank (`LeaderRunner.make_tiers`)."""
     from .group import current_group
     from .load import load_shard
 
     group = current_group()
-    lm = load_shard(cfg, group)
-    if cfg.tiers.ssd:
-        cfg = dataclasses.replace(cfg, tiers=dataclasses.replace(cfg.tiers, ssd=False))
-    return lm, cfg, runner_factory(group)
+    return load_shard(cfg, group), cfg, runner_factory(group, cfg.distributed_split)

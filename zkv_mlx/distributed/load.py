@@ -1,5 +1,6 @@
-"""Loads this rank's shard of a model: mlx-lm's own tensor-parallel `model.shard(group)` (the same split as
-mlx-lm's `sharded_load`), after every rank has checked that all ranks load the same model with the same settings.
+"""Loads this rank's shard of a model: mlx-lm's own tensor-parallel `model.shard(group)` or its pipeline split
+`model.model.pipeline(group)` (the splits of mlx-lm's `sharded_load`), after every rank has checked that all ranks
+load the same model with the same settings.
 
 The check runs before the first forward: a sharded forward all-sums partial results across ranks, so ranks with
 different weights or shapes would compute garbage or block each other.
@@ -14,6 +15,7 @@ import mlx.core as mx
 from ..errors import DistributedError, ModelLoadError
 from ..models import loader
 from ..models.paged import attach
+from ..models.sdpa_hook import HookedCache
 from .group import DistGroup
 
 # Bytes of each rank's description in the start-up check (a fixed size: all_gather needs equal shapes).
@@ -28,14 +30,20 @@ def describe(cfg, family: str, fingerprint: str) -> dict:
 
     kv = {k: getattr(cfg.kv, k) for k in ("block_size", "dtype", "quant") if hasattr(cfg.kv, k)}
     return {"model fingerprint": fingerprint, "model family": family, "weights_dtype": cfg.weights_dtype,
+            "distributed_split": cfg.distributed_split,
             "kv": json.dumps(kv, default=str, sort_keys=True), "max_context": cfg.max_context,
             "max_num_seqs": cfg.max_num_seqs, "prefill_chunk": cfg.prefill_chunk,
             "zkv-mlx": version("zkv-mlx"), "mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}
 
 
-def check_same_everywhere(group: DistGroup, mine: dict) -> None:
+SAME_FILES = "give every rank the same model files, zkv-mlx settings and library versions"
+
+
+def check_same_everywhere(group: DistGroup, mine: dict, fix: str = SAME_FILES) -> None:
     """Gathers every rank's description; raises on every rank when one differs from rank 0's.
 
+    Args:
+        fix: what the message tells the user to do.
     Raises:
         DistributedError: names the first differing rank, the setting and both values.
     """
@@ -52,7 +60,7 @@ def check_same_everywhere(group: DistGroup, mine: dict) -> None:
             if d.get(key) != descs[0][key]:
                 raise DistributedError(
                     f"rank {r} differs from rank 0 in {key}: {d.get(key)!r} (rank {r}) vs {descs[0][key]!r} "
-                    f"(rank 0); give every rank the same model files, zkv-mlx settings and library versions")
+                    f"(rank 0); {fix}")
 
 
 def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
@@ -75,6 +83,8 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
         model, mcfg, tokenizer, files = loader._load_mlx_dir(path, lazy=True)  # only this rank's shard is read
         name = path.name
     family = str(mcfg["model_type"])
+    if cfg.distributed_split == "pipeline":
+        return _pipeline_shard(cfg, group, model, mcfg, tokenizer, files, name, path, family)
     if not hasattr(model, "shard"):
         raise ModelLoadError(
             f"{name} ({family}): mlx-lm's {family} model has no shard() (tensor parallelism), so it cannot run "
@@ -90,11 +100,54 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     model.shard(group.group)
     mx.eval(model.parameters())
     plan = attach(model)  # probe forwards run on every rank at once (the sharded layers all-sum)
-    if plan.windows or plan.has_state:
-        # every rank computes the same plan, so every rank refuses (no rank is left waiting)
-        what = "sliding-window layers" if plan.windows else "state layers (SSM / linear attention) or unpaged KV"
-        raise ModelLoadError(f"{name} ({family}): distributed runs of models with {what} are not implemented yet "
-                             "(their window blocks / per-sequence state live on rank 0 only); run it on one machine")
+    # every rank computes the same plan, so every rank refuses (no rank is left waiting)
+    if any(not s.paged for s in plan.slots):
+        raise ModelLoadError(f"{name} ({family}): distributed runs of models whose attention K/V are not paged "
+                             "(MLA's compressed K/V) are not implemented: that K/V is not split by heads, so every "
+                             "rank would hold all of it, and no test covers mlx-lm's shard() of it; run it on one "
+                             "machine")
+    if plan.windows and getattr(cfg.kv, "quant", None) not in (None, "none", "off"):
+        raise ModelLoadError(f"{name} ({family}): a quantized KV pool (--kv-quant {cfg.kv.quant}) with "
+                             "sliding-window layers is not implemented in distributed runs (the window blocks' "
+                             "partial rows are freed on rank 0 only); start every rank without --kv-quant")
+    return loader.LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, path=path, family=family, fingerprint=fp, plan=plan,
+        n_layers=len(plan.paged_slots), n_kv_heads=plan.n_kv_heads, head_dim=plan.head_dim,
+        max_context=loader._max_context(mcfg), dtype=plan.kv_dtype, weights_format=fmt,
+        weight_bytes=loader._nbytes(model))
+
+
+def _pipeline_shard(cfg, group: DistGroup, model, mcfg, tokenizer, files, name, path, family):
+    # mlx-lm's pipeline split (models/pipeline.py, as its sharded_load does): rank r keeps a contiguous run of
+    # layers (rank 0 the last ones), hidden states go rank N-1 -> ... -> 0, then an all_gather gives every rank
+    # the last hidden state (each computes the logits). Each rank's layer plan, and so its KV pool, covers its
+    # layers only.
+    inner = getattr(model, "model", None)
+    if not hasattr(inner, "pipeline"):
+        raise ModelLoadError(
+            f"{name} ({family}): mlx-lm's {family} model has no pipeline() (layer split), so it cannot run with "
+            "--distributed pipeline; use --distributed tensor, or a family whose mlx-lm model has pipeline() "
+            "(qwen3_5, qwen3_next, ministral3, ...)")
+    fp = loader.fingerprint(files, tokenizer.to_json())
+    check_same_everywhere(group, describe(cfg, family, fp))
+    n_layers = len(inner.layers)
+    if n_layers < group.size:
+        raise ModelLoadError(f"{name}: its {n_layers} layers do not split over {group.size} ranks; launch at most "
+                             f"{n_layers} ranks")
+    fmt = loader.choose_weights(model, cfg.weights_dtype)
+    inner.pipeline(group.group)
+    HookedCache.pipeline_tie = True  # the pipeline forward's send tie on the last layer's cache
+    mx.eval(model.parameters())  # the other ranks' layers are gone: only this rank's weights are read
+    plan = attach(model)
+    # rank 0 schedules for every rank: the kinds of layers that change scheduling must be the same everywhere
+    check_same_everywhere(group, {"has state layers (SSM / linear attention)": plan.has_state,
+                                  "has sliding-window layers": bool(plan.windows),
+                                  "has unpaged K/V (MLA)": any(not s.paged for s in plan.slots)},
+                          fix="launch a number of ranks that gives every rank the same kinds of layers, or use "
+                              "--distributed tensor")
+    if plan.windows or any(not s.paged for s in plan.slots):
+        raise ModelLoadError(f"{name} ({family}): --distributed pipeline with sliding-window layers or unpaged "
+                             "K/V (MLA) is not implemented; use --distributed tensor")
     return loader.LoadedModel(
         model=model, tokenizer=tokenizer, name=name, path=path, family=family, fingerprint=fp, plan=plan,
         n_layers=len(plan.paged_slots), n_kv_heads=plan.n_kv_heads, head_dim=plan.head_dim,

@@ -69,7 +69,9 @@ class Engine:
         # what sessions and the SSD tier export and import: every layer group's rows of a block
         self.kv_bytes = self.kv if self.runner.windows is None else GroupedBlockBytes(
             self.kv, self.runner.windows, [(s.window, s.index) for s in self.runner.plan.paged_slots])
-        self.tiers = TierStore(self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
+        make_tiers = getattr(self.runner, "make_tiers", None)  # distributed: an SSD store per rank (its heads)
+        self.tiers = make_tiers(cfg.tiers, lm.fingerprint, use_ssd) if make_tiers is not None else TierStore(
+            self.kv_bytes, open_ssd(cfg.tiers, self.kv_bytes, lm.fingerprint) if use_ssd else None)
         self.blocks = BlockManager(num_blocks, cfg.kv.block_size, self.tiers if use_ssd else None)
         if self.runner.windows is not None:  # sliding-window groups: their own blocks, prefix hits capped to them
             self.runner.windows.bind(self.blocks)
@@ -83,7 +85,8 @@ class Engine:
         if self.runner.snapshots_ok:
             # hybrid models: state snapshots beside the blocks, capped at a quarter of the KV budget
             cap = max(64 << 20, num_blocks * self.bytes_per_block // 4)
-            self.snapshots = self.runner.snapshots = StateSnapshots(cap, cfg.kv.block_size)
+            make = getattr(self.runner, "make_snapshots", StateSnapshots)  # distributed: every rank keeps its own
+            self.snapshots = self.runner.snapshots = make(cap, cfg.kv.block_size)
             self.blocks.hit_limits.append(self.snapshots.limit)
             self.scheduler.align_chunks = True
         self.policy_dropped_blocks = 0

@@ -80,6 +80,9 @@ class WindowGroups:
                  head_dim: int, dtype: mx.Dtype, quant=None):
         self.pools: dict[int, KVPool] = {}
         self.maps: dict[int, WindowBlocks] = {}
+        # distributed runs (zkv_mlx/distributed/): tables chosen beforehand (rank 0) or by rank 0 (ranks > 0),
+        # one entry per call, used in call order instead of the maps' choice
+        self.replay: list | None = None
         for w, n_slots in counts.items():
             pool = KVPool(n_slots, blocks[w], n_kv_heads, block_size, head_dim, dtype, quant)
             self.pools[w] = pool
@@ -91,12 +94,26 @@ class WindowGroups:
             m.hash_of = lambda lid: block_manager.pool.blocks[lid].block_hash
             block_manager.hit_limits.append(m.hit_limit(block_manager))
 
+    def _tables(self, acquire) -> dict[int, list[list[int]]]:
+        tables = {}
+        for w, m in self.maps.items():
+            m.reconcile()
+            tables[w] = acquire(m)
+        return tables
+
+    def prefill_tables(self, seq, start: int, end: int) -> dict[int, list[list[int]]]:
+        """Per window W: the one-sequence window block table of a prefill chunk (maps its blocks)."""
+        return self._tables(lambda m: [m.acquire(seq, start, end - 1)])
+
+    def decode_tables(self, seqs, positions: list[int]) -> dict[int, list[list[int]]]:
+        """Per window W: each sequence's window block table for one decode step (maps its blocks)."""
+        return self._tables(lambda m: [m.acquire(s, p, p) for s, p in zip(seqs, positions)])
+
     def prefill_metas(self, seq, start: int, end: int, context_len: int) -> dict:
         """Each window group's metadata of one prefill chunk (positions [start, end), no drops)."""
         out = {}
-        for w, m in self.maps.items():
-            m.reconcile()
-            table = m.acquire(seq, start, end - 1)
+        chosen = self.replay.pop(0) if self.replay else self.prefill_tables(seq, start, end)
+        for w, (table,) in chosen.items():
             plan = self._write_plan(w, [table], [range(start, end)])
             out[w] = prefill_metadata(self.pools[w], start, plan, [max(b, 0) for b in table], context_len, False)
         return out
@@ -104,9 +121,8 @@ class WindowGroups:
     def decode_metas(self, seqs, positions: list[int], positions_arr: mx.array, context_lens: list[int]) -> dict:
         """Each window group's metadata of one decode step (one new row per sequence)."""
         out = {}
-        for w, m in self.maps.items():
-            m.reconcile()
-            tables = [m.acquire(s, p, p) for s, p in zip(seqs, positions)]
+        chosen = self.replay.pop(0) if self.replay else self.decode_tables(seqs, positions)
+        for w, tables in chosen.items():
             plan = self._write_plan(w, tables, [[p] for p in positions])
             tables = [[max(b, 0) for b in t] for t in tables]
             pool = self.pools[w]

@@ -179,6 +179,16 @@ class _ProbeCache(sdpa_hook.HookedCache):
     def offset(self):
         return self.inner.offset
 
+    @property
+    def keys(self):  # pipeline runs only: the send tie of mlx-lm's pipeline forwards (sdpa_hook.HookedCache)
+        if not self.pipeline_tie:
+            raise AttributeError("keys")
+        return self.inner.keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self.inner.keys = value
+
     def make_mask(self, N, return_array=False, window_size=None):
         m = self.inner.make_mask(N, return_array=return_array, window_size=window_size)
         if window_size is not None and window_size != self.window:

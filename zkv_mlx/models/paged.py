@@ -52,6 +52,20 @@ class PagedCache(sdpa_hook.HookedCache):
         k, v = meta.pool.gather(self.slot.index, table, n)
         return k[:, :, lo:].astype(keys.dtype), v[:, :, lo:].astype(values.dtype)
 
+    # mlx-lm's pipeline forwards (models/pipeline.py users) tie their send to the last layer's cache with
+    # `cache[-1].keys = mx.depends(cache[-1].keys, h)`; our logits depend on that send already (through the
+    # all_gather after it), so the tie is accepted and dropped. Only in pipeline runs (`pipeline_tie`, set by
+    # distributed/load.py): elsewhere a PagedCache has no `keys`, as before.
+    @property
+    def keys(self) -> mx.array:
+        if not self.pipeline_tie:
+            raise AttributeError("keys")
+        return mx.zeros((1,), dtype=mx.float32)
+
+    @keys.setter
+    def keys(self, value) -> None:
+        pass
+
     def sdpa(self, orig, queries, keys, values, scale, mask, sinks):
         if self.slot.dense:
             return orig(queries, keys, values, cache=None, scale=scale, mask=mask, sinks=sinks)

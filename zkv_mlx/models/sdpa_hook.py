@@ -15,6 +15,9 @@ class HookedCache:
     """Base of the caches that take over the attention call (`sdpa`)."""
 
     __slots__ = ()
+    # mlx-lm's pipeline forwards tie their send to the last layer's cache (`cache[-1].keys = mx.depends(...)`):
+    # set by distributed/load.py in pipeline runs, where the caches below then accept that tie
+    pipeline_tie = False
 
     def sdpa(self, orig, queries, keys, values, scale, mask, sinks):  # pragma: no cover - interface
         raise NotImplementedError

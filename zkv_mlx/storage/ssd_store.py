@@ -181,6 +181,13 @@ class SSDStore:
         self.promotions += 1
         return k, v
 
+    def discard(self, h: bytes) -> None:
+        """Forgets a block and deletes its file (a distributed promotion that another rank could not read)."""
+        self.flush()
+        with self._lock:
+            self._bytes -= self._index.pop(h, 0)
+        self._path(h).unlink(missing_ok=True)
+
     @staticmethod
     def _read(path: Path, token_ids, layout=None) -> tuple[np.ndarray, np.ndarray]:
         data = path.read_bytes()
