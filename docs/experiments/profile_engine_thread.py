@@ -2,7 +2,8 @@
 
 Not a shipped command (issue #20 item 1's profile). Cold-prefills a --context prompt, then submits it again (a
 prefix hit: the last block is recomputed) and profiles `Engine.step` on the engine thread for that request:
-the first step (the hit's prefill) separately from the decode steps. Prints the top functions by own time and
+the first step (the hit's prefill) separately from the decode steps. Also profiles the engine thread's handling of the
+request's admission. Prints the top functions by own time and
 cumulative time, and the decode steps' wall time split into Python (building, bookkeeping) and waiting for
 MLX (`tolist` of the in-flight tokens).
 
@@ -30,6 +31,7 @@ def main() -> None:
     from zkv_mlx import ZKV
     from zkv_mlx.bench.common import bench_tokens
     from zkv_mlx.engine.engine import Engine
+    from zkv_mlx.engine.thread import EngineThread
 
     model = ZKV(max_context=args.context + args.tokens + 64, ssd_cache="off")
     prompt = bench_tokens(model.tokenizer, args.context)
@@ -48,13 +50,24 @@ def main() -> None:
             prof.disable()
             steps.append(time.perf_counter() - t0)
 
+    orig_handle = EngineThread._handle
+
+    def handle(self, eng, cmd):  # admission of the request (hashing its blocks) happens here
+        prof.enable()
+        try:
+            return orig_handle(self, eng, cmd)
+        finally:
+            prof.disable()
+
     Engine.step = step
+    EngineThread._handle = handle
     t0 = time.perf_counter()
     times = []
     for ev in model.submit(prompt, temperature=0.0, max_tokens=args.tokens, ignore_eos=True):
         if ev.kind == "token":
             times.append(time.perf_counter())
     Engine.step = orig
+    EngineThread._handle = orig_handle
     model.close()
     print(f"first token {times[0] - t0:.3f} s; decode {(len(times) - 1) / (times[-1] - times[0]):.2f} tok/s; "
           f"steps {len(steps)}: first {steps[0] * 1e3:.1f} ms, median of the rest "
