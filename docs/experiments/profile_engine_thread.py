@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--suffix", type=int, default=0,
+                    help="profile prefix + a new suffix of this many tokens (bench prefix's hit) instead")
     args = ap.parse_args()
 
     from zkv_mlx import ZKV
@@ -33,9 +35,13 @@ def main() -> None:
     from zkv_mlx.engine.engine import Engine
     from zkv_mlx.engine.thread import EngineThread
 
-    model = ZKV(max_context=args.context + args.tokens + 64, ssd_cache="off")
-    prompt = bench_tokens(model.tokenizer, args.context)
-    list(model.submit(prompt, temperature=0.0, max_tokens=2, ignore_eos=True))  # cold prefill
+    model = ZKV(max_context=args.context + 2 * args.suffix + args.tokens + 64, ssd_cache="off")
+    text = bench_tokens(model.tokenizer, args.context + 2 * args.suffix)
+    prompt = text[:args.context]
+    cold = text[:args.context + args.suffix]
+    if args.suffix:
+        prompt = prompt + text[args.context + args.suffix:]
+    list(model.submit(cold, temperature=0.0, max_tokens=2, ignore_eos=True))  # cold prefill
 
     prof = cProfile.Profile()
     steps: list[float] = []
