@@ -84,3 +84,21 @@ def test_partial_last_block_keeps_the_block_hit(tiny_model_dir, bundled_tokenize
     _run(cached, ids)
     _, hit_tokens = _run(cached, ids)
     assert hit_tokens == len(ids) // BS * BS
+
+
+@pytest.mark.parametrize("kv", [{"kv_dtype": "float32"}, {"kv_quant": "int4"}])
+def test_copy_block_copies_one_block_of_every_layer(kv, tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    eng = _engine(path, **kv)
+    pool = eng.runner.pool
+    for arrs in (pool.k, pool.v):  # distinct contents per block
+        for i, x in enumerate(arrs):
+            for a in (x if isinstance(x, (list, tuple)) else (x,)):
+                a[...] = (mx.random.uniform(shape=a.shape) * 1000).astype(a.dtype)
+    mx.eval(pool.k, pool.v)
+    others = [b for b in range(pool.num_blocks) if b not in (3, 5)]
+    before = {b: _block_rows(eng, b) for b in (3, 5, others[0], others[-1])}
+    eng.runner.copy_block(3, 5)
+    assert all(np.array_equal(a, b) for a, b in zip(_block_rows(eng, 5), before[3]))
+    for b in (3, others[0], others[-1]):
+        assert all(np.array_equal(x, y) for x, y in zip(_block_rows(eng, b), before[b]))
