@@ -137,6 +137,14 @@ class BlockManager:
             hits.append(block)
         return hits[: self._usable(seq, len(hits))]
 
+    def cached_block(self, seq, i: int):
+        """The memory-cached Block holding the sequence's i-th full block of tokens, or None (no references
+        taken). Unlike `match_prefix` this may be the block of the last token (`Engine` copies it)."""
+        bs = self.block_size
+        if getattr(seq, "hash_key", None) is None or (i + 1) * bs > len(seq.all_ids):
+            return None
+        return self.pool.get_cached_block(self._hash_upto(seq, i + 1)[i], seq.all_ids[i * bs:(i + 1) * bs])
+
     def _usable(self, seq, n: int) -> int:
         # The largest k <= n that every hit limit accepts (each limit is monotone: try again until stable).
         k = n

@@ -80,6 +80,8 @@ class Engine:
         self.sessions = ResidentSessions(self.blocks, self.kv_bytes, self.prefix.hash_key)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.prefill_chunk, self.prefix, self.sessions)
         self.out = Outputs(set(lm.tokenizer.eos_token_ids), self.scheduler.finish, self._register)
+        if self.runner.windows is None and not self.runner.plan.has_state and hasattr(self.runner, "copy_block"):
+            self.scheduler.extend_hit = self._hit_last_block
         self._inflight: InFlight | None = None
         self.snapshots = None
         if self.runner.snapshots_ok:
@@ -123,6 +125,29 @@ class Engine:
             self._resolve()
             entry.pinned_blocks = self.sessions.full_blocks("local", entry.ids)
             self.blocks.hold(entry.pinned_blocks)  # the pin is a reference that is never dropped
+
+    def _hit_last_block(self, seq: Sequence, hit: int) -> int:
+        """A prompt of whole blocks that are all cached: only its last token is computed (a 1-token step
+        instead of a block_size-token one: the first token after a prefix hit or a session restore).
+
+        The prefix cache never hands out the block of the last token (its logits must be computed), so that
+        block's K/V are copied from the cached one into the sequence's own new block, and the last row is
+        written again by the 1-token prefill (the cached block itself is never written). Models with state
+        layers or sliding-window groups (their own blocks and snapshots) and sequences under a long-context
+        policy keep the block-sized recompute.
+
+        Returns:
+            The prompt tokens whose K/V are now in place (`hit`, or num_tokens - 1).
+        """
+        bs, n = self.blocks.block_size, seq.num_tokens
+        if (n % bs or hit != n - bs or seq.policy is not None or seq.dropped
+                or getattr(seq, "max_hit_tokens", None) is not None or len(seq.block_table) < n // bs):
+            return hit
+        src = self.blocks.cached_block(seq, n // bs - 1)
+        if src is None:
+            return hit
+        self.runner.copy_block(src.block_id, seq.block_table[n // bs - 1])
+        return n - 1
 
     def _capture(self, seq: Sequence) -> None:
         if self.snapshots is not None:

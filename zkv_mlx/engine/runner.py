@@ -175,14 +175,18 @@ class ModelRunner:
         shift_block_keys(self.pool, block_ids, rotate)
 
     def copy_block(self, src: int, dst: int) -> None:
-        """Copies one block's K/V (every layer) into another block."""
-        for i in range(self.pool.n_layers):
-            for arrs in (self.pool.k, self.pool.v):
-                if isinstance(arrs[i], (list, tuple)):
-                    for a in arrs[i]:
-                        a[dst] = a[src]
-                else:
-                    arrs[i][dst] = arrs[i][src]
+        """Copies one block's K/V (every layer) into another block.
+
+        The source rows are evaluated before they are written: a scatter whose value still reads the same pool
+        array cannot reuse that array's buffer, so `a[dst] = a[src]` copied the whole pool (~1 s for a
+        3000-block pool here, vs ~1 ms this way).
+        """
+        arrays = [a for arrs in (self.pool.k, self.pool.v) for x in arrs[:self.pool.n_layers]
+                  for a in (x if isinstance(x, (list, tuple)) else (x,))]
+        rows = [a[src] for a in arrays]
+        mx.eval(rows)
+        for a, r in zip(arrays, rows):
+            a[dst] = r
         self.pool.copy_slots(src, dst)
 
 

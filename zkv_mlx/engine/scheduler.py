@@ -57,6 +57,8 @@ class Scheduler:
         self.admissions = admissions
         self.pressure = pressure
         self.align_chunks = False  # end prefill chunks on block boundaries (hybrid models' state snapshots)
+        # (seq, prompt tokens hit) -> tokens hit: may extend a hit past `allocate`'s (Engine: the last block)
+        self.extend_hit = None
 
     def add(self, seq: Sequence) -> None:
         """Queues a sequence; one that could never fit in the pool fails at once with OutOfKVMemory."""
@@ -91,6 +93,8 @@ class Scheduler:
             self.waiting.popleft()
             first = seq.prefill_len == 0
             hit = self.blocks.allocate(seq)
+            if self.extend_hit is not None:
+                hit = self.extend_hit(seq, hit)
             seq.num_computed = hit
             if first:
                 seq.num_cached_tokens = hit

@@ -47,6 +47,8 @@ class PrefillMetadata:
     block_table: list[int] | mx.array
     context_len: int
     mass: list[list] | None = None
+    block_ids: list[int] | None = None  # block_table as Python ints (a 1-token chunk reads the pool in place)
+    plan: tuple | None = None  # that chunk's `decode_plan` (built on first use, shared by the layers)
 
     is_prefill = True
 
@@ -110,7 +112,8 @@ def prefill_metadata(pool: KVPool, start: int, slot_mapping: WritePlan, block_ta
         want_mass: collect attention mass per block (h2o).
     """
     table = block_table if pool.quant is not None else mx.array(block_table, dtype=mx.int32)
-    return PrefillMetadata(pool, start, slot_mapping, table, context_len, mass=[[]] if want_mass else None)
+    return PrefillMetadata(pool, start, slot_mapping, table, context_len, mass=[[]] if want_mass else None,
+                           block_ids=list(block_table))
 
 
 def decode_metadata(pool: KVPool, positions: list[int], slot_mapping: WritePlan, block_tables: list[list[int]],
@@ -174,6 +177,14 @@ def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scal
 
 def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, window, sinks) -> mx.array:
     bs, n, table = meta.pool.block_size, meta.context_len, meta.block_table
+    if q.shape[2] == 1 and meta.pool.quant is None and meta.mass is None and window is None and sinks is None \
+            and kernel_path() != "metal":
+        # One new token (the last one of a prompt whose blocks were all cached): the CPU decode attention reads
+        # the pool in place; the gather below would copy every layer's K/V for one query row.
+        if meta.plan is None:
+            meta.plan = decode_plan(meta.block_ids, n, bs)
+        return single_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.block_ids, n, scale,
+                                       plan=meta.plan)
     if window is not None:
         # only the blocks some query of the chunk can see: from the first query's window start on
         first = max(0, n - q.shape[2] - window + 1) // bs
