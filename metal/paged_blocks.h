@@ -109,8 +109,28 @@ inline void zkv_attend_blocks(PK k, SK k_scales, SK k_biases, PV v, SV v_scales,
   }
 }
 
+// Per-channel key metadata as a float scale and bias (key = scale * q + bias). Float storage as is; uint8 is an
+// e4m3 scale code and a zero point + 128 (zkv_mlx/kernels/kv_meta.py), so bias = -scale * zero point. Chosen
+// by the element type of k_scales/k_biases: one kernel body serves both formats.
+inline float zkv_e4m3(uint c) {
+  const uint e = c >> 3, m = c & 7u;
+  // subnormal codes are multiples of 2^-9; normal ones are built from their float32 bits (exact)
+  return e == 0u ? float(m) * 0.001953125f : as_type<float>(((e + 120u) << 23) | (m << 20));
+}
+
+template <typename T>
+inline void zkv_channel_meta(T s, T b, thread float& scale, thread float& bias) {
+  scale = float(s);
+  bias = float(b);
+}
+
+inline void zkv_channel_meta(uint8_t s, uint8_t z, thread float& scale, thread float& bias) {
+  scale = zkv_e4m3(uint(s));
+  bias = -(float(z) - 128.0f) * scale;
+}
+
 // The same walk with keys quantized per channel over each full block (KB bits, packed like mx.quantize;
-// k_scales/k_biases [NB, n_kv_heads, 1, D]), plus full-precision rows: the sequence's last block (holding
+// k_scales/k_biases [NB, n_kv_heads, 1, D], float or 8-bit: zkv_channel_meta), plus full-precision rows: the sequence's last block (holding
 // position len - 1) from the tail slab k_tail [slots, n_kv_heads, BS, D] when k_slots[id * 2] >= 0, and
 // positions < SINKS from the sink slab k_sinks [slots, n_kv_heads, SINKS, D] when the first block has
 // k_slots[id * 2 + 1] >= 0 (with SINKS > 0, k_sinks has that shape even when no sequence has sink keys).
@@ -140,8 +160,12 @@ inline void zkv_attend_channel(PK k, SK k_scales, SK k_biases, PF k_tail, PG k_s
       for (int j = 0; j < KE; j++) {
         const long ch = head_block * D + w * KE + j;
         const bool on = w < KW && tail_slot < 0;
-        qs[c * KE + j] = on ? qr[c * KE + j] * float(k_scales[ch]) : 0.0f;
-        qb += on ? qr[c * KE + j] * float(k_biases[ch]) : 0.0f;
+        float cs = 0.0f, cb = 0.0f;
+        if (on) {
+          zkv_channel_meta(k_scales[ch], k_biases[ch], cs, cb);
+        }
+        qs[c * KE + j] = on ? qr[c * KE + j] * cs : 0.0f;
+        qb += on ? qr[c * KE + j] * cb : 0.0f;
       }
     }
     const int end = min(t1, (blk + 1) * BS) - blk * BS;

@@ -67,7 +67,7 @@ def test_config_names_bad_values():
     assert make_config(kv_quant="int8").kv.block_size == 16
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "k8v4"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-f16", "k8v4"])
 def test_bytes_per_block_counts_scales(quant):
     kv = KVCacheConfig(quant=quant)
     spec = QuantSpec.from_config(kv)
@@ -76,7 +76,7 @@ def test_bytes_per_block_counts_scales(quant):
     assert stored == KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float32, spec) * 3
     fp16 = KVPool.bytes_per_block(2, H, kv.block_size, D, mx.float16)
     ratio = stored / 3 / fp16
-    assert ratio <= {"int8": 0.57, "int4": 0.30, "k8v4": 0.41}[quant]  # int8: groups of 32 (DEFAULT_GROUP)
+    assert ratio <= {"int8": 0.57, "int4": 0.30, "int4-f16": 0.30, "k8v4": 0.41}[quant]  # int8: groups of 32 (DEFAULT_GROUP)
     assert spec.name(kv.block_size) in pool.format_name
 
 
@@ -88,7 +88,7 @@ def _write_chunks(pool, rows_k, rows_v, table, cuts):
     mx.eval(pool.k, pool.v, pool.tail_k)
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
+@pytest.mark.parametrize("quant", ["int4", "int4-f16", "int8"])
 def test_chunked_writes_equal_one_write(quant):
     spec = _spec(quant)
     bs, n = 32, 75
@@ -238,7 +238,7 @@ def test_kvmem_counts_the_tail_block_and_sinks_per_sequence():
 
 # -- CPU decode straight from the quantized blocks ----------------------------------------------------------------
 
-@pytest.mark.parametrize("quant,kw", [("int4", {}), ("int4", {"sinks": 0}), ("int8", {}), ("int8", {"group_size": 32}),
+@pytest.mark.parametrize("quant,kw", [("int4", {}), ("int4", {"sinks": 0}), ("int4-f16", {}), ("int8", {}), ("int8", {"group_size": 32}),
                                       ("k8v4", {}), ("int4", {"key_layout": "token"})])
 def test_decode_from_quantized_blocks_equals_dequantized_attention(quant, kw):
     from zkv_mlx.kernels.reference import prefill_attention_reference
@@ -263,7 +263,7 @@ def test_decode_from_quantized_blocks_equals_dequantized_attention(quant, kw):
             assert mx.allclose(got, want, atol=2e-5, rtol=1e-4).item(), (quant, kw, table[0], length)
 
 
-@pytest.mark.parametrize("quant", ["int4", "k8v4"])
+@pytest.mark.parametrize("quant", ["int4", "int4-f16", "k8v4"])
 def test_engine_decode_from_quantized_blocks_equals_dequantizing_path(quant, monkeypatch, tiny_model_dir):
     # qwen3 tiny: head_dim 32, a group size mx.quantized_matmul takes, so decode reads the packed blocks
     def run():

@@ -175,9 +175,11 @@ def scenario(request, tiny_model_dir, tmp_path_factory, _load_once):
         loaded = b.load_session(f"conv-{name}")
         rec["loaded"] = (loaded.chat([turn2], temperature=0, max_tokens=N_OUT, ignore_eos=True),
                          _delta(c1, c2 := _counters(b)))
+        rec["loaded_ids"] = list(loaded.token_ids)
         imported = b.import_session(str(tmp / "conv.zkvs"), name=f"imported-{name}")
         rec["imported"] = (imported.chat([turn2], temperature=0, max_tokens=N_OUT, ignore_eos=True),
                            _delta(c2, c3 := _counters(b)))
+        rec["imported_ids"] = list(imported.token_ids)
         rec["policy"] = {}
         for kind, (pr, kw) in policies.items():
             try:
@@ -221,16 +223,11 @@ def test_promote_in_a_fresh_engine(scenario):
 QUANT_LOGIT_GAP = 0.5
 
 
-def test_preemption_and_resume(scenario):
-    toks, d = scenario["preempt"]
-    assert d["preemptions"] > 0
-    if not scenario["quantized"]:
-        assert toks == scenario["cold_r"]
-        return
+def _assert_close_to_cold(scenario, runs) -> None:
+    # runs: (prompt ids, generated ids); every generated token within QUANT_LOGIT_GAP of a cold engine's best
     gaps = []
     with ZKV(scenario["path"], prompt_cache=False, ssd_cache="off", kv_cache_memory="16MB", **scenario["fmt"]) as cold:
-        for prompt, out in zip(scenario["r"], toks):
-            assert len(out) == 24
+        for prompt, out in runs:
             for k, t in enumerate(out):
                 lg = cold.next_token_logits(prompt + out[:k])
                 gaps.append(float(lg.max() - lg[t]))
@@ -238,18 +235,41 @@ def test_preemption_and_resume(scenario):
     assert sum(g > 0 for g in gaps) <= len(gaps) // 4  # mostly the cold run's own choices
 
 
+def test_preemption_and_resume(scenario):
+    toks, d = scenario["preempt"]
+    assert d["preemptions"] > 0
+    if not scenario["quantized"]:
+        assert toks == scenario["cold_r"]
+        return
+    assert all(len(out) == 24 for out in toks)
+    _assert_close_to_cold(scenario, list(zip(scenario["r"], toks)))
+
+
+def _assert_turn2_like_cold(scenario, key) -> None:
+    # A restored session's turn-1 reply was decoded one token at a time, where the cold run prefills it with turn 2:
+    # float KV gives the cold run's tokens; quantized KV is held to close logits, as preemption above (the reply's
+    # keys/values differ by ~1e-6 between decode and prefill, which 4-bit rounding can turn into a near-tie flip:
+    # int4 with e4m3 key metadata flips one token of this conversation, not of three reworded ones).
+    reply, _ = scenario[key]
+    if not scenario["quantized"]:
+        assert reply == scenario["cold_turn2"]
+        return
+    ids = scenario[key + "_ids"]
+    _assert_close_to_cold(scenario, [(ids[:-N_OUT], ids[-N_OUT:])])
+
+
 def test_session_save_and_load(scenario):
     assert scenario["turn1"] == scenario["cold_turn1"]
-    reply, d = scenario["loaded"]
-    assert reply == scenario["cold_turn2"]
+    _assert_turn2_like_cold(scenario, "loaded")
+    _, d = scenario["loaded"]
     # the restored blocks hold every full block of turn 1's prompt: they are hits, not recomputed
     assert d["hit_tokens"] >= (len(scenario["turn1_ids"]) - N_OUT) // scenario["bs"] * scenario["bs"] > 0
     assert d["hit_tokens"] % scenario["bs"] == 0 and d["ssd_promotions"] == 0
 
 
 def test_session_export_and_import(scenario):
-    reply, d = scenario["imported"]
-    assert reply == scenario["cold_turn2"]
+    _assert_turn2_like_cold(scenario, "imported")
+    _, d = scenario["imported"]
     assert d["hit_tokens"] >= (len(scenario["turn1_ids"]) - N_OUT) // scenario["bs"] * scenario["bs"] > 0
     assert d["ssd_promotions"] == 0
 

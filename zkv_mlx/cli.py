@@ -15,6 +15,7 @@ import sys
 from . import __version__
 from .cli_common import (add_engine_flags, add_policy_flags, add_sampling_flags, engine_kwargs,  # noqa: F401
                          open_model, sampling_kwargs)
+from .kv_presets import KV_PRESETS
 
 
 def verb(target: str):
@@ -49,7 +50,7 @@ def add_kv_quality_commands(sub, bsub) -> None:
     esub = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
     e = esub.add_parser("ppl", help="perplexity and KL of a quantized KV cache or a long-context policy vs the "
                                     "full-precision full cache")
-    e.add_argument("--kv-quant", default=None, choices=["none", "int8", "int4", "k8v4"],
+    e.add_argument("--kv-quant", default=None, choices=["none", *KV_PRESETS],
                    help="format evaluated (default int4, or none with --kv-policy)")
     e.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64])
     e.add_argument("--kv-key-layout", default="auto", choices=["auto", "channel", "token"])

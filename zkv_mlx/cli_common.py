@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .kv_presets import KV_PRESETS
+
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Flags every engine-backed command accepts (also spelled as users know them from the zKV docs)."""
@@ -19,10 +21,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help='KV pool size: "4GB", "512MiB", bytes, or "dynamic" (default)')
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--kv-dtype", default=None, choices=["auto", "float16", "bfloat16", "float32"])
-    g.add_argument("--kv-quant", default=None, choices=["none", "int8", "int4", "k8v4"],
-                   help="quantized KV cache: K and V bits (int4 keeps keys per channel; see docs/benchmarks.md)")
+    g.add_argument("--kv-quant", default=None, choices=["none", *KV_PRESETS],
+                   help="quantized KV cache: K and V bits (int4 keeps keys per channel with 8-bit metadata; int4-f16 is "
+                        "int4 before issue #19, for its session files; see docs/benchmarks.md)")
     g.add_argument("--kv-group-size", type=int, default=None, choices=[32, 64],
-                   help="quantization group along head_dim (default 64)")
+                   help="quantization group along head_dim (default 32; int4-f16 and k8v4: 64)")
     g.add_argument("--weights-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "quantized"],
                    help="auto: float32 on the CPU backend when memory allows, as stored on Metal")
     g.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together at most")

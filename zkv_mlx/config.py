@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .kv_presets import KV_PRESETS
 
 _UNITS = {
     "": 1, "b": 1,
@@ -48,7 +49,7 @@ def parse_size(value: Any, what: str = "size") -> int:
 
 
 KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
-KV_QUANTS = ("none", "int8", "int4", "k8v4")
+KV_QUANTS = ("none", *KV_PRESETS)
 KEY_LAYOUTS = ("auto", "channel", "token")
 
 
@@ -58,8 +59,9 @@ class KVCacheConfig:
 
     block_size: tokens per block ("auto": 16, or 32 with per-channel keys). memory: bytes, a size string, or
     "dynamic" (a fraction of the memory left after the weights). dtype: "auto" = the model's activation dtype.
-    quant: "none" | "int8" | "int4" | "k8v4" (K and V bits). group_size: 32 | 64, per-token group along head_dim
-    (default: 32 for int8, 64 for int4 and k8v4; kernels/kv_quant.py DEFAULT_GROUP). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
+    quant: "none" | "int8" | "int4" | "int4-f16" | "k8v4" (kv_presets.py: K and V bits, value group, key metadata;
+    "int4-f16" is int4 as before issue #19). group_size: 32 | 64, per-token group along head_dim (default: the
+    preset's: 32 for int8 and int4, 64 for int4-f16 and k8v4). key_layout: "auto" (per channel for 4-bit keys) | "channel" | "token" (kernels/kv_quant.py).
     sinks: with per-channel keys, keys of each sequence's first `sinks` positions stay in full precision.
     """
 
@@ -82,7 +84,7 @@ class KVCacheConfig:
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or not 0 <= self.sinks <= 8:
             raise ConfigError(f"kv.sinks: {self.sinks!r} must be an integer in 0..8")
         if self.block_size == "auto":
-            self.block_size = 32 if self.channel_keys else 16
+            self.block_size = KV_PRESETS[self.quant].key_block if self.channel_keys else 16
         if not isinstance(self.block_size, int) or self.block_size not in (8, 16, 32, 64, 128):
             raise ConfigError(f"kv.block_size: {self.block_size!r} is not supported; use 8, 16, 32, 64 or 128")
         if isinstance(self.memory, str) and self.memory.strip().lower() == "dynamic":
@@ -97,8 +99,9 @@ class KVCacheConfig:
     @property
     def channel_keys(self) -> bool:
         """Keys quantized per channel over a full block (the default for 4-bit keys)."""
-        return self.quant == "int4" and self.key_layout != "token" or (self.quant != "none"
-                                                                         and self.key_layout == "channel")
+        if self.quant == "none" or self.key_layout == "token":
+            return False
+        return self.key_layout == "channel" or KV_PRESETS[self.quant].channel_default
 
 
 @dataclass(slots=True)

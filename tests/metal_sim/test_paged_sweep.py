@@ -29,8 +29,11 @@ FORMATS = {
     "float": (None, None), "q8": ((8, 64), (8, 64)), "q4": ((4, 32), (4, 32)),
     "q4k_q8v": ((4, 64), (8, 32)), "floatk_q4v": (None, (4, 64)), "q8k_floatv": ((8, 32), None),
 }
-# Keys per channel over a block (KVPool with QuantSpec(k_bits, v_bits, V group, k_channel=True, sinks)).
-CK_FORMATS = {"q4c": (4, 4, 64, 4), "q8c_q4v": (8, 4, 32, 2), "q4c_q8v_nosinks": (4, 8, 64, 0)}
+# Keys per channel over a block (KVPool with QuantSpec(k_bits, v_bits, V group, k_channel=True, sinks[, key
+# metadata])). q4c_e4m3 is the int4 default (issue #19: 8-bit e4m3 scale + zero point per channel and block),
+# q4c the int4 before it (int4-f16).
+CK_FORMATS = {"q4c": (4, 4, 64, 4), "q8c_q4v": (8, 4, 32, 2), "q4c_q8v_nosinks": (4, 8, 64, 0),
+              "q4c_e4m3": (4, 4, 32, 4, "e4m3")}
 HEAD_DIMS, BLOCK_SIZES, GQA = (64, 80, 96, 128, 256), (8, 16, 32, 64, 128), (1, 3, 4)
 LONG = 517
 # The kernel accumulates in float, so it is compared with the reference run in float32 on the same stored
@@ -76,7 +79,7 @@ MASS_CASES = [dict(dtype=list(DTYPES)[i % 3], fmt=f, head_dim=64, block_size=16,
               for i, (f, p) in enumerate(itertools.product([*FORMATS, *CK_FORMATS], (False, True)))]
 MASS_CASES += [dict(c, head_dim=64, mass=True) for c in _pairwise(
     {"block_size": BLOCK_SIZES, "gqa": GQA, "dtype": list(DTYPES), "two_pass": (False, True),
-     "fmt": ["float", "q4k_q8v", "q4c"]}, lambda c: True)]
+     "fmt": ["float", "q4k_q8v", "q4c", "q4c_e4m3"]}, lambda c: True)]
 ALL_CASES = CASES + CK_CASES + MASS_CASES
 
 
@@ -127,13 +130,13 @@ def make_channel_inputs(c, seed=0):
     without positions (no sink slot, its first keys read from the quantized block)."""
     rng = np.random.default_rng(seed)
     dtype, bs, d, n_kv = DTYPES[c["dtype"]], c["block_size"], c["head_dim"], 2
-    kb, vb, vg, sinks = CK_FORMATS[c["fmt"]]
+    kb, vb, vg, sinks, *meta = CK_FORMATS[c["fmt"]]
     lens = _lengths(c)
     need = [-(-n // bs) for n in lens]
     nb = sum(need) + 5
     ids = rng.permutation(nb)
     max_blocks = max(need)
-    pool = KVPool(1, nb, n_kv, bs, d, dtype, QuantSpec(kb, vb, vg, True, sinks))
+    pool = KVPool(1, nb, n_kv, bs, d, dtype, QuantSpec(kb, vb, vg, True, sinks, *meta))
     mx.random.seed(seed)
     tables = np.zeros((len(lens), max_blocks), np.int32)
     start = 0

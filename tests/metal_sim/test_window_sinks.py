@@ -36,7 +36,8 @@ FORMAT_CASES = [dict(c, gqa=2, head_dim=128) for c in _pairwise(
     {"fmt": [*FORMATS, *CK_FORMATS], "dtype": list(DTYPES), "window": WINDOWS, "sinks": (False, True),
      "two_pass": (False, True)}, lambda c: True)]
 MASS_CASES = [dict(window=w, sinks=s, fmt=f, two_pass=p, gqa=2, head_dim=64, dtype="f32", mass=True)
-              for w, s, f, p in itertools.product(WINDOWS, (False, True), ("float", "q4k_q8v", "q4c"), (False, True))]
+              for w, s, f, p in itertools.product(WINDOWS, (False, True), ("float", "q4k_q8v", "q4c", "q4c_e4m3"),
+                                           (False, True))]
 ALL = PRODUCT + FORMAT_CASES + MASS_CASES
 
 

@@ -27,6 +27,7 @@ class ChannelKeyPool(NamedTuple):
 
     packed: [num_blocks, n_kv_heads, block_size, head_dim * bits / 32] uint32 (mx.quantize bit order).
     scales, biases: [num_blocks, n_kv_heads, 1, head_dim]: one per channel and block; key = scale * q + bias.
+        float16, or uint8 for 8-bit metadata (an e4m3 scale code and a zero point + 128: kernels/kv_meta.py).
     tail: [tail_slots, n_kv_heads, block_size, head_dim] float: the rows of partial blocks. A sequence's last
         block (the one holding position context_len - 1) is read from here when it has a tail slot.
     sinks: [sink_slots, n_kv_heads, n_sinks, head_dim] float: the keys of positions < n_sinks of sequences whose
@@ -50,7 +51,7 @@ class KVFormat:
     """bits = 0 for float storage (dtype = storage dtype); else bits/group_size (dtype = scale dtype).
 
     channel: keys per channel over a block (`ChannelKeyPool`; group_size 0), with `sinks` sink positions and
-    tail/sink rows stored in `tail_dtype`.
+    tail/sink rows stored in `tail_dtype`; dtype uint8 = 8-bit e4m3 metadata.
     """
 
     bits: int
@@ -65,7 +66,8 @@ class KVFormat:
         if self.bits == 0:
             return _dtype_name(self.dtype)
         if self.channel:
-            return f"q{self.bits}cs{self.sinks}{_dtype_name(self.tail_dtype)}"
+            meta = "e4m3" if self.dtype == mx.uint8 else ""
+            return f"q{self.bits}c{meta}s{self.sinks}{_dtype_name(self.tail_dtype)}"
         return f"q{self.bits}g{self.group_size}"
 
 
@@ -86,7 +88,8 @@ def pool_format(pool, head_dim: int) -> KVFormat:
         nb, h, bs, words = packed.shape
         bits = words * 32 // head_dim
         if (bits * head_dim != words * 32 or scales.shape != (nb, h, 1, head_dim) or biases.shape != scales.shape
-                or tail.shape[1:] != (h, bs, head_dim) or pool.slots.shape != (nb, 2)):
+                or tail.shape[1:] != (h, bs, head_dim) or pool.slots.shape != (nb, 2)
+                or biases.dtype != scales.dtype):
             raise ValueError(f"per-channel key pool packed {packed.shape} / scales {scales.shape} / biases "
                              f"{biases.shape} / tail {tail.shape} / slots {pool.slots.shape} does not match "
                              f"head_dim {head_dim}")

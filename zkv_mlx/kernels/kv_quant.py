@@ -1,7 +1,8 @@
 """Quantized KV formats: what a pool stores and the pure-MLX quantize/dequantize of its blocks.
 
 Two layouts, both packed along head_dim like `mx.quantize` (element j of a uint32 word in bits
-[j*bits, (j+1)*bits)), affine `x = scale * q + bias` with float16 scales and biases:
+[j*bits, (j+1)*bits)), affine `x = scale * q + bias` with float16 scales and biases (per-channel keys may instead
+carry 8-bit metadata, an e4m3 scale and a zero point: kernels/kv_meta.py):
 - per token ("token"): `mx.quantize` itself, scales/biases [..., BS, D / group].
 - per channel ("channel", keys only, KIVI-style): one scale and bias per channel over the BS tokens of a full
   block, scales/biases [..., 1, D]. A block is quantized only once it is full; until then the pool keeps the
@@ -14,11 +15,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..kv_presets import KV_PRESETS
+from .kv_meta import META_DTYPE, affine_e4m3, meta_to_float
+
 SCALE_DTYPE = mx.float16
-QUANT_NAMES = ("none", "int8", "int4", "k8v4")
-# Per-token group along head_dim when --kv-group-size is not given. int8: 32, because groups of 64 measured
-# +0.145% perplexity on a held-out text (Apache-2.0 licence, docs/benchmarks.md, issue #19), over the 0.1% aim.
-DEFAULT_GROUP = {"int8": 32, "int4": 64, "k8v4": 64}
+QUANT_NAMES = ("none", *KV_PRESETS)
+# Per-token group along head_dim when --kv-group-size is not given (kv_presets.py says why).
+DEFAULT_GROUP = {name: p.group for name, p in KV_PRESETS.items()}
+KEY_META = ("f16", "e4m3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +33,7 @@ class QuantSpec:
     k_channel: keys quantized per channel over a full block (tail block kept in full precision).
     sinks: with per-channel keys, the keys of a sequence's first `sinks` positions are kept in full precision
         (and left out of their block's per-channel ranges).
+    k_meta: metadata of per-channel keys: "f16" (float16 scale and bias) or "e4m3" (kernels/kv_meta.py).
     """
 
     k_bits: int
@@ -36,25 +41,38 @@ class QuantSpec:
     group_size: int
     k_channel: bool
     sinks: int = 0
+    k_meta: str = "f16"
+
+    def __post_init__(self):
+        if self.k_meta not in KEY_META:
+            raise ValueError(f"k_meta {self.k_meta!r} is not one of {KEY_META}")
 
     @classmethod
     def from_config(cls, kv) -> QuantSpec | None:
         """The spec of a `KVCacheConfig` (None for quant="none")."""
         if kv.quant == "none":
             return None
-        kb, vb = {"int8": (8, 8), "int4": (4, 4), "k8v4": (8, 4)}[kv.quant]
+        p = KV_PRESETS[kv.quant]
         channel = kv.channel_keys
-        return cls(kb, vb, kv.group_size or DEFAULT_GROUP[kv.quant], channel, kv.sinks if channel else 0)
+        return cls(p.k_bits, p.v_bits, kv.group_size or p.group, channel, kv.sinks if channel else 0,
+                   p.key_meta if channel else "f16")
+
+    @property
+    def k_meta_dtype(self) -> mx.Dtype:
+        """dtype of the key scales and biases arrays (per-channel e4m3 metadata: uint8)."""
+        return META_DTYPE if self.k_meta == "e4m3" else SCALE_DTYPE
 
     def name(self, block_size: int) -> str:
         k = f"q{self.k_bits}c{block_size}" if self.k_channel else f"q{self.k_bits}g{self.group_size}"
+        k += "e4m3" if self.k_meta == "e4m3" else ""
         sinks = f";sinks={self.sinks}" if self.sinks else ""
         return f"k={k};v=q{self.v_bits}g{self.group_size}{sinks}"
 
     def bytes_per_row(self, n_kv_heads: int, head_dim: int, block_size: int) -> float:
         """Bytes of K and V per token position of one layer, scales and biases included."""
         s = SCALE_DTYPE.size
-        k_meta = 2 * s * head_dim / block_size if self.k_channel else 2 * s * head_dim / self.group_size
+        k_meta = (2 * self.k_meta_dtype.size * head_dim / block_size if self.k_channel
+                  else 2 * s * head_dim / self.group_size)
         k = head_dim * self.k_bits / 8 + k_meta
         v = head_dim * self.v_bits / 8 + 2 * s * head_dim / self.group_size
         return n_kv_heads * (k + v)
@@ -97,26 +115,30 @@ def dequantize_tokens(packed, scales, biases, bits: int, group_size: int, dtype=
     return x.reshape(*x.shape[:-2], -1).astype(dtype)
 
 
-def quantize_channels(x: mx.array, bits: int) -> tuple[mx.array, mx.array, mx.array]:
+def quantize_channels(x: mx.array, bits: int, meta: str = "f16") -> tuple[mx.array, mx.array, mx.array]:
     """Per-channel quantization over the token axis of full blocks.
 
     Args:
         x: [..., BS, D] float (the BS tokens of each block).
+        meta: "f16" or "e4m3" (kernels/kv_meta.py).
     Returns:
-        packed [..., BS, D * bits / 32] uint32, scales and biases [..., 1, D] float16.
+        packed [..., BS, D * bits / 32] uint32, scales and biases [..., 1, D]: float16 (f16), or uint8 e4m3
+        scale codes and offset zero points (e4m3).
     """
-    q, s, b = _affine(x, -2, bits)
+    q, s, b = affine_e4m3(x, -2, bits) if meta == "e4m3" else _affine(x, -2, bits)
     return pack(q, bits), s, b
 
 
 def dequantize_channels(packed, scales, biases, bits: int, dtype=mx.float32) -> mx.array:
-    """Inverse of `quantize_channels`: [..., BS, D] in `dtype` (one fused graph per shape: unpack, scale, bias)."""
+    """Inverse of `quantize_channels` (either metadata, told apart by the scales' dtype): [..., BS, D] in `dtype`
+    (one fused graph per shape: unpack, scale, bias)."""
     return _DEQ_CHANNELS[bits](packed, scales, biases).astype(dtype)
 
 
 def _dequantize_channels(bits: int):
     def f(packed, scales, biases):
-        return unpack(packed, bits).astype(mx.float32) * scales.astype(mx.float32) + biases.astype(mx.float32)
+        s, b = meta_to_float(scales, biases)
+        return unpack(packed, bits).astype(mx.float32) * s + b
 
     return mx.compile(f)
 

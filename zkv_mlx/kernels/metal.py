@@ -25,6 +25,9 @@ HEAD_DIMS = (64, 80, 96, 128, 256)
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 QUANT_BITS = (4, 8)
 FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+# per-channel key metadata the ck kernels read besides float: uint8 e4m3 scale codes and zero points
+# (kernels/kv_meta.py; paged_blocks.h picks the decoding by the element type, so the kernel bodies are shared)
+CHANNEL_META_DTYPES = (mx.uint8,)
 MIN_PARTITION = 256        # keys; below this a split's fixed cost outweighs the extra parallelism
 TARGET_THREADGROUPS = 128  # enough threadgroups to keep an M-series GPU's cores streaming KV
 
@@ -88,7 +91,7 @@ def select_variant(q: mx.array, k_pool, v_pool, block_tables: mx.array) -> Varia
             fmt = pool_format(pool, D)
         except ValueError as e:
             raise Unsupported(str(e)) from None
-        if fmt.dtype not in FLOAT_DTYPES:
+        if fmt.dtype not in FLOAT_DTYPES and not (fmt.channel and fmt.dtype in CHANNEL_META_DTYPES):
             raise Unsupported(f"{which} pool dtype {fmt.dtype}")
         if fmt.channel:
             if which == "V":

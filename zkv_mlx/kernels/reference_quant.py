@@ -6,6 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .kv_format import ChannelKeyPool, is_quantized, pool_format, pool_shape
+from .kv_meta import meta_to_float
 from .kv_quant import dequantize_channels
 from .reference import _masked_probs, _masked_probs_sinks, _runs, paged_attention_reference
 from .window import check_sinks, first_block, unview_mass, window_view
@@ -120,7 +121,8 @@ def quantized_decode_attention(q: mx.array, k: tuple, v: tuple, ids: list[int], 
     Scores and outputs come from `mx.quantized_matmul` over slices of the pool (contiguous runs of block ids; a
     gather of the packed words when the table is scattered). Keys per token: q . dequant(K) directly. Keys per
     channel (k = scale_c * i + bias_c over a block): q . k = (q * scale) . i + q . bias, so the matmul reads the
-    raw integers with unit scales and the per-block channel scales fold into q. V is per token: p @ dequant(V).
+    raw integers with unit scales and the per-block channel scales fold into q (8-bit e4m3 metadata is decoded
+    to float scale and bias first: kernels/kv_meta.py). V is per token: p @ dequant(V).
 
     Args:
         q: [1, n_heads, 1, D] float. k, v: the layer's (packed, scales, biases) pool arrays.
@@ -190,7 +192,7 @@ def _key_scores(qh: mx.array, k: tuple, parts: list, nq: int, k_bits: int, group
         if k_channel:
             g = next(x for x in _QMM_GROUPS if d % x == 0)
             ones, zeros = _unit_affine(n, h, bs, d // g)
-            cs, cb = ks[sl].astype(mx.float32), kb[sl].astype(mx.float32)  # [n, H, 1, D]
+            cs, cb = meta_to_float(ks[sl], kb[sl])  # [n, H, 1, D] float32 (float16 or e4m3 metadata)
             s = mx.quantized_matmul(qh[None] * cs, pk, ones, zeros, transpose=True, group_size=g, bits=k_bits)
             s = s + (qh[None] * cb).sum(axis=-1, keepdims=True)
         else:

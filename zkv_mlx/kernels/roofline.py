@@ -21,11 +21,14 @@ PEAK_GBPS = {
 FORMATS = {"fp32": (32, 0), "fp16/bf16": (16, 0), "q8 g32": (8, 32), "q8 g64": (8, 64), "q4 g32": (4, 32),
            "q4 g64": (4, 64)}
 # Keys per channel over a block of 32 tokens carry one fp16 scale and bias per channel and block: per row the
-# same metadata as a group of 32 along head_dim. The tail block and the sinks (full precision, at most 35 rows
-# per sequence and layer) are left out.
+# same metadata as a group of 32 along head_dim; with 8-bit metadata (an e4m3 scale and a zero point,
+# kernels/kv_meta.py) one byte each. The tail block and the sinks (full precision, at most 35 rows per sequence
+# and layer) are left out.
 FORMATS["q4 c32"] = (4, 32)
-# (K format, V format) pairs printed as one row: the default int4 KV format
-MIXED = {"int4 default: K q4 c32 + V q4 g64": ("q4 c32", "q4 g64")}
+FORMATS["q4 c32 e4m3"] = (4, 32, 1)  # (bits, group, bytes per scale and per bias)
+# (K format, V format) pairs printed as one row: the int4 KV format (issue #19) and the one before it
+MIXED = {"int4 default: K q4 c32 e4m3 + V q4 g32": ("q4 c32 e4m3", "q4 g32"),
+         "int4-f16 (int4 before issue #19): K q4 c32 + V q4 g64": ("q4 c32", "q4 g64")}
 
 MODELS = {  # (layers, KV heads, head_dim)
     "SmolLM2-135M (bundled)": (30, 3, 64),
@@ -66,7 +69,7 @@ def main() -> None:
         print(f"\nKV bytes read per decoded token, {model} ({layers} layers, {kv_heads} KV heads, head_dim {d}):\n")
         print("| format | bytes/element | " + " | ".join(f"L={c}" for c in contexts) + " |")
         print("|---|---|" + "---|" * len(contexts))
-        rows = {name: (name, name) for name in FORMATS if name != "q4 c32"} | MIXED
+        rows = {name: (name, name) for name in FORMATS if not name.startswith("q4 c32")} | MIXED
         for name, (kf, vf) in rows.items():
             per_elem = (row_bytes(d, *FORMATS[kf]) + row_bytes(d, *FORMATS[vf])) / (2 * d)
             sizes = [kv_bytes_per_token(layers, kv_heads, d, c, kf, vf) / 2**20 for c in contexts]
@@ -74,7 +77,7 @@ def main() -> None:
     layers, kv_heads, d = MODELS["Llama-3-8B shape"]
     context = 32768
     names = ("fp16/bf16", "q8 g64", "q4 g32", "int4 default")
-    pairs = {"int4 default": ("q4 c32", "q4 g64")}
+    pairs = {"int4 default": ("q4 c32 e4m3", "q4 g32")}
     print(f"\nAttention-only lower bound per decode step, Llama-3-8B shape, L={context}, batch 1 (ms):\n")
     print("| chip | GB/s | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from .roofline import PEAK_GBPS, kv_bytes_per_token
 
-# The engine's KV formats as (K format, V format) of `roofline.FORMATS` (config.py: --kv-quant, group 64 default).
+# The engine's KV formats as (K format, V format) of `roofline.FORMATS` (--kv-quant presets: kv_presets.py).
 KV_FORMATS = {
     "fp32": ("fp32", "fp32"),
     "fp16/bf16": ("fp16/bf16", "fp16/bf16"),
-    "int8": ("q8 g64", "q8 g64"),
+    "int8": ("q8 g32", "q8 g32"),
     "k8v4": ("q8 g64", "q4 g64"),
-    "int4": ("q4 c32", "q4 g64"),
+    "int4": ("q4 c32 e4m3", "q4 g32"),
+    "int4-f16": ("q4 c32", "q4 g64"),
 }
 CONTEXTS = (2048, 4096, 8192)
 # (layers, KV heads, head_dim, parameters, weight bytes per parameter as usually run on a Mac)

@@ -145,4 +145,4 @@ def _from_bytes(data: np.ndarray, at: int, n: int, dtype: mx.Dtype, shape: tuple
 
 
 def _np_dtype(dtype: mx.Dtype):
-    return {mx.uint32: np.uint32, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.float32: np.float32}[dtype]
+    return {mx.uint32: np.uint32, mx.uint8: np.uint8, mx.float16: np.float16, mx.bfloat16: np.uint16, mx.float32: np.float32}[dtype]

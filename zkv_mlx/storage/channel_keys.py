@@ -113,7 +113,7 @@ class ChannelKeySlabs:
         if s and any(sink):
             rows = (mx.arange(self.block_size) < s)[None, None, :, None] & mx.array(sink)[:, None, None, None]
             x = mx.where(rows, x[:, :, s:s + 1], x)
-        return quantize_channels(x, self.quant.k_bits)
+        return quantize_channels(x, self.quant.k_bits, self.quant.k_meta)
 
     def _plan_sinks(self, plan: WritePlan, blocks, offsets, positions) -> None:
         s = self.quant.sinks

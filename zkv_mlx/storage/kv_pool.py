@@ -52,7 +52,8 @@ class KVPool(ChannelKeySlabs, BlockBytes):
         else:
             g = quant.group_size
             k_meta = (nb, h, 1, d) if quant.k_channel else (nb, h, bs, d // g)
-            self.k = [_triple((nb, h, bs, d * quant.k_bits // 32), k_meta) for _ in range(n_layers)]
+            self.k = [_triple((nb, h, bs, d * quant.k_bits // 32), k_meta, quant.k_meta_dtype)
+                      for _ in range(n_layers)]
             self.v = [_triple((nb, h, bs, d * quant.v_bits // 32), (nb, h, bs, d // g)) for _ in range(n_layers)]
         mx.eval(self.k, self.v)
         # [1, H]: broadcast against [N, 1] block/offset indices to address every head of a row.
@@ -197,9 +198,9 @@ def _dummy(dtype: mx.Dtype, shape: tuple) -> mx.array:
     return _DUMMIES[key]
 
 
-def _triple(packed_shape, meta_shape) -> list[mx.array]:
-    return [mx.zeros(packed_shape, dtype=mx.uint32), mx.zeros(meta_shape, dtype=SCALE_DTYPE),
-            mx.zeros(meta_shape, dtype=SCALE_DTYPE)]
+def _triple(packed_shape, meta_shape, meta_dtype=SCALE_DTYPE) -> list[mx.array]:
+    return [mx.zeros(packed_shape, dtype=mx.uint32), mx.zeros(meta_shape, dtype=meta_dtype),
+            mx.zeros(meta_shape, dtype=meta_dtype)]
 
 
 def _rows(x: mx.array, length: int) -> mx.array:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SessionError, SessionFormatError, SessionMismatchError
+from ..kv_presets import flags_for_format
 from ..names import NAME_RULE, check_name, is_valid_name  # noqa: F401  (check_name: re-exported)
 from .atomic import atomic_write
 
@@ -290,7 +291,9 @@ def check_compatible(meta: dict, fingerprint: str, kv_format: str, path: Path | 
             "--model PATH, Python: ZKV(PATH))"
         )
     if meta["kv_format"] != kv_format:
+        flags = flags_for_format(str(meta["kv_format"]))
+        fix = (f"start zkv-mlx with {flags} (Python: the same settings as ZKV keyword arguments)" if flags else
+               "it was made by another version of zkv-mlx: open it with that version")
         raise SessionMismatchError(
-            f"{path} stores KV format {meta['kv_format']!r} but this engine uses {kv_format!r}; start zkv-mlx with "
-            "the same --kv-dtype, --kv-quant (and --kv-group-size) and --block-size"
+            f"{path} stores KV format {meta['kv_format']!r} but this engine uses {kv_format!r}; {fix}"
         )
