@@ -165,6 +165,13 @@ def scenario(request, tiny_model_dir, tmp_path_factory, _load_once):
         rec["turn1_ids"] = list(s.token_ids)
         s.save()
         s.export(tmp / "conv.zkvs")
+    # The same conversation continued in one engine of the same settings, no file in between: a restored session
+    # must give exactly these tokens (its blocks are the same bytes), quantized or not.
+    with ZKV(path, ssd_cache="off", kv_cache_memory=memory, max_num_seqs=4, prefill_chunk=32, **fmt) as live_engine:
+        live = live_engine.create_session(f"live-{name}")
+        assert live.chat(MESSAGE, temperature=0, max_tokens=N_OUT, ignore_eos=True) == rec["turn1"]
+        rec["live_turn2"] = live.chat([turn2], temperature=0, max_tokens=N_OUT, ignore_eos=True)
+        live_engine.delete_session(f"live-{name}")
     # A fresh engine on the same directories: the SSD index and session files are all it has (a new process
     # reads nothing else from the first one).
     with ZKV(path, **ssd, **fmt) as b:
@@ -251,6 +258,7 @@ def _assert_turn2_like_cold(scenario, key) -> None:
     # keys/values differ by ~1e-6 between decode and prefill, which 4-bit rounding can turn into a near-tie flip:
     # int4 with e4m3 key metadata flips one token of this conversation, not of three reworded ones).
     reply, _ = scenario[key]
+    assert reply == scenario["live_turn2"]  # the round trip itself is exact
     if not scenario["quantized"]:
         assert reply == scenario["cold_turn2"]
         return
