@@ -66,3 +66,17 @@ def test_one_buffer_read_still_finds_a_corrupt_tensor(tmp_path):
     path.write_bytes(bytes(raw[:-100]))
     with pytest.raises(SessionFormatError, match="truncated"):
         session_file.read(path)
+
+
+def test_read_meta_reports_a_truncated_copy(tmp_path):
+    # listings (`sessions list`, `sessions info`) read only the metadata: a cut-off copy must not pass as healthy
+    k = [np.random.rand(2, 2, 4, 8).astype(np.float32) for _ in range(3)]
+    meta = {"model_fingerprint": "m", "kv_format": "f", "dtype": "float32", "name": "s", "user": "local",
+            "n_layers": 3, "n_kv_heads": 2, "block_size": 4, "head_dim": 8, "n_blocks": 2,
+            "block_shape": [2, 4, 8], "token_ids": list(range(9)), "messages": []}
+    path = tmp_path / "s.zkvs"
+    session_file.write(path, session_file.SessionData(meta=meta, k=k, v=k))
+    assert session_file.read_meta(path)["token_ids"] == list(range(9))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(SessionFormatError, match="truncated .* copy it again"):
+        session_file.read_meta(path)

@@ -142,7 +142,7 @@ def _add_tool_verbs(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--kernels", action="store_true",
                    help="on a Mac: run every Metal kernel variant against the reference (pass/fail, GB/s)")
-    p.add_argument("--model", metavar="M", default=None,
+    p.add_argument("--model", "-m", metavar="M", default=None,
                    help="print the model's layer plan: per layer group its kind, window, KV heads, head dim and KV "
                         "bytes per token; parts zkv-mlx does not implement are named")
     p.set_defaults(func=verb("doctor:run_doctor"))

@@ -40,7 +40,10 @@ def _list(user: str, as_json: bool) -> None:
 
 
 def _info(p, as_json: bool) -> None:
-    m = read_meta(p)
+    try:
+        m = read_meta(p)
+    except SessionError as e:
+        raise type(e)(f"{e} (or remove it: zkv-mlx sessions delete {p.stem})") from None
     info = {k: m.get(k) for k in ("name", "user", "model_name", "model_fingerprint", "kv_format",
                                    "block_size", "n_blocks", "created_at", "updated_at")}
     info.update(created_at=iso_utc(m.get("created_at")), updated_at=iso_utc(m.get("updated_at")))

@@ -91,8 +91,17 @@ def write(path: Path, data: SessionData) -> int:
 def read_meta(path: Path) -> dict:
     """Reads and validates only the JSON metadata of a session file (cheap: for listings)."""
     with _open(path) as f:
-        header, _ = _header(f, os.fstat(f.fileno()).st_size, path)
-    return _meta(header, path)
+        size = os.fstat(f.fileno()).st_size
+        header, header_len = _header(f, size, path)
+    meta = _meta(header, path)
+    # A cut-off copy is caught here already (listings and `sessions info`), not only when its K/V are read.
+    ends = [info["data_offsets"][1] for info in header.values()
+            if isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and isinstance(info["data_offsets"][1], int)]
+    if ends and 8 + header_len + max(ends) > size:
+        raise SessionFormatError(f"{path}: file is truncated ({size} bytes, its tensors need "
+                                 f"{8 + header_len + max(ends)}); copy it again from where it came from")
+    return meta
 
 
 def read(path: Path) -> SessionData:
@@ -123,7 +132,8 @@ def read(path: Path) -> SessionData:
                 if list(info.get("shape", [])) != list(shape) or end - start != nbytes:
                     raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {shape}")
                 if base + end > size:
-                    raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
+                    raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end); copy it again from "
+                                             "where it came from")
                 spans.append((name, start, end, shape, out, dtype))
         # hybrid models: the state arrays (float32), placed into data.state by (state cache, array) index
         for i, shapes in enumerate(meta.get("state", {}).get("shapes", [])):
@@ -164,7 +174,8 @@ def _state_span(header: dict, name: str, shape: tuple, base: int, size: int, pat
             np.prod(shape)) * 4:
         raise SessionFormatError(f"{path}: tensor {name} has shape {info.get('shape')}, expected {list(shape)}")
     if base + end > size:
-        raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end)")
+        raise SessionFormatError(f"{path}: file is truncated (tensor {name} ends past the end); copy it again from "
+                                             "where it came from")
     return (name, start, end, shape, (arrays, j), np.dtype(np.float32))
 
 
