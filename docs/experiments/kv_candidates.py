@@ -5,10 +5,13 @@ dequantized version, with the engine's semantics: keys per channel over the toke
 partial tail block and the first `sinks` positions in full precision (storage/channel_keys.py); values per token
 in groups along head_dim. Chunked prefill (128 tokens) with write-then-attend, as `zkv-mlx eval ppl`.
 
-CHOOSING texts pick the default (lowest mean delta among candidates within 0.30x fp16 bytes); HELD-OUT texts
-are only reported. The chosen format is then measured for real with `zkv-mlx eval ppl --kv-quant int4`.
+CHOOSING texts pick the default (lowest mean delta among candidates within 9.6 bits per element, 0.30x fp16);
+HELD-OUT texts are only reported. The chosen format is then measured for real with `zkv-mlx eval ppl --kv-quant int4`.
 
-    .venv/bin/python docs/experiments/kv_candidates.py [--windows 3] [--only NAME,...] > table.md
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python docs/experiments/kv_candidates.py [--set first|second|all]
+        [--windows 3] [--texts a.txt,b.txt] [--only "NAME|NAME"] > table.md
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python docs/experiments/kv_candidates.py --sensitivity --windows 1 \
+        --texts python-license.txt      # one layer's keys (then values) quantized at a time
 """
 
 from __future__ import annotations
@@ -108,6 +111,28 @@ CANDIDATES = [
     Candidate("c32 f16 / v mxfp4", 32, "f16", 32, "mxfp4"),
     Candidate("c32 f16 / v nvfp4", 32, "f16", 16, "nvfp4"),
     Candidate("c32 f16 rotated / v g64 f16", 32, "f16", 64, "f16", rotate=True),
+]
+
+# Second search (w/qsearch). Levers and their sources:
+# - per-channel keys, per-token values, recent tokens in full precision: KIVI (Liu et al. 2024, arXiv:2402.02750)
+# - keys quantized before RoPE; dense-and-sparse key outliers: KVQuant (Hooper et al. 2024, arXiv:2401.18079)
+# - Hadamard rotation before quantizing (here: of the values, per token): QuaRot (Ashkboos et al. 2024,
+#   arXiv:2404.00456)
+# - full-precision attention-sink tokens: StreamingLLM (Xiao et al. 2023, arXiv:2309.17453)
+# - mixed precision by layer: the layers with the largest one-layer-at-a-time KL (--sensitivity) at 8 bits
+K8_LAYERS: tuple[int, ...] = ()  # set from the sensitivity run on a CHOOSING text (see SECOND below)
+V8_LAYERS: tuple[int, ...] = ()
+SECOND = [
+    Candidate("c32 u8 / v g32 u8", 32, "u8", 32, "u8"),
+    Candidate("c16 u8 / v g32 u8", 16, "u8", 32, "u8"),
+    Candidate("c16 u8 / v g64 f16", 16, "u8", 64, "f16"),
+    Candidate("c32 u8 / v g16 u8", 32, "u8", 16, "u8"),
+    Candidate("c32 u8 pre-RoPE / v g32 f16", 32, "u8", 32, "f16", pre_rope=True),
+    Candidate("c32 u8 pre-RoPE / v g32 u8", 32, "u8", 32, "u8", pre_rope=True),
+    Candidate("c32 u8 / v g32 u8 rotated", 32, "u8", 32, "u8", v_rotate=True),
+    Candidate("c32 u8 / v g32 f16 rotated", 32, "u8", 32, "f16", v_rotate=True),
+    Candidate("c32 u8 + 1% outliers / v g32 u8", 32, "u8", 32, "u8", k_outliers=0.01),
+    Candidate("c32 u8 / v g32 f16, 8 sinks", 32, "u8", 32, "f16", sinks=8),
 ]
 
 
@@ -256,6 +281,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--only", default="", help="candidate names separated by |")
     ap.add_argument("--texts", default="", help="comma-separated text file names (default: all)")
+    ap.add_argument("--set", choices=["first", "second", "all"], default="first",
+                    help="the first search's candidates, the second search's (w/qsearch) or both")
     ap.add_argument("--sensitivity", action="store_true",
                     help="per layer: only that layer's keys (or values) quantized (K c32 u8, V g32 u8)")
     args = ap.parse_args()
@@ -265,7 +292,8 @@ def main() -> int:
     cls = make_cache_class(lm.model.args.rope_theta, lm.model.args.rope_traditional)
     if args.sensitivity:
         return sensitivity(lm, cls, args)
-    cands = [c for c in CANDIDATES if not args.only or c.name in args.only.split("|")]
+    pool = {"first": CANDIDATES, "second": SECOND, "all": CANDIDATES + SECOND}[args.set]
+    cands = [c for c in pool if not args.only or c.name in args.only.split("|")]
     res, nwin = {}, {}
     for name in [t for t in CHOOSING + HELD_OUT if not args.texts or t in args.texts.split(",")]:
         t0 = time.perf_counter()
@@ -284,7 +312,7 @@ def main() -> int:
         mark = " **chosen**" if c is chosen else ""
         print(f"| {c.name}{mark} | {c.bits():.3g} | {c.bits() / 32:.3f} | " + " | ".join(cells) + " |")
     print(f"\ncells: perplexity delta vs full precision / mean KL; chosen: {chosen and chosen.name} (lowest mean "
-          f"delta on the CHOOSING texts among candidates <= 0.30x fp16)")
+          f"delta on the CHOOSING texts among candidates <= {BUDGET_BITS} bits per element)")
     return 0
 
 

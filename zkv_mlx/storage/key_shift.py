@@ -61,9 +61,10 @@ def _shift_channel_keys(pool, layer: int, block_ids: list[int], idx: mx.array, r
             rows = [m[layer] if (m := masters.get(full[i])) and m[layer] is not None else k[i] for i in kept]
             k[mx.array(kept, dtype=mx.int32)] = mx.stack(rows)
         k = rotate(layer, k)
-        for i in kept:
-            masters.setdefault(full[i], [None] * pool.n_layers)[layer] = k[i]
-        mx.eval([masters[full[i]][layer] for i in kept])  # no graph chain from one move to the next
+        rows = [k[i] for i in kept]
+        mx.eval(rows)  # no graph chain from one move to the next
+        for i, r in zip(kept, rows):
+            masters.setdefault(full[i], [None] * pool.n_layers)[layer] = r
         scatter(pool.k[layer], (fidx,), pool._quantize_keys(k, [b in pool._sink_slot for b in full]))
     tails = [pool._slot[b] for b in block_ids if b in pool._slot]
     if tails:
