@@ -120,8 +120,10 @@ CANDIDATES = [
 #   arXiv:2404.00456)
 # - full-precision attention-sink tokens: StreamingLLM (Xiao et al. 2023, arXiv:2309.17453)
 # - mixed precision by layer: the layers with the largest one-layer-at-a-time KL (--sensitivity) at 8 bits
-K8_LAYERS: tuple[int, ...] = ()  # set from the sensitivity run on a CHOOSING text (see SECOND below)
-V8_LAYERS: tuple[int, ...] = ()
+# From `--sensitivity --windows 1 --texts python-license.txt` (CHOOSING; docs/experiments/kv_sensitivity.md), by
+# mean KL with one layer's keys or values at 4 bits: keys of layers 10, 1, 20, 23 and values of layer 1 lead.
+K8_LAYERS = (1, 10, 20, 23)  # the 4 largest key KLs: 4 x 4.5 bits / 30 layers = +0.6 bits
+MIX_K8, MIX_V8 = (1, 10, 20), (1,)  # the 4 largest of all 60 (K and V) KLs
 SECOND = [
     Candidate("c32 u8 / v g32 u8", 32, "u8", 32, "u8"),
     Candidate("c16 u8 / v g32 u8", 16, "u8", 32, "u8"),
@@ -133,6 +135,10 @@ SECOND = [
     Candidate("c32 u8 / v g32 f16 rotated", 32, "u8", 32, "f16", v_rotate=True),
     Candidate("c32 u8 + 1% outliers / v g32 u8", 32, "u8", 32, "u8", k_outliers=0.01),
     Candidate("c32 u8 / v g32 f16, 8 sinks", 32, "u8", 32, "f16", sinks=8),
+    Candidate("c32 u8 K8x4 / v g32 u8", 32, "u8", 32, "u8", k8=K8_LAYERS),
+    Candidate("c32 u8 K8x3 / v g32 u8 V8x1", 32, "u8", 32, "u8", k8=MIX_K8, v8=MIX_V8),
+    Candidate("c32 u8 pre-RoPE K8x3 / v g32 u8 V8x1", 32, "u8", 32, "u8", k8=MIX_K8, v8=MIX_V8, pre_rope=True),
+    Candidate("c32 u8 K8x3 / v g32 u8 rotated V8x1", 32, "u8", 32, "u8", k8=MIX_K8, v8=MIX_V8, v_rotate=True),
 ]
 
 
