@@ -141,6 +141,24 @@ SECOND = [
     Candidate("c32 u8 K8x3 / v g32 u8 rotated V8x1", 32, "u8", 32, "u8", k8=MIX_K8, v8=MIX_V8, v_rotate=True),
 ]
 
+# The second search's stage 1 (docs/benchmarks.md): the first search's pick, the old default and SECOND less
+# "c16 u8 / v g64 f16" and the two 9.0-bit pre-RoPE / rotated rows without mixed layers
+STAGE1 = [
+    'c32 u8 / v g32 f16',
+    'c32 f16 / v g64 f16 (old default)',
+    'c32 u8 / v g32 u8',
+    'c16 u8 / v g32 u8',
+    'c32 u8 / v g16 u8',
+    'c32 u8 pre-RoPE / v g32 f16',
+    'c32 u8 / v g32 f16 rotated',
+    'c32 u8 + 1% outliers / v g32 u8',
+    'c32 u8 / v g32 f16, 8 sinks',
+    'c32 u8 K8x4 / v g32 u8',
+    'c32 u8 K8x3 / v g32 u8 V8x1',
+    'c32 u8 pre-RoPE K8x3 / v g32 u8 V8x1',
+    'c32 u8 K8x3 / v g32 u8 rotated V8x1',
+]
+
 
 def outlier_mask(blocks: mx.array, frac: float) -> mx.array:
     """KVQuant's dense-and-sparse split (Hooper et al. 2024, arXiv:2401.18079, section 3.4), per key block: the
@@ -287,8 +305,9 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--only", default="", help="candidate names separated by |")
     ap.add_argument("--texts", default="", help="comma-separated text file names (default: all)")
-    ap.add_argument("--set", choices=["first", "second", "all"], default="first",
-                    help="the first search's candidates, the second search's (w/qsearch) or both")
+    ap.add_argument("--set", choices=["first", "second", "all", "stage1"], default="first",
+                    help="the first search's candidates, the second search's (w/qsearch), both, or the 13 of the "
+                         "second search's stage 1")
     ap.add_argument("--sensitivity", action="store_true",
                     help="per layer: only that layer's keys (or values) quantized (K c32 u8, V g32 u8)")
     args = ap.parse_args()
@@ -298,7 +317,9 @@ def main() -> int:
     cls = make_cache_class(lm.model.args.rope_theta, lm.model.args.rope_traditional)
     if args.sensitivity:
         return sensitivity(lm, cls, args)
-    pool = {"first": CANDIDATES, "second": SECOND, "all": CANDIDATES + SECOND}[args.set]
+    both = CANDIDATES + SECOND
+    pool = {"first": CANDIDATES, "second": SECOND, "all": both,
+            "stage1": [c for c in both if c.name in STAGE1]}[args.set]
     cands = [c for c in pool if not args.only or c.name in args.only.split("|")]
     res, nwin = {}, {}
     for name in [t for t in CHOOSING + HELD_OUT if not args.texts or t in args.texts.split(",")]:
