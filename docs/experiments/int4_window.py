@@ -38,6 +38,8 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--text", default=None, help="UTF-8 text file (default: eval ppl's pydoc topics)")
     ap.add_argument("--no-old", action="store_true", help="skip the run without the master")
+    ap.add_argument("--kv-group-size", type=int, default=None, help="int4 value groups (default: the format's)")
+    ap.add_argument("--kv-sinks", type=int, default=4, help="full-precision sink keys of the int4 cache")
     args = ap.parse_args()
 
     from zkv_mlx.cache.policy import KVPolicy
@@ -48,7 +50,7 @@ def main() -> int:
     from zkv_mlx.models.loader import load_model
 
     t0 = time.perf_counter()
-    kv = KVCacheConfig(quant="int4", block_size="auto")
+    kv = KVCacheConfig(quant="int4", block_size="auto", group_size=args.kv_group_size, sinks=args.kv_sinks)
     lm = load_model(None)
     text = open(args.text, encoding="utf-8").read() if args.text else default_text()
     wins = windows(lm.tokenizer.encode(text), args.context, args.windows)
@@ -84,7 +86,8 @@ def main() -> int:
                 scores[name].add(a[:n], r.chunk(start, end)[:n], t)
     res = {name: sc.result() for name, sc in scores.items()}
     flt = res["window"]["delta_pct"]
-    out = {"budget": args.budget, "sinks": args.sinks, "block_size": bs, "context": args.context,
+    out = {"budget": args.budget, "sinks": args.sinks, "block_size": bs, "kv_group_size": args.kv_group_size,
+           "kv_sinks": args.kv_sinks, "context": args.context,
            "windows": len(wins), "chunk": chunk, "results": res,
            "vs_float_window_points": {k: round(v["delta_pct"] - flt, 3) for k, v in res.items() if "+int4" in k},
            "seconds": round(time.perf_counter() - t0, 1)}

@@ -329,7 +329,8 @@ def main() -> int:
         print(f"{name}: {nwin[name]} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     texts = list(res)
     fit = [c for c in cands if c.bits() <= BUDGET_BITS]
-    chosen = min(fit, key=lambda c: sum(res[t][c.name][0] for t in CHOOSING if t in res)) if fit else None
+    choosing = [t for t in CHOOSING if t in res]  # no choice from held-out texts alone
+    chosen = min(fit, key=lambda c: sum(res[t][c.name][0] for t in choosing)) if fit and choosing else None
     head = "| candidate | bits/elem (K+V) | x fp16 | " + " | ".join(
         f"{t} ({'CHOOSING' if t in CHOOSING else 'held out'}, {nwin[t]} win)" for t in texts) + " |"
     print(head)
