@@ -90,7 +90,15 @@ def test_a_sink_block_moved_many_times_is_one_requantization_of_its_rotated_keys
     assert (err[:, 4:8] <= 0.5 * step * 1.02 + 2e-3).all()  # one rounding of the rotated keys
     # a block without a master (not a sink block) drifts: the master is what keeps block 0 exact
     assert err[:, 8:16].mean() > 3 * err[:, 4:8].mean()
-    # the master goes with the block's sink slot (the block is reused)
+    # the master goes with the block's sink slot: block 0 reused by another sequence starts from its new keys
     assert 0 in pool._key_master
-    pool._drop_sink(0)
+    fresh = mx.random.normal((BS, H, D), key=mx.random.key(2))
+    pool.write(0, fresh, fresh, pool.plan_write([0] * BS, list(range(BS)), list(range(BS))))
     assert 0 not in pool._key_master
+    stored = pool.gather(0, [0], BS)[0][0]  # [H, BS, D] the new keys as stored
+    shift_block_keys(pool, [0], _rotate)
+    w = np.array(ROPE(stored.reshape(H * BS, 1, D), offset=DELTA).reshape(H, BS, D))
+    got = np.array(pool.gather(0, [0], BS)[0][0])
+    np.testing.assert_allclose(got[:, :4], w[:, :4], atol=1e-4)
+    step = (w[:, 4:].max(axis=1, keepdims=True) - w[:, 4:].min(axis=1, keepdims=True)) / 15
+    assert (np.abs(got[:, 4:] - w[:, 4:]) <= 0.5 * step * 1.02 + 2e-3).all()  # the new keys, not the old master
