@@ -71,3 +71,34 @@ def test_a_private_copy_of_a_block_keeps_its_sink_and_tail_rows():
     np.testing.assert_array_equal(np.array(v), np.array(ref_v))
     pool.drop_tail(3)  # the original's slots are its own
     np.testing.assert_array_equal(np.array(pool.gather(0, [5, 1, 2, 6], N)[0]), np.array(ref_k))
+
+
+def test_a_sink_block_moved_many_times_is_one_requantization_of_its_rotated_keys():
+    # The window policy moves its sink block at every drop: its keys must not collect a rounding per move.
+    pool, _ = _pool(SPECS["int4-channel"])
+    before = np.array(pool.gather(0, [0, 1, 2, 3], N)[0][0])  # [H, N, D] as stored (dequantized)
+    moves = 40
+    for _ in range(moves):
+        shift_block_keys(pool, [0, 1], _rotate)  # block 0 holds the sinks (a policy's sink block); 1 does not
+    after = np.array(pool.gather(0, [0, 1, 2, 3], N)[0][0])
+    x = mx.array(before[:, :16]).reshape(H * 16, 1, D)
+    want = np.array(ROPE(x, offset=moves * DELTA).reshape(H, 16, D))
+    err = np.abs(after[:, :16] - want)
+    np.testing.assert_allclose(after[:, :4], want[:, :4], atol=1e-4)  # sink rows: float rotations only
+    w = want[:, 4:8]
+    step = (w.max(axis=1, keepdims=True) - w.min(axis=1, keepdims=True)) / 15
+    assert (err[:, 4:8] <= 0.5 * step * 1.02 + 2e-3).all()  # one rounding of the rotated keys
+    # a block without a master (not a sink block) drifts: the master is what keeps block 0 exact
+    assert err[:, 8:16].mean() > 3 * err[:, 4:8].mean()
+    # the master goes with the block's sink slot: block 0 reused by another sequence starts from its new keys
+    assert 0 in pool._key_master
+    fresh = mx.random.normal((BS, H, D), key=mx.random.key(2))
+    pool.write(0, fresh, fresh, pool.plan_write([0] * BS, list(range(BS)), list(range(BS))))
+    assert 0 not in pool._key_master
+    stored = pool.gather(0, [0], BS)[0][0]  # [H, BS, D] the new keys as stored
+    shift_block_keys(pool, [0], _rotate)
+    w = np.array(ROPE(stored.reshape(H * BS, 1, D), offset=DELTA).reshape(H, BS, D))
+    got = np.array(pool.gather(0, [0], BS)[0][0])
+    np.testing.assert_allclose(got[:, :4], w[:, :4], atol=1e-4)
+    step = (w[:, 4:].max(axis=1, keepdims=True) - w[:, 4:].min(axis=1, keepdims=True)) / 15
+    assert (np.abs(got[:, 4:] - w[:, 4:]) <= 0.5 * step * 1.02 + 2e-3).all()  # the new keys, not the old master

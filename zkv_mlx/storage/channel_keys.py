@@ -28,6 +28,8 @@ class ChannelKeySlabs:
         self._sink_slot: dict[int, int] = {}
         self._free_sinks: list[int] = []
         self._slot_map: mx.array | None = None  # [num_blocks, 2] tail and sink slot per block id (kernels)
+        # Sink blocks moved by a policy: float32 keys per layer [H, BS, D] (storage/key_shift.py)
+        self._key_master: dict[int, list[mx.array]] = {}
         if self.quant is not None and self.quant.k_channel:
             self._grow_slab(4)
 
@@ -137,6 +139,7 @@ class ChannelKeySlabs:
 
     def _drop_sink(self, block_id: int) -> None:
         self._slot_map = None
+        self._key_master.pop(block_id, None)
         slot = self._sink_slot.pop(block_id, None)
         if slot is not None:
             self._free_sinks.append(slot)
@@ -162,6 +165,8 @@ class ChannelKeySlabs:
                 slots[dst] = take()  # may grow (replace) the slab arrays: read them after
                 for a in getattr(self, slabs):
                     a[slots[dst]] = a[slots[src]]
+        if src in self._key_master:
+            self._key_master[dst] = list(self._key_master[src])
         self._slot_map = None
 
     # -- tail slab ------------------------------------------------------------------------------------

@@ -5,6 +5,12 @@ block cannot be rotated in its packed form: its keys are dequantized, rotated in
 (per token, or per channel over the block with its sink rows kept apart, storage/channel_keys.py). The
 full-precision rows beside a per-channel block (its sink and tail slab rows) are rotated in place. Each shift
 re-quantizes once: `zkv-mlx eval ppl --kv-quant int4 --kv-policy window` measures what that costs.
+
+A policy's sink block (a first block, with sink-slab rows) is shifted at every drop of the window policy: ~110
+times over a 4096-token window at budget 512 and block 32. Re-quantizing its own dequantized keys each time adds a
+fresh rounding error every time, so such a block keeps a float32 "master" of its keys (dequantized once, then only
+rotated in float) and each shift quantizes the rotated master: two roundings in all, however often it moves.
+The master is forgotten with the block's sink slot (the block is reused or overwritten: channel_keys._drop_sink).
 """
 
 from __future__ import annotations
@@ -48,7 +54,17 @@ def _shift_channel_keys(pool, layer: int, block_ids: list[int], idx: mx.array, r
     if full:
         fidx = mx.array(full, dtype=mx.int32)
         pk, sk, bk = pool.k[layer]
-        k = rotate(layer, dequantize_channels(pk[fidx], sk[fidx], bk[fidx], q.k_bits))
+        k = dequantize_channels(pk[fidx], sk[fidx], bk[fidx], q.k_bits)  # [n, H, BS, D]
+        masters = pool._key_master
+        kept = [i for i, b in enumerate(full) if b in pool._sink_slot]
+        if kept:  # sink blocks: rotate the float master, not the last re-quantization
+            rows = [m[layer] if (m := masters.get(full[i])) and m[layer] is not None else k[i] for i in kept]
+            k[mx.array(kept, dtype=mx.int32)] = mx.stack(rows)
+        k = rotate(layer, k)
+        rows = [k[i] for i in kept]
+        mx.eval(rows)  # no graph chain from one move to the next
+        for i, r in zip(kept, rows):
+            masters.setdefault(full[i], [None] * pool.n_layers)[layer] = r
         scatter(pool.k[layer], (fidx,), pool._quantize_keys(k, [b in pool._sink_slot for b in full]))
     tails = [pool._slot[b] for b in block_ids if b in pool._slot]
     if tails:
