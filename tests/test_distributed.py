@@ -262,15 +262,68 @@ def test_plan_messages_round_trip():
     assert [(x.seq_id, x.num_tokens, x.block_table) for x in seqs] == [(b.seq_id, 2, [4])] and tokens == [11]
 
 
+def _bench(*flags, timeout=TIMEOUT):
+    cmd = [sys.executable, "-m", "zkv_mlx.cli", "bench", "distributed", "--json", "--rounds", "1", "--context", "24",
+           "--tokens", "4", "--kv-cache-memory", "4MB", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_bench_distributed_counts_the_collectives_of_a_decode_step(tiny_model_dir):
     # tiny llama: 2 layers, hidden 64, float32 -> per decode step 2 all_sums per layer of [1, 1, 64] float32
-    cmd = [sys.executable, "-m", "zkv_mlx.cli", "bench", "distributed", "--json", "-m", str(tiny_model_dir("llama")),
-           "--rounds", "1", "--context", "24", "--tokens", "4", "--kv-cache-memory", "4MB"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    out = _bench("-m", str(tiny_model_dir("llama")))
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["model_collectives_per_step"] == 4 and res["model_bytes_per_step"] == 4 * 64 * 4
-    assert res["plan_collectives_per_step"] == 1 and res["two_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
+    assert res["plan_collectives_per_step"] == 1 and res["2_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
+    assert res["model_path"] == str(tiny_model_dir("llama")) and res["model_source"] == "-m"
+
+
+def test_bench_distributed_pipeline_keeps_the_reference_in_one_process(tiny_model_dir):
+    # --distributed pipeline reaches the ranks only: the one-process reference used to fail ("needs mlx.launch")
+    TINY.setdefault("qwen3_moe", MOE)
+    out = _bench("-m", str(tiny_model_dir("qwen3_moe")), "--distributed", "pipeline")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["split"] == "pipeline" and res["2_ranks_tok_s"] > 0 and res["one_process_tok_s"] > 0
+
+
+def _one_error_line(out) -> str:
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("zkv-mlx: error:")]
+    return line
+
+
+def test_bench_distributed_refuses_a_model_that_does_not_split_before_launching(tiny_model_dir):
+    from zkv_mlx import paths
+
+    # the bundled model: 3 KV heads; the fix named (--ranks 3) is the one that works
+    line = _one_error_line(_bench("-m", str(paths.default_model_path())))
+    assert "3 KV heads do not split over 2 ranks" in line and "--ranks 3" in line, line
+    line = _one_error_line(_bench("-m", str(tiny_model_dir("llama")), "--distributed", "pipeline"))
+    assert "no pipeline()" in line and "mlx.launch" not in line, line
+
+
+def test_bench_distributed_start_failure_is_one_line_with_a_runnable_hint(tiny_model_dir):
+    # the ranks refuse a long-context policy at start; the bench says why in one line and how to rerun the job
+    line = _one_error_line(_bench("-m", str(tiny_model_dir("llama")), "--kv-policy", "window", "--budget", "64"))
+    assert "the 2-rank job ended early (rank 0: --kv-policy window" in line, line
+    hand = line.split("run it by hand to see every rank's output: ")[1].split()
+    assert "..." not in line and hand[1:5] == ["-n", "2", "--backend", "ring"]
+    settings = json.loads(Path(hand[hand.index("zkv_mlx.bench.distributed_job") + 1]).read_text())
+    assert settings["engine"]["kv_policy"] == "window" and hand[-2:] == ["--rounds", "1"]
+
+
+def test_bench_distributed_default_model_is_a_generated_llama_whose_kv_heads_split(tmp_path, monkeypatch):
+    from zkv_mlx.bench.distributed import bench_model
+
+    monkeypatch.setenv("ZKV_CACHE_DIR", str(tmp_path))
+    d = bench_model()
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_key_value_heads"]) == \
+        ("llama", 8, 512, 4)
+    stamp = (d / "model.safetensors").stat().st_mtime_ns
+    assert bench_model() == d and (d / "model.safetensors").stat().st_mtime_ns == stamp  # written once
+    assert [p.name for p in d.parent.iterdir()] == [d.name]  # no temporary directory left behind
 
 
 def test_distributed_md_python_example(tmp_path, tiny_model_dir):

@@ -70,6 +70,11 @@ class LeaderRunner:
         # Long-context policies rank blocks by attention mass, which each rank sees for its heads only.
         return False
 
+    def policy_blocker(self) -> str:
+        """Why `shifts_keys` is False here (the engine's refusal of a request's policy quotes it)."""
+        return ("its KV split over the ranks of a distributed run (long-context policies are not supported in "
+                "distributed mode yet: see docs/distributed.md, Limits)")
+
     def send(self, msg: list[int]) -> None:
         self.group.send_ints(msg, P.OP_NAMES[msg[0]])
 
