@@ -248,8 +248,28 @@ def test_model_without_shard_is_refused(tmp_path, bundled_tokenizer):
     class TwoRanks:  # load_shard refuses before any collective
         rank, size = 0, 2
 
-    with pytest.raises(ModelLoadError, match="starcoder2.*has no shard"):
+    with pytest.raises(ModelLoadError, match="starcoder2.*has no shard") as e:
         load_shard(make_config(model=str(d)), TwoRanks())
+    # it recommends only families that run distributed (deepseek_v3 has shard() but is refused: MLA)
+    assert "tested: llama, qwen3, qwen3_moe" in str(e.value) and "deepseek" not in str(e.value)
+
+
+def test_kv_policy_is_refused_with_the_distributed_reason(tiny_model_dir):
+    from zkv_mlx.config import make_config
+    from zkv_mlx.distributed.leader import LeaderRunner
+    from zkv_mlx.distributed.load import load_shard
+    from zkv_mlx.errors import ConfigError
+
+    class TwoRanks:  # refused before loading anything or any collective, on every rank
+        rank, size = 1, 2
+
+    cfg = make_config(model=str(tiny_model_dir("llama")), distributed=True, kv_policy="window", budget=64)
+    with pytest.raises(ConfigError, match="--kv-policy window.*not supported in distributed mode yet") as e:
+        load_shard(cfg, TwoRanks())
+    assert "rope module" not in str(e.value) and "docs/distributed.md" in str(e.value)
+    # a request's own policy: the engine quotes the runner's blocker, which names distribution (not rope)
+    blocker = LeaderRunner.policy_blocker(None)
+    assert "not supported in distributed mode yet" in blocker and "rope" not in blocker
 
 
 def test_distributed_outside_a_launched_job_is_a_clear_error(tiny_model_dir, monkeypatch):
