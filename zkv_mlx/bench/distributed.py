@@ -73,7 +73,8 @@ def run(args) -> int:
     log(args, "loading the one-process engine...")
     one = ZKV(model, config=args.config, **kw)  # the reference: one process, never --distributed
     try:
-        refusal = one._thread.call(lambda eng: split_refusal(eng.lm, args.ranks, split))
+        f = one.facts
+        refusal = split_refusal(f.model_name, f.family, f.n_kv_heads, args.ranks, split)
         if refusal is not None:
             raise ConfigError(refusal)
         prompt = bench_tokens(one.tokenizer, args.context)

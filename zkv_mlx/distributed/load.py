@@ -88,7 +88,8 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     if cfg.distributed_split == "pipeline":
         return _pipeline_shard(cfg, group, model, mcfg, tokenizer, files, name, path, family)
     if not hasattr(model, "shard"):
-        raise ModelLoadError(no_shard_message(f"{name} ({family})", family, model))
+        raise ModelLoadError(no_shard_message(f"{name} ({family})", family,
+                                              hasattr(getattr(model, "model", None), "pipeline")))
     fp = loader.fingerprint(files, tokenizer.to_json())
     check_same_everywhere(group, describe(cfg, family, fp))
     fmt = loader.choose_weights(model, cfg.weights_dtype)
@@ -168,40 +169,47 @@ def check_supported(cfg) -> None:
                           "--kv-policy full), or run without --distributed on one process")
 
 
-def split_refusal(lm, ranks: int, split: str) -> str | None:
+def split_refusal(name: str, family: str, n_kv_heads: int, ranks: int, split: str) -> str | None:
     """Why a model cannot run on `ranks` local ranks, in `zkv-mlx bench distributed`'s terms (its --ranks), checked
-    before launching them (the ranks check the rest at start).
+    before launching them from what one process loaded (the ranks check the rest at start).
 
     Args:
-        lm: the model loaded in one process (`LoadedModel`). ranks: world size. split: "tensor" or "pipeline".
+        name, family: the model's name and mlx-lm model_type. n_kv_heads: its KV heads per layer.
+        ranks: world size. split: "tensor" or "pipeline".
     Returns:
-        One line naming the heads (or layers), the ranks and a fix that works; None if it splits.
+        One line naming the heads, the ranks and a fix that works; None if it splits.
     """
-    name = f"{lm.name} ({lm.family})"
-    if split == "pipeline":
-        if not hasattr(getattr(lm.model, "model", None), "pipeline"):
-            return (f"{name}: mlx-lm's {lm.family} model has no pipeline() (layer split); drop --distributed "
-                    "pipeline, or pick a model with pipeline() (e.g. qwen3_moe, qwen3_5)")
-        layers = len(lm.model.model.layers)
-        return None if layers >= ranks else (f"{name}: its {layers} layers do not split over {ranks} ranks; pass "
-                                             f"--ranks {layers} or fewer")
-    if not hasattr(lm.model, "shard"):
-        return no_shard_message(name, lm.family, lm.model)
-    heads = lm.plan.n_kv_heads
-    if heads % ranks == 0:
+    import importlib
+
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, _ = _get_classes({"model_type": family})
+    except ValueError:  # a family name mlx-lm does not know: the ranks' own start-up check says what is wrong
         return None
-    fits = [n for n in range(2, heads + 1) if heads % n == 0]
-    fix = f"pass --ranks {fits[0]} (a number of ranks that divides {heads})" if fits else \
-        "run it with --distributed pipeline if mlx-lm's model has pipeline()"
-    return (f"{name}: its {heads} KV heads do not split over {ranks} ranks (--ranks {ranks}); {fix}, or omit -m to "
-            "bench the generated llama with 4 KV heads")
+    module = importlib.import_module(model_class.__module__)
+    has_pipeline = any(hasattr(c, "pipeline") for c in vars(module).values()
+                       if isinstance(c, type) and c.__module__ == module.__name__)
+    name = f"{name} ({family})"
+    if split == "pipeline":
+        return None if has_pipeline else (f"{name}: mlx-lm's {family} model has no pipeline() (layer split); drop "
+                                          "--distributed pipeline, or pick a model with pipeline() (e.g. qwen3_moe)")
+    if not hasattr(model_class, "shard"):
+        return no_shard_message(name, family, has_pipeline)
+    if n_kv_heads % ranks == 0:
+        return None
+    fits = [n for n in range(2, n_kv_heads + 1) if n_kv_heads % n == 0]
+    fix = f"pass --ranks {fits[0]} (a number of ranks that divides {n_kv_heads})" if fits else \
+        "bench it with --distributed pipeline if mlx-lm's model has pipeline()"
+    return (f"{name}: its {n_kv_heads} KV heads do not split over {ranks} ranks (--ranks {ranks}); {fix}, or omit "
+            "-m to bench the generated llama with 4 KV heads")
 
 
-def no_shard_message(name: str, family: str, model) -> str:
+def no_shard_message(name: str, family: str, has_pipeline: bool) -> str:
     """The refusal of a model whose mlx-lm class has no `shard()`, recommending only what runs distributed: the
     tested tensor-split families, and `--distributed pipeline` when this model has `pipeline()`."""
-    pipeline = ("; or run it with --distributed pipeline (mlx-lm's {} model has pipeline())".format(family)
-                if hasattr(getattr(model, "model", None), "pipeline") else "")
+    pipeline = f"; or run it with --distributed pipeline (mlx-lm's {family} model has pipeline())" if has_pipeline \
+        else ""
     return (f"{name}: mlx-lm's {family} model has no shard() (tensor parallelism), so it cannot run with "
             f"--distributed (distributed=True); run it on one machine, or pick a model of a family that runs "
             f"distributed (tested: {', '.join(TENSOR_FAMILIES)}){pipeline}")
