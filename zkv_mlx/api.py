@@ -194,7 +194,8 @@ class ZKV:
         Args:
             name: letters, digits, '.', '_', '-' (default: a timestamp). user: owner (default "local").
         Returns:
-            The Session; raises SessionError if the user already has a session of that name.
+            The Session; raises SessionError if the user already has a session of that name, or (before
+            anything else) when this distributed run cannot save sessions (docs/distributed.md, Limits).
         """
         self._check_sessions()
         user = user or "local"
