@@ -55,6 +55,15 @@ class ZKV:
         _live.add(self)
         self.facts: EngineFacts = self._thread.call(read_facts)
         self.tokenizer = self.facts.tokenizer
+        # distributed runs that cannot save sessions refuse them up front (distributed/leader.py)
+        self._session_refusal: str | None = self._thread.call(
+            lambda eng: getattr(eng.runner, "session_refusal", lambda: None)())
+
+    def _check_sessions(self) -> None:
+        if self._session_refusal is not None:
+            from .distributed.snapshots import ONE_MACHINE
+
+            raise SessionError(self._session_refusal + ONE_MACHINE)
 
     @property
     def engine(self):
@@ -185,8 +194,10 @@ class ZKV:
         Args:
             name: letters, digits, '.', '_', '-' (default: a timestamp). user: owner (default "local").
         Returns:
-            The Session; raises SessionError if the user already has a session of that name.
+            The Session; raises SessionError if the user already has a session of that name, or (before
+            anything else) when this distributed run cannot save sessions (docs/distributed.md, Limits).
         """
+        self._check_sessions()
         user = user or "local"
         if name is None:  # a timestamp, made unique: two sessions started within one second get -2, -3, ...
             stamp = time.strftime("session-%Y%m%d-%H%M%S")
@@ -217,6 +228,7 @@ class ZKV:
             `name=` to open the file as another session); SessionFormatError / SessionMismatchError as in
             `import_session`.
         """
+        self._check_sessions()
         user = user or "local"
         try:
             key = (user, check_name(path_or_name))
@@ -252,6 +264,7 @@ class ZKV:
         Returns:
             The Session; raises SessionError for a bad name or when the user has no such session.
         """
+        self._check_sessions()
         user = user or "local"
         key = (user, check_name(name))
         if key in self._sessions:
@@ -267,6 +280,7 @@ class ZKV:
             SessionFormatError for a corrupt/truncated/unknown file, SessionMismatchError for another model or
             KV format (the message names both), SessionError if the name is taken.
         """
+        self._check_sessions()
         if name is not None:
             check_name(name)  # before reading a possibly large file
         s = self._restore(Path(path), user or "local", name=name, keep_file=False)

@@ -15,11 +15,15 @@ def run_chat(args) -> int:
         check_name(name)  # a bad name fails before the (slow) model load
     print("zkv-mlx chat: loading the model...", file=sys.stderr, flush=True)
     model = open_model(args)
-    session = None if name is None else _open_or_create(model, name, args.user)
+    try:
+        session = None if name is None else _open_or_create(model, name, args.user)
+    except BaseException:
+        model.close()  # distributed: rank 0 ends the other ranks cleanly before reporting why
+        raise
     info = model.info
     print(f"model: {info['model']} ({info['weights']} weights, {info['kv_blocks']} KV blocks of {info['block_size']})",
           file=sys.stderr)
-    print("Type a message and press Enter. Commands: /reset, /stats, /quit (or Ctrl-D).", file=sys.stderr, flush=True)
+    print(banner(getattr(args, "distributed", None) is not None), file=sys.stderr, flush=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:
         while True:
@@ -67,6 +71,11 @@ def run_chat(args) -> int:
     return 0
 
 
+def banner(distributed: bool) -> str:
+    """The help line; under mlx.launch (--distributed) Ctrl-D does not end the loop (stdin stays open)."""
+    return f"Type a message and press Enter. Commands: /reset, /stats, {'/quit' if distributed else '/quit (or Ctrl-D)'}."
+
+
 def _turn(session, messages: list[dict], text: str):
     """What a session's next turn sends: the system prompt too when the session is still empty."""
     return messages[-2:] if not session.messages and messages[0]["role"] == "system" else text
@@ -80,7 +89,9 @@ def _open_or_create(model, name: str, user: str | None):
         session = model.open_session(name, user=user)
     except SessionError as e:
         if not str(e).startswith("no session named"):
-            raise  # it exists but cannot be opened (corrupt, another model or KV format): say why
+            # it exists but cannot be opened (corrupt, another model or KV format), or this run cannot keep
+            # sessions (distributed): say why, naming the flag
+            raise SessionError(f"--session {name}: {e}") from None
         session = model.create_session(name, user=user)
     print(f"session: {name} ({len(session.messages)} messages so far)", file=sys.stderr)
     return session

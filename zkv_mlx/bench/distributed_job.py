@@ -1,8 +1,10 @@
-"""One rank of `zkv-mlx bench distributed`'s 2-rank job: `python -m zkv_mlx.bench.distributed_job SETTINGS_JSON`.
+"""One rank of `zkv-mlx bench distributed`'s N-rank job:
+`python -m zkv_mlx.bench.distributed_job SETTINGS.json [--rounds N]` (SETTINGS: a file, or the JSON itself).
 
 Rank 0 reads commands from stdin ("round" or "quit") and answers each round with one JSON line on stdout:
-decode tokens/s, and per decode step the collectives of the model (count, payload bytes) and of the plan.
-Ranks > 0 serve rank 0's plans inside `ZKV(...)` and exit when it closes.
+decode tokens/s, and per decode step the collectives of the model (count, payload bytes) and of the plan; with
+`--rounds N` (a run by hand under mlx.launch) it runs N rounds without reading stdin. Ranks > 0 serve rank 0's
+plans inside `ZKV(...)` and exit when it closes. A start failure is one line on stderr (exit 1).
 """
 
 from __future__ import annotations
@@ -48,16 +50,30 @@ def timed_round(model, prompt: list[int], tokens: int) -> tuple[float, int]:
 
 
 def main() -> int:
-    settings = json.loads(sys.argv[1])
+    import argparse
+    import os
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m zkv_mlx.bench.distributed_job")
+    p.add_argument("settings", help="the settings file `zkv-mlx bench distributed` wrote, or its JSON")
+    p.add_argument("--rounds", type=int, default=None, help="run this many rounds without reading stdin")
+    a = p.parse_args()
+    settings = json.loads(Path(a.settings).read_text() if os.path.isfile(a.settings) else a.settings)
     counter = CollectiveCounter()
     from zkv_mlx import ZKV
-    from zkv_mlx.distributed import current_group
+    from zkv_mlx.distributed import current_group, rank_line
+    from zkv_mlx.errors import ZkvError
 
-    model = ZKV(settings.pop("model"), distributed=True, **settings.pop("engine"))  # ranks > 0 stay inside
+    try:
+        model = ZKV(settings.pop("model"), distributed=True, **settings.pop("engine"))  # ranks > 0 stay inside
+    except ZkvError as e:  # one line, as the CLI prints it (the other ranks say why they end, too)
+        print(rank_line(0, e), file=sys.stderr, flush=True)
+        return 1
     group = current_group()
     prompt, tokens = settings["prompt"], settings["tokens"]
     timed_round(model, prompt[:16], 4)  # warm-up
-    for line in sys.stdin:
+    commands = ["round"] * a.rounds if a.rounds is not None else sys.stdin
+    for line in commands:
         if line.strip() != "round":
             break
         # a prefill-only request, then the measured one: their difference is what the decode steps sent

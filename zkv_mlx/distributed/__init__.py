@@ -7,7 +7,7 @@ the other ranks need; it reaches them through `mx.distributed` collectives (`gro
 `ModelRunner` call on their shard (`worker.py`). Rank 0's side is `leader.py`.
 """
 
-from .group import DistGroup, current_group
+from .group import DistGroup, current_group, rank_line
 from .worker import serve_if_worker
 
-__all__ = ["DistGroup", "current_group", "serve_if_worker"]
+__all__ = ["DistGroup", "current_group", "rank_line", "serve_if_worker"]

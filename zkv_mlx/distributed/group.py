@@ -50,6 +50,7 @@ class DistGroup:
         self.bytes_sent = 0  # payload bytes of this process's plan collectives (not the model's own)
         self.collectives = 0  # and their number
         self.failed: DistributedError | None = None
+        self.failed_during: str | None = None  # what the lost collective was for
 
     def _run(self, what: str, x: mx.array, watchdog: bool = True) -> mx.array:
         if self.failed is not None:
@@ -61,6 +62,7 @@ class DistGroup:
         try:
             mx.eval(x)
         except RuntimeError as e:
+            self.failed_during = what
             self.failed = DistributedError(
                 f"rank {self.rank}: the distributed job lost a rank during {what} ({e}); in-flight requests "
                 "are ended. Restart every rank with mlx.launch")
@@ -108,6 +110,12 @@ class DistGroup:
         n = int(n.item())
         arr = None if data is None else mx.array(np.frombuffer(data, dtype=np.uint8))
         return bytes(np.array(self.broadcast(arr, (n,), mx.uint8, what))) if n else b""
+
+
+def rank_line(rank: int, error: BaseException) -> str:
+    """`error` as one line of rank `rank`'s stderr: "zkv-mlx: rank R: ...", the rank named once."""
+    text = " ".join(str(error).split())  # one line, whatever the message held
+    return f"zkv-mlx: rank {rank}: {text.removeprefix(f'rank {rank}: ')}"
 
 
 _GROUP: DistGroup | None = None

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.runner import ModelRunner
-from ..errors import ConfigError, SessionError
+from ..errors import ConfigError, DistributedError, SessionError
 from . import plan as P
 from .group import DistGroup
 
@@ -69,6 +69,30 @@ class LeaderRunner:
     def shifts_keys(self) -> bool:
         # Long-context policies rank blocks by attention mass, which each rank sees for its heads only.
         return False
+
+    def session_refusal(self) -> str | None:
+        """Why sessions cannot be saved, exported or imported in this run (None: they can). The API refuses
+        `create_session` / `load_session` with it up front, before any turn could be lost at save time."""
+        inner = self.inner
+        if self.split == "pipeline":
+            return ("sessions cannot be saved, exported or imported in a --distributed pipeline run yet (each rank "
+                    "holds the K/V of other layers)")
+        if inner.plan.has_state:
+            from .snapshots import _SESSIONS
+
+            return _SESSIONS
+        if inner.windows is not None:
+            return ("sessions of a model with sliding-window layers cannot be saved, exported or imported in a "
+                    "distributed run yet (each rank's window blocks would have to move too)")
+        if inner.pool.quant is not None:
+            return (f"sessions cannot be saved, exported or imported in a distributed run with a quantized KV pool "
+                    f"({inner.pool.format_name}) yet; start every rank without --kv-quant")
+        return None
+
+    def policy_blocker(self) -> str:
+        """Why `shifts_keys` is False here (the engine's refusal of a request's policy quotes it)."""
+        return ("its KV split over the ranks of a distributed run (long-context policies are not supported in "
+                "distributed mode yet: see docs/distributed.md, Limits)")
 
     def send(self, msg: list[int]) -> None:
         self.group.send_ints(msg, P.OP_NAMES[msg[0]])
@@ -171,6 +195,11 @@ class LeaderRunner:
             pass
 
 
+# Why a session's unsaved turns are lost after a rank died: its K/V heads are split over the ranks.
+LOST = ("the distributed job lost a rank, and saving needs every rank's KV heads: its turns since the last save are "
+        "lost (restart every rank with mlx.launch)")
+
+
 def ssd_opened(group: DistGroup, ok: bool) -> list[int]:
     """The ranks that could not open their SSD store (call on every rank after SSD_OPEN)."""
     flags = np.array(group.gather(mx.array([int(ok)], dtype=mx.int32), "opening the SSD tier")).reshape(-1)
@@ -214,33 +243,33 @@ class ShardedPool:
         return (full, kd), (full, vd)
 
     def _float_only(self, what: str) -> None:
-        if self._leader.split == "pipeline":
-            raise SessionError(f"{what} in a --distributed pipeline run is not implemented yet (each rank holds "
-                               "the K/V of other layers); use --distributed tensor, or one machine, for sessions")
-        if self._leader.inner.plan.has_state:
-            from .snapshots import _SESSIONS
+        why = self._leader.session_refusal()
+        if why is not None:
+            from .snapshots import ONE_MACHINE
 
-            raise SessionError(_SESSIONS)
-        if self._leader.inner.windows is not None:
-            raise SessionError(f"{what} in a distributed run of a model with sliding-window layers is not "
-                               "implemented yet (each rank's window blocks would have to move too); run the "
-                               "model on one machine to save, export or import its sessions")
-        if self._pool.quant is not None:
-            raise SessionError(f"{what} in a distributed run needs a float KV pool (this one is "
-                               f"{self._pool.format_name}); start every rank without --kv-quant")
+            raise SessionError(f"{what}: {why}{ONE_MACHINE}")
+        if self._leader.group.failed is not None:
+            raise SessionError(f"{what}: {LOST}")
+
+    def _collective(self, fn, *args):
+        # a rank lost during the export or import itself: the same one-line SessionError as after the loss
+        try:
+            return fn(*args)
+        except DistributedError:
+            raise SessionError(LOST) from None
 
     def export_blocks(self, block_ids: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Blocks' K/V with every rank's heads, per layer [n, n_kv_heads (all), block_size, head_dim]."""
         self._float_only("exporting KV blocks")
-        self._leader.send([P.EXPORT, len(block_ids), *block_ids])
-        return export_gathered(self._leader.group, self._pool, block_ids)
+        self._collective(self._leader.send, [P.EXPORT, len(block_ids), *block_ids])
+        return self._collective(export_gathered, self._leader.group, self._pool, block_ids)
 
     def import_blocks(self, block_ids: list[int], ks: list[np.ndarray], vs: list[np.ndarray]) -> None:
         """Writes blocks of the single-process layout (all heads) into every rank's pool, each its heads."""
         self._float_only("importing KV blocks")
         code = NP_DTYPES.index(np.dtype(ks[0].dtype).type) if ks else 0
-        self._leader.send([P.IMPORT, code, len(block_ids), *block_ids])
-        import_sharded(self._leader.group, self._pool, block_ids, code, np.stack(ks), np.stack(vs))
+        self._collective(self._leader.send, [P.IMPORT, code, len(block_ids), *block_ids])
+        self._collective(import_sharded, self._leader.group, self._pool, block_ids, code, np.stack(ks), np.stack(vs))
 
 
 def export_gathered(group: DistGroup, pool, block_ids: list[int]):

@@ -12,7 +12,7 @@ import json
 
 import mlx.core as mx
 
-from ..errors import DistributedError, ModelLoadError
+from ..errors import ConfigError, DistributedError, ModelLoadError
 from ..models import loader
 from ..models.paged import attach
 from ..models.sdpa_hook import HookedCache
@@ -67,9 +67,11 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     """This rank's shard of `cfg.model`, attached for the engine (its layer plan has this rank's KV heads).
 
     Raises:
+        ConfigError: settings distributed runs do not support (`check_supported`).
         ModelLoadError: the model cannot be loaded or has no `shard()` (no tensor parallelism in mlx-lm).
         DistributedError: the ranks differ (see `check_same_everywhere`).
     """
+    check_supported(cfg)
     path = loader.resolve_model_path(cfg.model)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -86,10 +88,8 @@ def load_shard(cfg, group: DistGroup) -> loader.LoadedModel:
     if cfg.distributed_split == "pipeline":
         return _pipeline_shard(cfg, group, model, mcfg, tokenizer, files, name, path, family)
     if not hasattr(model, "shard"):
-        raise ModelLoadError(
-            f"{name} ({family}): mlx-lm's {family} model has no shard() (tensor parallelism), so it cannot run "
-            "with distributed=True; run it on one machine, or pick a family whose mlx-lm model has shard() "
-            "(llama, qwen2, qwen3, qwen3_moe, deepseek_v3, ...)")
+        raise ModelLoadError(no_shard_message(f"{name} ({family})", family,
+                                              hasattr(getattr(model, "model", None), "pipeline")))
     fp = loader.fingerprint(files, tokenizer.to_json())
     check_same_everywhere(group, describe(cfg, family, fp))
     fmt = loader.choose_weights(model, cfg.weights_dtype)
@@ -127,7 +127,7 @@ def _pipeline_shard(cfg, group: DistGroup, model, mcfg, tokenizer, files, name, 
         raise ModelLoadError(
             f"{name} ({family}): mlx-lm's {family} model has no pipeline() (layer split), so it cannot run with "
             "--distributed pipeline; use --distributed tensor, or a family whose mlx-lm model has pipeline() "
-            "(qwen3_5, qwen3_next, ministral3, ...)")
+            "(tested: qwen3_5, qwen3_moe)")
     fp = loader.fingerprint(files, tokenizer.to_json())
     check_same_everywhere(group, describe(cfg, family, fp))
     n_layers = len(inner.layers)
@@ -153,6 +153,71 @@ def _pipeline_shard(cfg, group: DistGroup, model, mcfg, tokenizer, files, name, 
         n_layers=len(plan.paged_slots), n_kv_heads=plan.n_kv_heads, head_dim=plan.head_dim,
         max_context=loader._max_context(mcfg), dtype=plan.kv_dtype, weights_format=fmt,
         weight_bytes=loader._nbytes(model))
+
+
+def check_supported(cfg) -> None:
+    """Refuses, on every rank before loading anything, settings that distributed runs do not support yet.
+
+    Raises:
+        ConfigError: a long-context policy (--kv-policy window/h2o): it ranks and drops blocks by what one
+            process sees, and each rank sees only its own heads (docs/distributed.md, Limits).
+    """
+    kind = cfg.policy.kind
+    if kind != "full":
+        raise ConfigError(f"--kv-policy {kind} (kv_policy={kind!r}): long-context policies are not supported in "
+                          "distributed mode yet (see docs/distributed.md, Limits); drop --kv-policy (or pass "
+                          "--kv-policy full), or run without --distributed on one process")
+
+
+def split_refusal(name: str, family: str, n_kv_heads: int, ranks: int, split: str) -> str | None:
+    """Why a model cannot run on `ranks` local ranks, in `zkv-mlx bench distributed`'s terms (its --ranks), checked
+    before launching them from what one process loaded (the ranks check the rest at start).
+
+    Args:
+        name, family: the model's name and mlx-lm model_type. n_kv_heads: its KV heads per layer.
+        ranks: world size. split: "tensor" or "pipeline".
+    Returns:
+        One line naming the heads, the ranks and a fix that works; None if it splits.
+    """
+    import importlib
+
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, _ = _get_classes({"model_type": family})
+    except ValueError:  # a family name mlx-lm does not know: the ranks' own start-up check says what is wrong
+        return None
+    module = importlib.import_module(model_class.__module__)
+    has_pipeline = any(hasattr(c, "pipeline") for c in vars(module).values()
+                       if isinstance(c, type) and c.__module__ == module.__name__)
+    name = f"{name} ({family})"
+    if split == "pipeline":
+        return None if has_pipeline else (f"{name}: mlx-lm's {family} model has no pipeline() (layer split); drop "
+                                          "--distributed pipeline, or pick a model with pipeline() (e.g. qwen3_moe)")
+    if not hasattr(model_class, "shard"):
+        return no_shard_message(name, family, has_pipeline)
+    if n_kv_heads % ranks == 0:
+        return None
+    fits = [n for n in range(2, n_kv_heads + 1) if n_kv_heads % n == 0]
+    fix = f"pass --ranks {fits[0]} (a number of ranks that divides {n_kv_heads})" if fits else \
+        "bench it with --distributed pipeline if mlx-lm's model has pipeline()"
+    return (f"{name}: its {n_kv_heads} KV heads do not split over {ranks} ranks (--ranks {ranks}); {fix}, or omit "
+            "-m to bench the generated llama with 4 KV heads")
+
+
+def no_shard_message(name: str, family: str, has_pipeline: bool) -> str:
+    """The refusal of a model whose mlx-lm class has no `shard()`, recommending only what runs distributed: the
+    tested tensor-split families, and `--distributed pipeline` when this model has `pipeline()`."""
+    pipeline = f"; or run it with --distributed pipeline (mlx-lm's {family} model has pipeline())" if has_pipeline \
+        else ""
+    return (f"{name}: mlx-lm's {family} model has no shard() (tensor parallelism), so it cannot run with "
+            f"--distributed (distributed=True); run it on one machine, or pick a model of a family that runs "
+            f"distributed (tested: {', '.join(TENSOR_FAMILIES)}){pipeline}")
+
+
+# Families whose tensor split tests/test_distributed.py checks against one process (MLA families such as
+# deepseek_v3 have shard() but are refused: their compressed K/V is not split by heads).
+TENSOR_FAMILIES = ("llama", "qwen3", "qwen3_moe", "qwen3_5")
 
 
 def _kv_heads(mcfg: dict) -> int | None:

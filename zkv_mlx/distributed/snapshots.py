@@ -48,7 +48,7 @@ class LeaderSnapshots(StateSnapshots):
 
     def put(self, block_hash: bytes, arrays: list[list]) -> None:
         if not self._publishing:  # a session import: its state would reach rank 0's shard only
-            raise SessionError(_SESSIONS)
+            raise SessionError(_SESSIONS + ONE_MACHINE)
         before = list(self._store)
         super().put(block_hash, arrays)
         gone = [h for h in before if h not in self._store]
@@ -56,12 +56,13 @@ class LeaderSnapshots(StateSnapshots):
             self.leader.send([P.SNAP_DROP, len(gone), *[w for h in gone for w in P.hash_words(h)]])
 
     def get(self, block_hash: bytes):
-        raise SessionError(_SESSIONS)  # only session exports read snapshots by hash
+        raise SessionError(_SESSIONS + ONE_MACHINE)  # only session exports read snapshots by hash
 
 
-_SESSIONS = ("saving, exporting or importing sessions of a hybrid model (state layers) in a distributed run is "
-             "not implemented yet (each rank holds its own part of the state); run the model on one machine for "
-             "its sessions")
+# What to do about it (the API adds the same to its up-front refusal).
+ONE_MACHINE = "; run without a session (drop --session), or run the model on one machine (one process, without --distributed)"
+_SESSIONS = ("sessions of a hybrid model (state layers) cannot be saved, exported or imported in a distributed "
+             "run yet (each rank holds its own part of the state)")
 
 
 class WorkerSnapshots(StateSnapshots):

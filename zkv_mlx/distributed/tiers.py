@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..engine.tiers import TierStore, open_ssd
+from ..errors import DistributedError
 from ..storage.ssd_store import SSDStore
 from . import plan as P
 from .group import DistGroup
@@ -114,9 +115,17 @@ class LeaderTiers(TierStore):
         self.rank.flush()
 
     def close(self, cached_blocks) -> None:
-        """Spills `cached_blocks` not yet on SSD on every rank (the other ranks close their stores on CLOSE)."""
+        """Spills `cached_blocks` not yet on SSD on every rank (the other ranks close their stores on CLOSE).
+        After a lost rank no spill is sent (each is a collective the dead rank cannot answer): rank 0 only
+        finishes its own queued writes."""
         if self.ssd is None:
             return
-        for b in cached_blocks:
-            self.spill(b)
+        group = self.leader.group
+        try:
+            for b in cached_blocks:
+                if group.failed is not None:
+                    break
+                self.spill(b)
+        except DistributedError:
+            pass  # the rank was lost during these spills: reported once by whoever waits on the job
         self.ssd.close()

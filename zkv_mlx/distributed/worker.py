@@ -10,7 +10,7 @@ import mlx.core as mx
 from ..engine.runner import ModelRunner
 from ..errors import ZkvError
 from . import plan as P
-from .group import DistGroup, current_group
+from .group import DistGroup, current_group, rank_line
 from .leader import DTYPES, export_gathered, gather_stats, import_sharded, ssd_opened
 from .load import load_shard
 from .snapshots import WorkerSnapshots
@@ -33,8 +33,13 @@ def serve_if_worker(cfg) -> None:
     os._exit(code)  # ranks > 0 never return into the caller's script
 
 
+# Collectives in which a rank > 0 waits for rank 0 alone: losing the job there means rank 0 ended (it refused the
+# settings or a session file, or stopped), and rank 0's own output says why.
+WAITS_FOR_RANK_0 = ("the start-up check", "start-up", "waiting for rank 0's next plan")
+
+
 def run_worker(cfg, group: DistGroup) -> int:
-    """Serves until rank 0 sends CLOSE (returns 0) or the job fails (prints why, returns 1)."""
+    """Serves until rank 0 sends CLOSE (returns 0) or the job fails (prints why in one line, returns 1)."""
     try:
         lm = load_shard(cfg, group)
         num_blocks, block_size, dtype, n_win, *wins = group.send_ints(None, "start-up", watchdog=False)
@@ -45,7 +50,10 @@ def run_worker(cfg, group: DistGroup) -> int:
         serve(runner, group, cfg)
         return 0
     except ZkvError as e:
-        print(f"zkv-mlx: rank {group.rank}: {e}", file=sys.stderr, flush=True)
+        if e is group.failed and group.failed_during in WAITS_FOR_RANK_0:
+            who = "rank 0" if group.size == 2 else "rank 0 (or another rank)"
+            e = ZkvError(f"{who} ended (see its message); this rank exits too")
+        print(rank_line(group.rank, e), file=sys.stderr, flush=True)
         return 1
 
 
@@ -141,7 +149,7 @@ class _Worker:
             ssd = open_rank_ssd(self.cfg.tiers, self.runner.pool, self.runner.lm.fingerprint, self.group,
                                 self.cfg.distributed_split)
         except ZkvError as e:  # reported here; rank 0 names this rank and stops the job
-            print(f"zkv-mlx: rank {self.group.rank}: {e}", file=sys.stderr, flush=True)
+            print(rank_line(self.group.rank, e), file=sys.stderr, flush=True)
         if ssd_opened(self.group, ssd is not None):
             raise ZkvError(f"rank {self.group.rank}: a rank could not open its SSD store; rank 0 stops the job")
         self.tier = RankTier(ssd, self.runner.pool, self.group)
