@@ -157,3 +157,17 @@ def test_sessions_list_names_a_corrupt_file_by_its_session_name_and_delete_remov
     assert "zkv-mlx sessions delete broken" in row["error"]
     assert main(["sessions", "delete", "broken"]) == 0  # the fix the message names works
     assert not (d / "broken.zkvs").exists()
+
+
+@pytest.mark.parametrize("session", [False, True])
+def test_plain_chat_message_over_the_context_is_refused_and_the_chat_goes_on(tiny_model_dir, tmp_path, session):
+    import os
+
+    env = dict(os.environ, ZKV_DATA_DIR=str(tmp_path / "data"), ZKV_CACHE_DIR=str(tmp_path / "cache"))
+    exe = str(Path(sys.executable).parent / "zkv-mlx")
+    cmd = [exe, "chat", "--plain", "--model", str(tiny_model_dir("llama")), "--kv-cache-memory", "16MB",
+           "--max-context", "64", "--max-tokens", "3", "--temp", "0"] + (["--session", "long1"] if session else [])
+    r = subprocess.run(cmd, input="word " * 200 + "\nhi\n", capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "max context is 64" in r.stderr and "the message was not sent" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.count("assistant> ") == 2 and r.stderr.count("chunks in") == 1  # the short message was answered

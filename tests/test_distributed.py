@@ -457,3 +457,23 @@ def test_chat_session_that_cannot_be_saved_is_refused_at_start(tmp_path, tiny_mo
     assert b"assistant>" not in procs[0].stdout.read() and "zkv-mlx: " not in err1 and "Traceback" not in err1
     # under --distributed Ctrl-D does not end the loop (mlx.launch keeps stdin open): the banner says /quit only
     assert banner(True).endswith("/stats, /quit.") and "Ctrl-D" in banner(False)
+
+
+def test_a_lost_peer_met_inside_the_models_own_evaluation_is_a_distributed_error():
+    # kill -9 of a rank while rank 0 builds a prefill: the ring backend's RuntimeError surfaces from an async_eval
+    # inside the model's code (before LeaderRunner._eval); it must end the job as DistributedError, not a traceback
+    from zkv_mlx.distributed.group import DistGroup
+    from zkv_mlx.distributed.leader import LeaderRunner
+    from zkv_mlx.errors import DistributedError
+
+    group = object.__new__(DistGroup)
+    group.rank, group.failed, group.failed_during = 0, None, None
+    leader = object.__new__(LeaderRunner)
+    leader.group = group
+    with pytest.raises(DistributedError, match="lost a rank during a forward pass"):
+        with leader._collectives("a forward pass"):
+            raise RuntimeError("[ring] connection to a peer was lost")
+    assert isinstance(group.failed, DistributedError)  # later calls fail at once with the same error
+    with pytest.raises(RuntimeError, match="unrelated"):  # other errors are not disguised as a lost rank
+        with leader._collectives("a forward pass"):
+            raise RuntimeError("unrelated")

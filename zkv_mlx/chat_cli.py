@@ -8,6 +8,7 @@ import time
 
 def run_chat(args) -> int:
     from .cli_common import open_model, sampling_kwargs
+    from .errors import PromptTooLong
     from .names import check_name
 
     name = getattr(args, "session", None)
@@ -62,6 +63,12 @@ def run_chat(args) -> int:
                     sys.stdout.flush()
             except KeyboardInterrupt:
                 sys.stdout.write(" [stopped]")
+            except PromptTooLong as e:  # this turn only: the conversation goes on without the message
+                sys.stdout.write("\n")
+                print(f"zkv-mlx: error: {e} (the message was not sent; send a shorter one, or /reset to start "
+                      "over)", file=sys.stderr, flush=True)
+                messages.pop()
+                continue
             dt = time.perf_counter() - t0
             sys.stdout.write("\n")  # the reply's own line, also when stdout is a file
             print(f"({n} chunks in {dt:.1f}s)", file=sys.stderr)

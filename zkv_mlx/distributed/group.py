@@ -62,14 +62,18 @@ class DistGroup:
         try:
             mx.eval(x)
         except RuntimeError as e:
-            self.failed_during = what
-            self.failed = DistributedError(
-                f"rank {self.rank}: the distributed job lost a rank during {what} ({e}); in-flight requests "
-                "are ended. Restart every rank with mlx.launch")
-            raise self.failed from None
+            raise self.lost(what, e) from None
         finally:
             timer.cancel()
         return x
+
+    def lost(self, what: str, e: Exception) -> DistributedError:
+        """Records that a collective failed (a rank is gone) and returns the error every later call raises."""
+        self.failed_during = what
+        self.failed = DistributedError(
+            f"rank {self.rank}: the distributed job lost a rank during {what} ({e}); in-flight requests "
+            "are ended. Restart every rank with mlx.launch")
+        return self.failed
 
     def broadcast(self, x: mx.array | None, shape: tuple, dtype: mx.Dtype, what: str = "a plan",
                   watchdog: bool = True) -> mx.array:

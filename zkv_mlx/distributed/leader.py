@@ -8,6 +8,8 @@ lost rank surfaces as a `DistributedError` inside this module rather than somewh
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 
@@ -132,7 +134,9 @@ class LeaderRunner:
         self.send(P.encode_prefill(self._drops(), seq, start, end, all_logits) + P.encode_windows(calls)
                   + P.hash_words(resume))
         self._live[seq.seq_id] = seq
-        return self._eval(self.inner.prefill(seq, start, end, all_logits))
+        with self._collectives("a forward pass"):  # building it may already evaluate parts (async_eval)
+            out = self.inner.prefill(seq, start, end, all_logits)
+        return self._eval(out)
 
     def decode(self, seqs: list, tokens: mx.array | None = None) -> mx.array:
         """As `ModelRunner.decode`, on every rank (tokens in flight are read first: no cross-step pipelining)."""
@@ -141,7 +145,20 @@ class LeaderRunner:
         self.send(P.encode_decode(self._drops(), seqs, values) + P.encode_windows(calls))
         for s in seqs:
             self._live[s.seq_id] = s
-        return self._eval(self.inner.decode(seqs, None if tokens is None else mx.array(values, dtype=mx.int32)))
+        with self._collectives("a forward pass"):
+            out = self.inner.decode(seqs, None if tokens is None else mx.array(values, dtype=mx.int32))
+        return self._eval(out)
+
+    @contextlib.contextmanager
+    def _collectives(self, what: str):
+        # The ring backend reports a lost peer as a RuntimeError from whichever evaluation meets it first, which
+        # may be inside the model's own code; it ends the job like a failed plan collective (DistributedError).
+        try:
+            yield
+        except RuntimeError as e:
+            if "[ring]" not in str(e) and "peer" not in str(e):
+                raise
+            raise self.group.lost(what, e) from None
 
     def copy_block(self, src: int, dst: int) -> None:
         self.send([P.COPY, src, dst])
