@@ -82,14 +82,14 @@ def docs_env(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    orig = api._sampling
+    orig = api.sampling_params
 
     def capped(kw: dict) -> dict:
         kw = orig(kw)
         kw["max_tokens"] = min(kw.get("max_tokens", DEFAULT_MAX_TOKENS), MAX_TOKENS_CAP)
         return kw
 
-    monkeypatch.setattr(api, "_sampling", capped)
+    monkeypatch.setattr(api, "sampling_params", capped)
     return work
 
 

@@ -29,6 +29,7 @@ from .storage import session_file
 from .names import NAME_RULE
 from .storage.session_file import check_name
 from .timestamps import iso_utc
+from .api_args import is_file, sampling_params
 
 
 class ZKV:
@@ -115,7 +116,7 @@ class ZKV:
 
     def _run(self, ids: list[int], stream: bool, user: str | None, sampling: dict):
         policy = self._policy(sampling)
-        params = SamplingParams(**_sampling(sampling))
+        params = SamplingParams(**sampling_params(sampling))
         handle = self._thread.submit(ids, params, user or "local", policy)
         it = stream_texts(handle)
         if stream:
@@ -126,7 +127,7 @@ class ZKV:
     def submit(self, prompt_ids: list[int], user: str | None = None, **sampling):
         """Low-level: queue token ids and get a RequestHandle yielding engine Events (ids, text, usage)."""
         policy = self._policy(sampling)
-        return self._thread.submit(list(prompt_ids), SamplingParams(**_sampling(sampling)), user or "local", policy)
+        return self._thread.submit(list(prompt_ids), SamplingParams(**sampling_params(sampling)), user or "local", policy)
 
     def _policy(self, kw: dict):
         """Pops per-request kv_policy/budget/sinks/h2o_recent; None = the model's default policy."""
@@ -243,7 +244,7 @@ class ZKV:
             if session_path(user, key[1]).exists():
                 return self._restore(session_path(user, key[1]), user, name=name, keep_file=True)
         p = Path(path_or_name)
-        if not _is_file(path_or_name):
+        if not is_file(path_or_name):
             looks_like_path = isinstance(path_or_name, Path) or any(c in str(path_or_name) for c in "/\\") \
                 or str(path_or_name).endswith(".zkvs")
             if not looks_like_path and not session_file.is_valid_name(str(path_or_name)):
@@ -388,26 +389,3 @@ def _shutdown() -> None:
     import mlx.core as mx
 
     mx.clear_streams()
-
-
-_SAMPLING_KEYS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                  "ignore_eos"}
-
-
-def _is_file(path: str) -> bool:
-    # Path.is_file raises ValueError on a NUL byte: such a string is a bad name, not a file.
-    try:
-        return Path(path).is_file()
-    except (ValueError, OSError):
-        return False
-
-
-def _sampling(kw: dict) -> dict:
-    unknown = set(kw) - _SAMPLING_KEYS
-    if unknown:
-        raise ConfigError(f"unknown sampling option(s): {', '.join(sorted(unknown))}; "
-                          f"valid: {', '.join(sorted(_SAMPLING_KEYS))}")
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if "stop" in kw and isinstance(kw["stop"], list):
-        kw["stop"] = tuple(kw["stop"])
-    return kw
