@@ -49,7 +49,7 @@ def main() -> int:
     bad = sorted((out / "cache-rank1").rglob("*.kvb"))
     for p in bad:
         data = bytearray(p.read_bytes())
-        data[-1] ^= 0xFF  # one payload byte: the file's sha256 no longer matches
+        data[-1] ^= 0xFF  # one payload byte: the file's checksum no longer matches
         p.write_bytes(bytes(data))
     res["corrupted_files"] = len(bad)
     res["recomputed"] = tokens(m.submit(PROMPT, user="a", **GREEDY))

@@ -128,6 +128,51 @@ def test_files_of_the_first_version_are_still_read(tmp_path):
     s.close()
 
 
+def _block_file(path, k, v, **checksum):
+    import json
+    import struct
+
+    from zkv_mlx.storage.ssd_store import MAGIC
+
+    header = json.dumps({"tokens": [5, 6], "k": {"shape": list(k.shape), "dtype": "float32"},
+                         "v": {"shape": list(v.shape), "dtype": "float32"}, **checksum}).encode()
+    path.write_bytes(MAGIC + struct.pack("<I", len(header)) + header + k.tobytes() + v.tobytes())
+
+
+def test_block_files_carry_xxh3_128_and_unchecked_or_wrong_files_are_never_returned(tmp_path):
+    import hashlib
+    import json
+    import struct
+
+    import xxhash
+
+    k, v = block(5)
+    s = SSDStore(tmp_path, capacity=10 << 20)
+    s.put(b"\x01" * 32, [5, 6], k, v)
+    s.close()
+    raw = (tmp_path / (("01" * 32) + ".kvb")).read_bytes()
+    (n,) = struct.unpack("<I", raw[8:12])
+    header = json.loads(raw[12:12 + n])
+    assert "sha256" not in header and header["xxh3_128"] == xxhash.xxh3_128_hexdigest(k.tobytes() + v.tobytes())
+    payload = k.tobytes() + v.tobytes()
+    _block_file(tmp_path / (("02" * 32) + ".kvb"), k, v, sha256=hashlib.sha256(payload).hexdigest())  # old, good
+    _block_file(tmp_path / (("03" * 32) + ".kvb"), k, v, sha256="0" * 64)  # old, wrong checksum
+    _block_file(tmp_path / (("04" * 32) + ".kvb"), k, v)  # no checksum at all
+    _block_file(tmp_path / (("05" * 32) + ".kvb"), k, v, xxh3_128=xxhash.xxh3_128_hexdigest(payload + b"x"))
+    s2 = SSDStore(tmp_path, capacity=10 << 20)
+    assert s2.dropped_at_start == 3 and len(s2) == 2
+    for h in (b"\x01" * 32, b"\x02" * 32):
+        got_k, got_v = s2.get(h, [5, 6])
+        assert np.array_equal(got_k, k) and np.array_equal(got_v, v)
+    # a byte flipped after start-up: refused and deleted when promoted, not returned
+    p = tmp_path / (("01" * 32) + ".kvb")
+    data = bytearray(p.read_bytes())
+    data[-9] ^= 0x10
+    p.write_bytes(bytes(data))
+    assert s2.get(b"\x01" * 32, [5, 6]) is None and not p.exists() and len(s2) == 1
+    s2.close()
+
+
 @pytest.mark.parametrize("kw", [{}, {"kv_quant": "int8"}, {"kv_quant": "int4"}, {"kv_quant": "k8v4"},
                                 {"kv_quant": "int4", "kv_key_layout": "token"},
                                 {"kv_quant": "int8", "kv_key_layout": "channel"}])

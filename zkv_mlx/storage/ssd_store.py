@@ -1,9 +1,11 @@
 """The SSD tier: content-addressed KV block files with a byte budget and LRU order (design.md §7).
 
 One file per block, named by its chained hash (which carries the user salt): `<hash hex>.kvb` =
-magic | u32 header length | JSON header {tokens, k: {shape, dtype}, v: {shape, dtype}, sha256} | K of every layer |
+magic | u32 header length | JSON header {tokens, k: {shape, dtype}, v: {shape, dtype}, xxh3_128} | K of every layer |
 V of every layer. K and V are described separately: in quantized formats (int4 with per-channel keys, k8v4) they
-differ in size. Files written before that (one `shape`/`dtype` for both) are still read.
+differ in size. Files written before that (one `shape`/`dtype` for both) are still read. The payload's checksum is
+xxh3_128 (`storage.checksum`, issue #20); files written before it carry a `sha256` instead, which is still checked
+(never trusted unchecked); a file with neither is dropped like a corrupt one.
 Files are written by a background thread (`atomic_write`: fresh temp file, fsync, rename), so the decode path never
 waits on the disk.
 At start-up every file is validated (torn or corrupt ones are deleted) and the budget is enforced, oldest first.
@@ -11,7 +13,6 @@ At start-up every file is validated (torn or corrupt ones are deleted) and the b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write
+from .checksum import SHA256, XXH3_128, digest, xxh3_hex
 
 MAGIC = b"ZKVB\x01\x00\x00\x00"
 SUFFIX = ".kvb"
@@ -130,7 +132,7 @@ class SSDStore:
                 payload = np.ascontiguousarray(k).tobytes() + np.ascontiguousarray(v).tobytes()
                 header = json.dumps({"tokens": tokens, "k": {"shape": list(k.shape), "dtype": k.dtype.name},
                                      "v": {"shape": list(v.shape), "dtype": v.dtype.name},
-                                     "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+                                     XXH3_128: xxh3_hex(payload)}).encode()
                 path = self._path(h)
                 with atomic_write(path) as f:
                     f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
@@ -211,7 +213,8 @@ class SSDStore:
         payload = memoryview(data)[12 + n:]  # views, not copies, of the one read of the file
         if any(not 1 <= len(shape) <= 5 for shape, _ in arrays) or len(payload) != sum(sizes):
             raise ValueError("torn block file")
-        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        algo = XXH3_128 if XXH3_128 in header else SHA256  # sha256: files written before issue #20
+        if digest(algo, payload) != header.get(algo):
             raise ValueError("corrupt block file")
         if token_ids is not None and header.get("tokens") != token_ids:
             raise ValueError("block file holds other tokens")
