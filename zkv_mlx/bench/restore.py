@@ -57,7 +57,9 @@ def run(args) -> int:
             res.append(time.perf_counter() - t0)
             hits.append(_first_token(model, ids))
             model.close_session(restored.name)
-            row = {"round": r, "recompute_s": round(rec[-1], 3), "restore_s": round(res[-1], 3)}
+            row = {"round": r, "recompute_s": round(rec[-1], 3), "restore_s": round(res[-1], 3),
+                   "read_s": _sig(reads[-1]), "load_s": _sig(loads[-1]), "first_token_s": _sig(firsts[-1]),
+                   "memory_hit_s": _sig(hits[-1])}
             emit(row) if args.json else log(args, str(row))
         size = f.stat().st_size
     finally:
