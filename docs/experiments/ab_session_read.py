@@ -16,6 +16,10 @@ preallocated destination of the pool's size (what `KVPool._write_in_place` does 
 faults a lazy mapping defers to the copy are counted too; "faults" is the process's minor page faults during
 "+copy" (getrusage).
 
+Then the SSD tier: 256 block files of the same model (one block, all 30 layers: 737 KB each) promoted with
+`SSDStore.get`, files with an xxh3_128 header (written now) vs the same files with the sha256 header written before
+issue #20 (still read and checked); "ssd" is the median seconds for all 256.
+
     .venv/bin/python docs/experiments/ab_session_read.py --rounds 7
 """
 
@@ -25,6 +29,7 @@ import argparse
 import json
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from zkv_mlx.storage import checksum, session_file
+from zkv_mlx.storage.ssd_store import MAGIC, SSDStore
 
 BASE = "5235717"
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +115,44 @@ def main() -> None:
         tmp.rmdir()
     out = {name: {what: round(statistics.median(ts), 4) for what, ts in t.items()} for name, t in times.items()}
     # "faults": minor page faults of the process during read + copy (getrusage), median
-    print(json.dumps({"rounds": args.rounds, "file_bytes": size, "median_s": out}, indent=1))
+    print(json.dumps({"rounds": args.rounds, "file_bytes": size, "median_s": out, "ssd": _ssd(args.rounds)},
+                     indent=1))
+
+
+def _ssd(rounds: int, n_blocks: int = 256) -> dict:
+    rng = np.random.default_rng(1)
+    shape = (30, 3, 16, 64)
+    dirs = {algo: Path(tempfile.mkdtemp(prefix=f"zkv-ab-ssd-{algo}-")) for algo in ("xxh3_128", "sha256")}
+    blocks = [(bytes([i % 256, i // 256]) * 16, [i]) for i in range(n_blocks)]
+    store = SSDStore(dirs["xxh3_128"], capacity=1 << 40)
+    for h, tokens in blocks:
+        store.put(h, tokens, *rng.standard_normal((2, *shape), dtype=np.float32))
+    store.close()
+    for p in dirs["xxh3_128"].iterdir():  # the same files as written before the switch: a sha256 header
+        raw = p.read_bytes()
+        (n,) = struct.unpack("<I", raw[8:12])
+        header = json.loads(raw[12:12 + n])
+        payload = raw[12 + n:]
+        del header["xxh3_128"]
+        header["sha256"] = checksum.sha256_hex(payload)
+        blob = json.dumps(header).encode()
+        (dirs["sha256"] / p.name).write_bytes(MAGIC + struct.pack("<I", len(blob)) + blob + payload)
+    stores = {algo: SSDStore(d, capacity=1 << 40) for algo, d in dirs.items()}
+    times = {algo: [] for algo in stores}
+    try:
+        for _ in range(rounds):
+            for algo, st in stores.items():
+                t0 = time.perf_counter()
+                assert all(st.get(h, tokens) is not None for h, tokens in blocks)
+                times[algo].append(time.perf_counter() - t0)
+    finally:
+        for st in stores.values():
+            st.close()
+        for d in dirs.values():
+            for p in d.iterdir():
+                p.unlink()
+            d.rmdir()
+    return {"blocks": n_blocks, "median_s": {algo: round(statistics.median(t), 4) for algo, t in times.items()}}
 
 
 if __name__ == "__main__":
