@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +153,16 @@ def read(path: Path) -> SessionData:
         end = max((sp[2] for sp in spans), default=0)
         mm = map_read(f.fileno())
     buf = np.frombuffer(mm, dtype=np.uint8, count=end, offset=base)
-    # One thread: xxh3 runs near memory speed (two threads measured no faster); sha256 for version 1 files.
+    # xxh3 (version 2) on one thread: it runs near memory speed, two threads measured no faster. sha256 (version 1
+    # files) on two: hashlib releases the GIL, and that measured 1.5x faster (docs/benchmarks.md, w/fastload).
     algo = CHECKSUMS[meta["version"]]
-    for name, start, stop, *_ in spans:
-        if digest(algo, buf[start:stop]) != meta["checksums"].get(name):
-            raise SessionFormatError(f"{path}: checksum mismatch in tensor {name} (the file is corrupt)")
+    threads = 2 if algo == SHA256 and (os.cpu_count() or 1) > 1 else 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        digests = pool.map(lambda sp: digest(algo, buf[sp[1]:sp[2]]), spans) if threads > 1 else (
+            digest(algo, buf[sp[1]:sp[2]]) for sp in spans)
+        bad = next((sp[0] for sp, d in zip(spans, digests) if d != meta["checksums"].get(sp[0])), None)
+    if bad is not None:
+        raise SessionFormatError(f"{path}: checksum mismatch in tensor {bad} (the file is corrupt)")
     for name, start, end, shape, out, dt in spans:
         a = buf[start:end].view(dt).reshape(shape)
         if isinstance(out, tuple):  # a state array: (its cache's list, index)
