@@ -58,3 +58,22 @@ def test_bench_restore_splits_load_and_first_token(tiny_model_dir, capsys):
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["read_gb_s"] > 0 and r["file_bytes"] > 0 and r["memory_hit_s"] > 0
     assert abs(r["restore_s"] - (r["load_s"] + r["first_token_s"])) < 0.01 + 0.001 * r["restore_s"]
+    assert r["restores"] == 3  # the default: three restores per recompute
+
+
+def test_bench_restore_rows_are_rounds_times_restores(tiny_model_dir, capsys):
+    argv = ["bench", "restore", "--tokens", "40", "--rounds", "2", "--restores", "2", "--json",
+            "--model", str(tiny_model_dir("llama"))]
+    assert main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    rows, r = lines[:-1], lines[-1]
+    assert [row["round"] for row in rows] == [0, 0, 1, 1] and r["rounds"] == 2 and r["restores"] == 2
+    for row in rows:
+        assert abs(row["restore_s"] - (row["load_s"] + row["first_token_s"])) < 0.002
+        assert row["read_s"] > 0 and row["memory_hit_s"] > 0
+
+
+def test_bench_restore_refuses_zero_restores_in_one_line(capsys):
+    assert main(["bench", "restore", "--restores", "0", "--model", "/nonexistent"]) == 1
+    err = capsys.readouterr().err
+    assert "--restores" in err and "got 4096, 3, 0" in err and "Traceback" not in err

@@ -168,7 +168,8 @@ def _add_tool_verbs(sub) -> None:
     bench("batch", "continuous batching: tokens/s of one stream vs N concurrent streams",
           streams=(8, "concurrent streams"), tokens=(64, "tokens generated per stream"),
           prompt_tokens=(32, "prompt length of each stream"))
-    bench("restore", "recompute a long conversation vs restore its session file", tokens=(4096, "conversation tokens"))
+    bench("restore", "recompute a long conversation vs restore its session file", tokens=(4096, "conversation tokens"),
+          restores=(3, "restores per round (each round recomputes once)"))
     bench("prefix", "time to first token: cold prompt vs one sharing a cached prefix",
           prefix_tokens=(2048, "shared prefix tokens"), suffix_tokens=(32, "distinct suffix tokens"))
     bench("longctx", "decode speed as a conversation grows past the KV budget: full cache vs --kv-policy",

@@ -1,9 +1,10 @@
 """`zkv-mlx bench restore`: recompute a long conversation (prefill + first token) vs restore its session file
 from disk (read + load into the pool + first token), alternating rounds in one process. Last line:
-{"tokens", "recompute_s", "restore_s", "speedup", "file_bytes", "read_gb_s", "load_s", "first_token_s",
+{"tokens", "rounds", "restores", "recompute_s", "restore_s", "speedup", "file_bytes", "read_gb_s", "load_s", "first_token_s",
 "memory_hit_s"} (medians). restore_s = load_s (read, checksums, copy into the pool) + first_token_s (the first
 token after the restore); memory_hit_s is the first token of the same prompt again right after, its blocks
-already in memory (a prefix hit of the same length): the restore's first token should be no slower."""
+already in memory (a prefix hit of the same length): the restore's first token should be no slower. Each round
+recomputes once and restores --restores times (one row per restore); the restore medians are over all of them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import ConfigError
 from .common import bench_tokens, emit, log, machine, median
 
 
@@ -27,6 +29,9 @@ def run(args) -> int:
     from ..session import Session
     from ..saved_sessions import read_file
 
+    if args.tokens < 1 or args.rounds < 1 or args.restores < 1:
+        raise ConfigError(f"--tokens, --rounds and --restores must be >= 1 (got {args.tokens}, {args.rounds}, "
+                         f"{args.restores}); e.g. --tokens 4096 --rounds 3 --restores 3")
     if args.max_context is None:
         args.max_context = args.tokens + 64
     # Cold figures must be cold: the SSD tier would serve the "cleared" blocks back from disk.
@@ -45,22 +50,25 @@ def run(args) -> int:
             rec.append(_first_token(model, ids))
             if r == 0:  # the session file holds exactly what the recompute produced
                 Session(model, "bench", "local", [], ids).save(f)
-            model.clear_kv_cache()
-            t0 = time.perf_counter()
-            read_file(f)
-            reads.append(time.perf_counter() - t0)
-            model.clear_kv_cache()
-            t0 = time.perf_counter()
-            restored = model.load_session(str(f))
-            loads.append(time.perf_counter() - t0)
-            firsts.append(_first_token(model, ids))
-            res.append(time.perf_counter() - t0)
-            hits.append(_first_token(model, ids))
-            model.close_session(restored.name)
-            row = {"round": r, "recompute_s": round(rec[-1], 3), "restore_s": round(res[-1], 3),
-                   "read_s": _sig(reads[-1]), "load_s": _sig(loads[-1]), "first_token_s": _sig(firsts[-1]),
-                   "memory_hit_s": _sig(hits[-1])}
-            emit(row) if args.json else log(args, str(row))
+            # A restore costs ~0.1 s and a recompute 20-100 s: each round restores --restores times, so the
+            # restore medians stand on rounds x restores samples (a 0.1 s figure on a shared machine needs them).
+            for _ in range(args.restores):
+                model.clear_kv_cache()
+                t0 = time.perf_counter()
+                read_file(f)
+                reads.append(time.perf_counter() - t0)
+                model.clear_kv_cache()
+                t0 = time.perf_counter()
+                restored = model.load_session(str(f))
+                loads.append(time.perf_counter() - t0)
+                firsts.append(_first_token(model, ids))
+                res.append(time.perf_counter() - t0)
+                hits.append(_first_token(model, ids))
+                model.close_session(restored.name)
+                row = {"round": r, "recompute_s": round(rec[-1], 3), "restore_s": round(res[-1], 3),
+                       "read_s": _sig(reads[-1]), "load_s": _sig(loads[-1]), "first_token_s": _sig(firsts[-1]),
+                       "memory_hit_s": _sig(hits[-1])}
+                emit(row) if args.json else log(args, str(row))
         size = f.stat().st_size
     finally:
         model.close()
@@ -70,6 +78,7 @@ def run(args) -> int:
     emit({
         "tokens": args.tokens,
         "rounds": args.rounds,
+        "restores": args.restores,
         "recompute_s": _sig(median(rec)),
         "restore_s": _sig(median(res)),
         "speedup": round(median(rec) / median(res), 1),
