@@ -2,9 +2,9 @@
 
 The checksums guard against torn or corrupted files (disk errors, truncated copies), not against tampering: a
 session file is trusted once it names the right model and passes its checks, as before. xxh3_128 (the `xxhash`
-package, XXH3 by Yann Collet, https://github.com/Cyan4973/xxHash) runs at ~12 GB/s on one core of this machine vs
-~1.1 GB/s for hashlib's sha256 (docs/benchmarks.md, "Issue #20 (w/fastload)"), so checking a restored session no
-longer costs more than reading it. sha256 stays for reading files written before the switch.
+package, XXH3 by Yann Collet, https://github.com/Cyan4973/xxHash) made reading a 189 MB session file 9-10x
+faster than hashlib's sha256 did on the 2-core dev VM (docs/benchmarks.md, "Issue #20 (w/fastload)"): checking a
+restored session no longer costs more than mapping it. sha256 stays for reading files written before the switch.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def digest(algo: str, buf) -> str:
     return {XXH3_128: xxh3_hex, SHA256: sha256_hex}[algo](buf)
 
 
-# How `map_read` asks the kernel for the pages; see docs/benchmarks.md "Issue #20 (w/fastload)" for the A/B that
-# chose it. "populate": MAP_POPULATE (Linux) maps every page of the file at mmap time, one pass in the kernel,
+# How `map_read` asks the kernel for the pages; docs/benchmarks.md "Issue #20 (w/fastload)" has the A/B (all four
+# within noise on Linux 6.18, whose large page-cache folios leave few faults anyway). "populate": MAP_POPULATE (Linux) maps every page of the file at mmap time, one pass in the kernel,
 # instead of a page fault per 4-64 KiB on first touch; "willneed" / "sequential": a plain map plus
 # MADV_WILLNEED (read-ahead) / MADV_SEQUENTIAL; "plain": none of these.
 MAP_MODE = "populate"
@@ -55,8 +55,7 @@ def map_read(fileno: int, mode: str | None = None) -> mmap.mmap:
 
     Args:
         fileno: an open file descriptor. mode: "populate", "willneed", "sequential" or "plain" (default
-            `MAP_MODE`); where the
-            platform lacks MAP_POPULATE (macOS) or madvise, the map is plain.
+            `MAP_MODE`); where the platform lacks MAP_POPULATE (macOS) or madvise, the map is plain.
     Returns:
         The mapping (its buffer stays valid after the file is closed).
     Raises:

@@ -149,18 +149,20 @@ def read(path: Path) -> SessionData:
                                              data.state[i], j))
         # The file is mapped, not copied: the tensors are read-only views of the page cache (the mapping lives as
         # long as they do; session files are replaced by rename, never rewritten in place). `map_read` maps
-        # every page up front (MAP_POPULATE) rather than faulting them in one by one during the checks.
+        # every page up front (MAP_POPULATE where there is one): as fast as the other ways in the A/B here, and it
+        # spares the faults where page-cache folios are small.
         end = max((sp[2] for sp in spans), default=0)
         mm = map_read(f.fileno())
     buf = np.frombuffer(mm, dtype=np.uint8, count=end, offset=base)
     # xxh3 (version 2) on one thread: it runs near memory speed, two threads measured no faster. sha256 (version 1
     # files) on two: hashlib releases the GIL, and that measured 1.5x faster (docs/benchmarks.md, w/fastload).
     algo = CHECKSUMS[meta["version"]]
-    threads = 2 if algo == SHA256 and (os.cpu_count() or 1) > 1 else 1
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        digests = pool.map(lambda sp: digest(algo, buf[sp[1]:sp[2]]), spans) if threads > 1 else (
-            digest(algo, buf[sp[1]:sp[2]]) for sp in spans)
-        bad = next((sp[0] for sp, d in zip(spans, digests) if d != meta["checksums"].get(sp[0])), None)
+    if algo == SHA256 and (os.cpu_count() or 1) > 1:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            digests = list(pool.map(lambda sp: digest(algo, buf[sp[1]:sp[2]]), spans))
+    else:
+        digests = (digest(algo, buf[sp[1]:sp[2]]) for sp in spans)  # lazy: stops at the first mismatch
+    bad = next((sp[0] for sp, d in zip(spans, digests) if d != meta["checksums"].get(sp[0])), None)
     if bad is not None:
         raise SessionFormatError(f"{path}: checksum mismatch in tensor {bad} (the file is corrupt)")
     for name, start, end, shape, out, dt in spans:
