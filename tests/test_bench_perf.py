@@ -41,6 +41,22 @@ def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
     assert result["speedup"] > 0 and result["streams"] == 3
 
 
+def test_bench_batch_sizes_the_pool_for_its_streams(tiny_model_dir, capsys):
+    # The "dynamic" default holds four contexts: 8 streams would preempt each other. Without --kv-cache-memory the
+    # bench reopens the engine with a pool for every stream and none is preempted; an explicit size is kept.
+    from zkv_mlx.bench.batch import _blocks_needed
+
+    base = ["bench", "batch", "--streams", "8", "--tokens", "20", "--prompt-tokens", "24", "--rounds", "1", "--json",
+            "--model", str(tiny_model_dir("llama"))]
+    assert main(base) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kv_blocks"] >= _blocks_needed(8, 24 + 20 + 16, 16)
+    assert result["preemptions"] == 0
+    assert main(base + ["--kv-cache-memory", "dynamic"]) == 0
+    small = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert small["kv_blocks"] < _blocks_needed(8, 24 + 20 + 16, 16) and small["preemptions"] > 0
+
+
 def test_roofline_decode_bytes_add_weights_and_kv():
     from zkv_mlx.kernels import roofline_decode as rd
 

@@ -10,6 +10,10 @@ Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup", ...} (medians
 "model_speedup_ceiling" is what the model alone allows: the same weights run by mlx-lm (its own KV caches, greedy
 argmax, no engine) one decode step for 1 sequence vs for N, alternating, median step times (`model_step_ms_1`,
 `model_step_ms_n`). The engine's speedup can approach it but not pass it: the rest of the step is the model.
+
+Without --kv-cache-memory the pool is sized for N full streams (`kv_blocks`): the engine's "dynamic" default holds
+four contexts, so 8 streams would preempt each other (recompute) and measure that instead of batching;
+`preemptions` counts those of the whole run, warm-up included (0 is the clean case).
 """
 
 from __future__ import annotations
@@ -82,6 +86,31 @@ def _model_ceiling(args, streams: int, weights_dtype: str) -> dict:
             "model_speedup_ceiling": round(streams * median(one) / median(many), 2)}
 
 
+def _blocks_needed(streams: int, max_context: int, block_size: int) -> int:
+    """KV blocks for `streams` sequences of `max_context` tokens each (+1 block each: the slot being written)."""
+    return streams * (-(-max_context // block_size) + 1)
+
+
+def _open_for_streams(args, open_model, streams: int):
+    """The engine, with a KV pool that holds `streams` full streams unless --kv-cache-memory was given.
+
+    The pool's size is only known once the model is loaded (bytes per block): a pool too small for the streams
+    is reopened with the memory they need (`kv_cache_memory` in bytes).
+    """
+    model = open_model(args)
+    if args.kv_cache_memory is not None:
+        return model
+    st = model.kv_cache_stats()
+    need = _blocks_needed(streams, args.max_context, st["block_size"])
+    if st["blocks_total"] >= need:
+        return model
+    per_block = -(-st["total_size"] // max(1, st["blocks_total"]))
+    model.close()
+    args.kv_cache_memory = need * per_block
+    log(args, f"reopening with a KV pool of {need} blocks ({args.kv_cache_memory} bytes) for {streams} streams")
+    return open_model(args)
+
+
 def run(args) -> int:
     from ..cli_common import open_model
 
@@ -93,7 +122,7 @@ def run(args) -> int:
     if args.max_context is None:
         args.max_context = plen + args.tokens + 16
     log(args, "loading zkv engine...")
-    model = open_model(args)
+    model = _open_for_streams(args, open_model, streams)
     # One distinct prompt per stream per round (+1 for the single stream, +1 round for the warm-up).
     per_round = streams + 1
     text = bench_tokens(model.tokenizer, plen * per_round * (args.rounds + 1))
@@ -112,6 +141,7 @@ def run(args) -> int:
                "single_e2e_tok_s": round(singles_e2e[-1], 2), "batched_e2e_tok_s": round(batched_e2e[-1], 2)}
         emit(row) if args.json else log(args, str(row))
     weights, weights_dtype = model.info["weights"], model.config.weights_dtype
+    st = model.kv_cache_stats()
     model.close()
     ceiling = _model_ceiling(args, streams, weights_dtype)
     single, batch = median(singles), median(batched)
@@ -124,6 +154,8 @@ def run(args) -> int:
         "batched_e2e_tok_s": round(median(batched_e2e), 2),
         "e2e_speedup": round(median(batched_e2e) / median(singles_e2e), 2),
         **ceiling,
+        "kv_blocks": st["blocks_total"],
+        "preemptions": st["preemptions"],
         "tokens": args.tokens,
         "prompt_tokens": plen,
         "rounds": args.rounds,
