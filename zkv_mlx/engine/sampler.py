@@ -45,37 +45,48 @@ def _argmax(logits: mx.array) -> mx.array:
     return mx.where(_valid(logits), mx.argmax(logits, axis=-1).astype(mx.int32), NO_TOKEN)
 
 
-def _scale(row: mx.array, temperature: float) -> mx.array:
-    """Clean logits [V] / temperature, shifted so the max is 0: no overflow, no inf - inf.
+def _scale(logits: mx.array, temperature: mx.array) -> mx.array:
+    """Clean logits [B, V] / temperature [B, 1], each row shifted so its max is 0: no overflow, no inf - inf.
 
     +inf logits become 0 and everything else -inf (their limit: they hold all the probability).
     """
-    top = row.max()
+    top = logits.max(axis=-1, keepdims=True)
     has_inf = top == _INF
-    shifted = mx.where(has_inf, mx.where(row == _INF, 0.0, -_INF), row - mx.where(has_inf, 0.0, top))
+    shifted = mx.where(has_inf, mx.where(logits == _INF, 0.0, -_INF), logits - mx.where(has_inf, 0.0, top))
     # (row - top) <= 0, so dividing by a small temperature can only underflow to -inf: an exp() of 0
     return shifted / temperature
 
 
-def _filter(logits: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:
-    """Masks logits [V] outside top-k / nucleus / min-p to -inf (temperature already applied)."""
+def _column(values: list, dtype=mx.float32) -> mx.array:
+    """Per-row parameters as a [B, 1] array (float32: the precision a Python float scalar gets in an MLX op)."""
+    return mx.array(values, dtype=dtype)[:, None]
+
+
+def _filter(logits: mx.array, params: list[SamplingParams]) -> mx.array:
+    """Masks logits [B, V] outside each row's top-k / nucleus / min-p to -inf (temperature already applied).
+
+    Per-row parameters are arrays, so the batch is one graph; a row whose filter is off goes through it unchanged
+    (top-k = V keeps values >= the row's minimum, min-p 0 and top-p inf keep everything), so its values are
+    bitwise those it gets alone, where the filter is skipped. A filter no row uses is not built.
+    """
     neg = mx.array(-_INF, dtype=logits.dtype)
-    if top_k and top_k < logits.shape[-1]:
-        kth = mx.sort(logits)[-top_k]
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        kth = mx.take_along_axis(mx.sort(logits, axis=-1), _column([vocab - k for k in top_k], mx.int32), axis=-1)
         logits = mx.where(logits < kth, neg, logits)
-    if min_p > 0.0:
-        probs = mx.softmax(logits)
-        logits = mx.where(probs < min_p * probs.max(), neg, logits)
-    if top_p < 1.0:
-        order = mx.argsort(-logits)
-        sorted_probs = mx.softmax(logits[order])
-        cum = mx.cumsum(sorted_probs)
+    if any(p.min_p > 0.0 for p in params):
+        probs = mx.softmax(logits, axis=-1)
+        logits = mx.where(probs < _column([p.min_p for p in params]) * probs.max(axis=-1, keepdims=True), neg, logits)
+    if any(p.top_p < 1.0 for p in params):
+        order = mx.argsort(-logits, axis=-1)
+        sorted_probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
+        cum = mx.cumsum(sorted_probs, axis=-1)
         # keep the smallest prefix whose mass reaches top_p; the first token always stays, also when top_p
         # is below float32's smallest number and rounds to 0
-        keep_sorted = (cum - sorted_probs) < top_p
-        keep_sorted[0] = True
-        keep = mx.zeros(logits.shape, dtype=mx.bool_)
-        keep[order] = keep_sorted
+        top_p = _column([p.top_p if p.top_p < 1.0 else _INF for p in params])
+        keep_sorted = ((cum - sorted_probs) < top_p) | (mx.arange(vocab) == 0)
+        keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, keep_sorted, axis=-1)
         logits = mx.where(keep, logits, neg)
     return logits
 
@@ -104,14 +115,28 @@ def _key(seq: Sequence) -> mx.array:
     return sub
 
 
-def _sample_row(row: mx.array, seq: Sequence) -> mx.array:
-    """One token id (int32 scalar, lazy) from the clean, penalized logits [V] of `seq`."""
-    p = seq.params
-    if is_greedy(p):
-        return _argmax(row)
-    scaled = _filter(_scale(row, p.temperature), p.top_k, p.top_p, p.min_p)
-    token = mx.random.categorical(scaled, key=_key(seq)).astype(mx.int32)
-    return mx.where(_valid(row), token, NO_TOKEN)
+_GREEDY_ROW = SamplingParams(temperature=1.0)  # what a greedy row of a mixed batch is filtered with (unused)
+
+
+def _sample_rows(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    """[B] int32 token ids (lazy) from clean, penalized logits [B, V]: one graph for the whole batch.
+
+    Sampled rows draw with the Gumbel-max trick on their own key: argmax(logits + gumbel(key)), which is what
+    `mx.random.categorical(row, key=key)` computes for one row, so a sequence's tokens under a seed do not
+    depend on the rest of the batch. Greedy rows take the argmax and consume no key (in a mixed batch they
+    draw from a fixed key 0, never used).
+    """
+    best = _argmax(logits)
+    greedy = [is_greedy(s.params) for s in seqs]
+    if all(greedy):
+        return best
+    params = [_GREEDY_ROW if g else s.params for g, s in zip(greedy, seqs)]
+    scaled = _filter(_scale(logits, _column([p.temperature for p in params])), params)
+    vocab = logits.shape[-1]
+    keys = mx.stack([mx.random.key(0) if g else _key(s) for g, s in zip(greedy, seqs)])
+    noise = mx.vmap(lambda k: mx.random.gumbel((vocab,), key=k))(keys)
+    token = mx.where(_valid(logits), mx.argmax(scaled + noise, axis=-1).astype(mx.int32), NO_TOKEN)
+    return token if not any(greedy) else mx.where(mx.array(greedy), best, token)
 
 
 def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
@@ -124,9 +149,9 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
         B token ids in [0, vocab), or NO_TOKEN for a row with no finite or +inf logit.
     """
     logits = _clean(logits)
-    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
-        return _argmax(logits).tolist()
-    return mx.stack([_sample_row(_penalize(logits[i], seq), seq) for i, seq in enumerate(seqs)]).tolist()
+    if any(s.params.repetition_penalty != 1.0 for s in seqs):
+        logits = mx.stack([_penalize(logits[i], seq) for i, seq in enumerate(seqs)])
+    return _sample_rows(logits, seqs).tolist()
 
 
 def can_sample_lazily(seqs: list[Sequence]) -> bool:
@@ -142,7 +167,4 @@ def sample_lazy(logits: mx.array, seqs: list[Sequence]) -> mx.array:
     Returns:
         [B] token ids (NO_TOKEN for a row without a valid logit), not yet evaluated.
     """
-    logits = _clean(logits)
-    if all(is_greedy(s.params) for s in seqs):
-        return _argmax(logits)
-    return mx.stack([_sample_row(logits[i], seq) for i, seq in enumerate(seqs)])
+    return _sample_rows(_clean(logits), seqs)
