@@ -66,14 +66,19 @@ def _filter(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     """Masks logits [B, V] outside each row's top-k / nucleus / min-p to -inf (temperature already applied).
 
     Per-row parameters are arrays, so the batch is one graph; a row whose filter is off goes through it unchanged
-    (top-k = V keeps values >= the row's minimum, min-p 0 and top-p inf keep everything), so its values are
+    (a top-k threshold of -inf, min-p 0 and top-p inf keep everything), so its values are
     bitwise those it gets alone, where the filter is skipped. A filter no row uses is not built.
     """
     neg = mx.array(-_INF, dtype=logits.dtype)
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     if any(k < vocab for k in top_k):
-        kth = mx.take_along_axis(mx.sort(logits, axis=-1), _column([vocab - k for k in top_k], mx.int32), axis=-1)
+        # each row's k-th largest value, selected from the batch's largest k (a partial sort: ~10x cheaper than
+        # sorting the vocabulary) and sorted ascending; a row without top-k gets -inf (nothing is below it)
+        kmax = max(k for k in top_k if k < vocab)
+        largest = mx.sort(mx.topk(logits, kmax, axis=-1), axis=-1)
+        kth = mx.take_along_axis(largest, _column([kmax - min(k, kmax) for k in top_k], mx.int32), axis=-1)
+        kth = mx.where(_column([k < vocab for k in top_k], mx.bool_), kth, neg)
         logits = mx.where(logits < kth, neg, logits)
     if any(p.min_p > 0.0 for p in params):
         probs = mx.softmax(logits, axis=-1)
