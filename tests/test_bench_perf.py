@@ -39,6 +39,7 @@ def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
     want = 3 * result["model_step_ms_1"] / result["model_step_ms_n"]
     assert abs(result["model_speedup_ceiling"] - want) < 0.05 * want + 0.01
     assert result["speedup"] > 0 and result["streams"] == 3
+    assert len(result["speedup_per_round"]) == 1 and result["paired_speedup"] == result["speedup_per_round"][0]
 
 
 def test_bench_batch_sizes_the_pool_for_its_streams(tiny_model_dir, capsys):

@@ -5,7 +5,8 @@ Rounds alternate single and batched in one process; every stream of every round 
 windows of the bench text), so no prefix-cache hit helps either side. `*_tok_s` is decode throughput while every
 stream is generating (from the last stream's first token to the first stream's last token: the steady state that
 continuous batching speeds up); `*_e2e_tok_s` runs from submission to the last token, prefills included.
-Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup", ...} (medians).
+Last line: {"streams", "single_tok_s", "batched_tok_s", "speedup", ...} (medians; "speedup" is the ratio of the
+medians, "paired_speedup" the median of each round's own ratio).
 
 "model_speedup_ceiling" is what the model alone allows: the same weights run by mlx-lm (its own KV caches, greedy
 argmax, no engine) one decode step for 1 sequence vs for N, alternating, median step times (`model_step_ms_1`,
@@ -150,6 +151,10 @@ def run(args) -> int:
         "single_tok_s": round(single, 2),
         "batched_tok_s": round(batch, 2),
         "speedup": round(batch / single, 2),
+        # each round's batched over its single rate (run back to back): steadier than the ratio of medians when the
+        # machine's load drifts between rounds
+        "speedup_per_round": [round(b / a, 2) for a, b in zip(singles, batched)],
+        "paired_speedup": round(median([b / a for a, b in zip(singles, batched)]), 2),
         "single_e2e_tok_s": round(median(singles_e2e), 2),
         "batched_e2e_tok_s": round(median(batched_e2e), 2),
         "e2e_speedup": round(median(batched_e2e) / median(singles_e2e), 2),

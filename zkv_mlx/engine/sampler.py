@@ -45,6 +45,12 @@ def _argmax(logits: mx.array) -> mx.array:
     return mx.where(_valid(logits), mx.argmax(logits, axis=-1).astype(mx.int32), NO_TOKEN)
 
 
+@mx.compile
+def _greedy(logits: mx.array) -> mx.array:
+    """`_argmax(_clean(logits))` fused into one compiled graph: a greedy batch's whole sampling step."""
+    return _argmax(_clean(logits))
+
+
 def _scale(logits: mx.array, temperature: mx.array) -> mx.array:
     """Clean logits [B, V] / temperature [B, 1], each row shifted so its max is 0: no overflow, no inf - inf.
 
@@ -153,6 +159,8 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
     Returns:
         B token ids in [0, vocab), or NO_TOKEN for a row with no finite or +inf logit.
     """
+    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
+        return _greedy(logits).tolist()
     logits = _clean(logits)
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         logits = mx.stack([_penalize(logits[i], seq) for i, seq in enumerate(seqs)])
@@ -172,4 +180,6 @@ def sample_lazy(logits: mx.array, seqs: list[Sequence]) -> mx.array:
     Returns:
         [B] token ids (NO_TOKEN for a row without a valid logit), not yet evaluated.
     """
+    if all(is_greedy(s.params) for s in seqs):
+        return _greedy(logits)
     return _sample_rows(_clean(logits), seqs)
