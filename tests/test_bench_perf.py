@@ -40,6 +40,8 @@ def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
     assert abs(result["model_speedup_ceiling"] - want) < 0.05 * want + 0.01
     assert result["speedup"] > 0 and result["streams"] == 3
     assert len(result["speedup_per_round"]) == 1 and result["paired_speedup"] == result["speedup_per_round"][0]
+    frac = result["speedup_per_round"][0] / result["model_ceiling_per_round"][0]
+    assert abs(result["fraction_of_ceiling"] - frac) < 0.02 * frac + 0.002
 
 
 def test_bench_batch_sizes_the_pool_for_its_streams(tiny_model_dir, capsys):
