@@ -72,8 +72,8 @@ def _filter(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     """Masks logits [B, V] outside each row's top-k / nucleus / min-p to -inf (temperature already applied).
 
     Per-row parameters are arrays, so the batch is one graph; a row whose filter is off goes through it unchanged
-    (a top-k threshold of -inf, min-p 0 and top-p inf keep everything), so its values are
-    bitwise those it gets alone, where the filter is skipped. A filter no row uses is not built.
+    (a top-k threshold of -inf, min-p 0 and top-p inf keep everything), so its values are bitwise those it gets
+    alone, where the filter is skipped. A filter no row uses is not built.
     """
     neg = mx.array(-_INF, dtype=logits.dtype)
     vocab = logits.shape[-1]
