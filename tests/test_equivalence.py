@@ -106,6 +106,26 @@ def test_sampled_batch_equals_alone(tiny_model_dir, bundled_tokenizer, penalty):
     assert len({tuple(t) for t in together}) == len(together)  # distinct streams, not one repeated
 
 
+def test_pipelined_penalty_equals_resolved_steps(tiny_model_dir, bundled_tokenizer):
+    # With a repetition penalty the decode stays pipelined: the in-flight token counts as the history's newest.
+    # Resolving after every step (nothing in flight when the next step samples) must give the same tokens.
+    path = str(tiny_model_dir("llama"))
+    engine = make_engine(path, block_size=8)
+    ids = [bundled_tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=t, seed=5, repetition_penalty=rp,
+                             repetition_context=ctx)
+              for t, rp, ctx in ((0.0, 1.8, 4), (0.9, 1.5, 64), (0.0, 1.0, 64))]
+    piped = run_engine(engine, ids, 24, params)
+    step = engine.step
+    engine.step = lambda: step() + engine._resolve()
+    resolved = run_engine(engine, ids, 24, params)
+    assert piped == resolved
+    unpenalized = run_engine(make_engine(path, block_size=8), ids[:1], 24, [SamplingParams(max_tokens=24,
+                                                                                         ignore_eos=True,
+                                                                                         temperature=0.0)])
+    assert piped[0] != unpenalized[0]  # the penalty changed what greedy picks
+
+
 @pytest.mark.slow
 def test_bundled_model_matches_mlx_lm(bundled_tokenizer):
     engine = make_engine(None)

@@ -302,3 +302,36 @@ def test_seeded_tokens_match_the_per_row_categorical(params):
     for _ in range(4):
         got = sample_lazy(mx.array(rows), batch).tolist()
         assert got == [_reference_row(mx.array(r), s) for r, s in zip(rows, ref)]
+
+
+@PROFILE
+@given(rows=st.lists(logit_rows(), min_size=1, max_size=4), data=st.data())
+def test_an_inflight_token_counts_as_the_newest_of_the_history(rows, data):
+    """Pipelined decode with a repetition penalty: sampling with the newest tokens still in flight (lazy) picks
+    bitwise what sampling with them already appended to the histories picks."""
+    params = [data.draw(seeded_params.map(lambda p: SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=p.seed,
+        repetition_penalty=p.repetition_penalty,
+        repetition_context=data.draw(st.sampled_from([0, 1, 2, 5, 64])))))
+        for _ in rows]
+    hist = [data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=8)) for _ in rows]
+    newest = [data.draw(st.integers(0, V - 1)) for _ in rows]
+    lazy = [Sequence(prompt_ids=h, params=p) for h, p in zip(hist, params)]
+    known = [Sequence(prompt_ids=h + [t], params=p) for h, t, p in zip(hist, newest, params)]
+    for _ in range(2):
+        got = sample_lazy(mx.array(rows), lazy, mx.array(newest, dtype=mx.int32)).tolist()
+        assert got == sample(mx.array(rows), known)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_penalty_window_with_a_token_in_flight(batch):
+    """repetition_context 2, the newest token t in flight: the window is (last known token, t), not older ones."""
+    a, b, c, t = 4, 5, 6, 7
+    row = [0.0] * V
+    row[t], row[a], row[c], row[b] = 10.0, 9.0, 8.0, 1.0
+    p = SamplingParams(temperature=0.0, repetition_penalty=100.0, repetition_context=2)
+    seqs = [Sequence(prompt_ids=[1, a, b], params=p) for _ in range(batch)]
+    got = sample_lazy(mx.array([row] * batch), seqs, mx.array([t] * batch, dtype=mx.int32)).tolist()
+    # t and b are penalized (10 -> 0.1, 1 -> 0.01), a is outside the window and wins
+    assert got == [a] * batch
+    assert sample(mx.array([row] * batch), [Sequence(prompt_ids=[1, a, b, t], params=p) for _ in range(batch)]) == got

@@ -102,19 +102,45 @@ def _filter(logits: mx.array, params: list[SamplingParams]) -> mx.array:
     return logits
 
 
-def _penalize(logits: mx.array, seq: Sequence) -> mx.array:
-    """Applies the repetition penalty to the clean logits [V] of the recent history's tokens."""
-    p = seq.params
-    recent = seq.all_ids[-p.repetition_context:] if p.repetition_context else []
-    if not recent or p.repetition_penalty == 1.0:
+def _recent(seq: Sequence, n: int) -> list[int]:
+    """The last n known token ids of prompt + output (without copying the whole history: constant in context)."""
+    if n <= 0:
+        return []
+    tail = seq.output_ids[-n:]
+    return tail if len(tail) == n else seq.prompt_ids[len(tail) - n:] + tail
+
+
+def _penalize(logits: mx.array, seqs: list[Sequence], inflight: mx.array | None = None) -> mx.array:
+    """Applies each row's repetition penalty to the clean logits [B, V] of its recent history's tokens.
+
+    One gather and one scatter for the batch: row i's indices are its last `repetition_context` tokens (padded
+    with repeats of one of them: writing the same value twice changes nothing); rows without a penalty use
+    penalty 1, which leaves every value bitwise as it is. Each penalized value is what the per-row scatter gave
+    before (the same elementwise ops on the same float32 values).
+
+    Args:
+        inflight: [B] int32 tokens still being computed (pipelined decode), each the newest token of its row's
+            history (the rest of the history is read from the sequences); None = every token is in `all_ids`.
+    """
+    active = [s.params.repetition_penalty != 1.0 and s.params.repetition_context > 0 for s in seqs]
+    if not any(active):
         return logits
-    idx = mx.array(sorted(set(recent)), dtype=mx.int32)
-    sel = logits[idx]
-    new = mx.where(sel > 0, sel / p.repetition_penalty, mx.where(sel < 0, sel * p.repetition_penalty, sel))
+    late = 0 if inflight is None else 1  # the newest token is in flight: one fewer read from the history
+    known = [_recent(s, s.params.repetition_context - late) if a else [0] for a, s in zip(active, seqs)]
+    width = max(1, max(len(k) for k in known))
+    # padding repeats an index of the same row (the in-flight token where the row has no other), so every write
+    # to a position carries the same value; a row without a penalty reads and writes back position 0
+    idx = mx.array([k + [k[0] if k else -1] * (width - len(k)) for k in known], dtype=mx.int32)
+    if inflight is not None:
+        # a NO_TOKEN row (no valid logit) fails its request and this step's token is dropped: any index will do
+        newest = mx.maximum(inflight, 0).astype(mx.int32)[:, None]
+        idx = mx.concatenate([mx.where(idx < 0, newest, idx), newest], axis=1)
+    sel = mx.take_along_axis(logits, idx, axis=-1)
+    penalty = _column([s.params.repetition_penalty if a else 1.0 for a, s in zip(active, seqs)])
+    new = mx.where(sel > 0, sel / penalty, mx.where(sel < 0, sel * penalty, sel))
     # A finite logit stays finite: an overflow to -inf would drop a token that may be the only candidate, and
     # clamping at the float32 max keeps a tiny penalty's winners winning. Model-given +-inf stay as they are.
-    logits[idx] = mx.where(mx.isinf(sel), sel, mx.clip(new, -_F32_MAX, _F32_MAX))
-    return logits
+    return mx.put_along_axis(logits, idx, mx.where(mx.isinf(sel), sel, mx.clip(new, -_F32_MAX, _F32_MAX)), axis=-1)
 
 
 def _key(seq: Sequence) -> mx.array:
@@ -159,27 +185,19 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
     Returns:
         B token ids in [0, vocab), or NO_TOKEN for a row with no finite or +inf logit.
     """
-    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
-        return _greedy(logits).tolist()
-    logits = _clean(logits)
-    if any(s.params.repetition_penalty != 1.0 for s in seqs):
-        logits = mx.stack([_penalize(logits[i], seq) for i, seq in enumerate(seqs)])
-    return _sample_rows(logits, seqs).tolist()
+    return sample_lazy(logits, seqs).tolist()
 
 
-def can_sample_lazily(seqs: list[Sequence]) -> bool:
-    """Whether `sample_lazy` applies: it needs no token values of the history (no repetition penalty)."""
-    return all(s.params.repetition_penalty == 1.0 for s in seqs)
-
-
-def sample_lazy(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+def sample_lazy(logits: mx.array, seqs: list[Sequence], inflight: mx.array | None = None) -> mx.array:
     """Like `sample` but returns a lazy [B] int32 array, so the next step can be built before this one is done.
 
     Args:
-        logits: [B, vocab]. seqs: the sequences (none with a repetition penalty).
+        logits: [B, vocab]. seqs: the sequences.
+        inflight: [B] each sequence's newest token when it is still being computed (lazy): the repetition
+            penalty counts it as the last token of the history. None = the histories are complete.
     Returns:
         [B] token ids (NO_TOKEN for a row without a valid logit), not yet evaluated.
     """
-    if all(is_greedy(s.params) for s in seqs):
+    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
         return _greedy(logits)
-    return _sample_rows(_clean(logits), seqs)
+    return _sample_rows(_penalize(_clean(logits), seqs, inflight), seqs)
