@@ -39,6 +39,25 @@ def test_bench_batch_reports_the_models_own_ceiling(tiny_model_dir, capsys):
     want = 3 * result["model_step_ms_1"] / result["model_step_ms_n"]
     assert abs(result["model_speedup_ceiling"] - want) < 0.05 * want + 0.01
     assert result["speedup"] > 0 and result["streams"] == 3
+    assert len(result["speedup_per_round"]) == 1 and result["paired_speedup"] == result["speedup_per_round"][0]
+    frac = result["speedup_per_round"][0] / result["model_ceiling_per_round"][0]
+    assert abs(result["fraction_of_ceiling"] - frac) < 0.02 * frac + 0.002
+
+
+def test_bench_batch_sizes_the_pool_for_its_streams(tiny_model_dir, capsys):
+    # The "dynamic" default holds four contexts: 8 streams would preempt each other. Without --kv-cache-memory the
+    # bench reopens the engine with a pool for every stream and none is preempted; an explicit size is kept.
+    from zkv_mlx.bench.batch import _blocks_needed
+
+    base = ["bench", "batch", "--streams", "8", "--tokens", "20", "--prompt-tokens", "24", "--rounds", "1", "--json",
+            "--model", str(tiny_model_dir("llama"))]
+    assert main(base) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["kv_blocks"] >= _blocks_needed(8, 24 + 20 + 16, 16)
+    assert result["preemptions"] == 0
+    assert main(base + ["--kv-cache-memory", "dynamic"]) == 0
+    small = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert small["kv_blocks"] < _blocks_needed(8, 24 + 20 + 16, 16) and small["preemptions"] > 0
 
 
 def test_roofline_decode_bytes_add_weights_and_kv():

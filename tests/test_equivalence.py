@@ -17,18 +17,19 @@ PROMPTS = [
 ]
 
 
-def run_engine(engine: Engine, prompts_ids, max_tokens):
-    """Runs requests to completion on this thread; returns the token ids of each."""
+def run_engine(engine: Engine, prompts_ids, max_tokens, params=None):
+    """Runs requests to completion on this thread; returns the token ids of each (params: one SamplingParams
+    per prompt, default greedy)."""
     outs = {}
     seqs = []
     for i, ids in enumerate(prompts_ids):
+        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True) if params is None else params[i]
         def listener(ev, i=i):
             if ev.kind == "error":
                 raise ev.error
             if ev.token_id is not None:
                 outs.setdefault(i, []).append(ev.token_id)
-        seqs.append(engine.add_request(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                           ignore_eos=True), "local", listener))
+        seqs.append(engine.add_request(ids, p, "local", listener))
     while engine.has_work():
         engine.step()
     return [s.output_ids for s in seqs]
@@ -86,6 +87,43 @@ def test_batch_equals_alone(tiny_model_dir, bundled_tokenizer):
     alone = [run_engine(engine, [x], 24)[0] for x in ids]
     assert together == alone
     assert engine.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_sampled_batch_equals_alone(tiny_model_dir, bundled_tokenizer, penalty):
+    # One sampling graph for the batch (per-row parameters as arrays): each seeded request gets the tokens it
+    # gets alone, greedy rows mixed in; penalty 1.3 on one request takes the non-pipelined path.
+    path = str(tiny_model_dir("llama"))
+    engine = make_engine(path, block_size=8)
+    ids = [bundled_tokenizer.encode(p) for p in PROMPTS]
+    kw = dict(max_tokens=20, ignore_eos=True)
+    params = [SamplingParams(temperature=0.9, seed=1, **kw), SamplingParams(temperature=0.0, **kw),
+              SamplingParams(temperature=1.2, top_k=8, top_p=0.9, seed=2, repetition_penalty=penalty, **kw),
+              SamplingParams(temperature=0.7, min_p=0.05, seed=3, **kw)]
+    together = run_engine(engine, ids, 20, params)
+    alone = [run_engine(engine, [x], 20, [p])[0] for x, p in zip(ids, params)]
+    assert together == alone
+    assert len({tuple(t) for t in together}) == len(together)  # distinct streams, not one repeated
+
+
+def test_pipelined_penalty_equals_resolved_steps(tiny_model_dir, bundled_tokenizer):
+    # With a repetition penalty the decode stays pipelined: the in-flight token counts as the history's newest.
+    # Resolving after every step (nothing in flight when the next step samples) must give the same tokens.
+    path = str(tiny_model_dir("llama"))
+    engine = make_engine(path, block_size=8)
+    ids = [bundled_tokenizer.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(max_tokens=24, ignore_eos=True, temperature=t, seed=5, repetition_penalty=rp,
+                             repetition_context=ctx)
+              for t, rp, ctx in ((0.0, 1.8, 4), (0.9, 1.5, 64), (0.0, 1.0, 64))]
+    piped = run_engine(engine, ids, 24, params)
+    step = engine.step
+    engine.step = lambda: step() + engine._resolve()
+    resolved = run_engine(engine, ids, 24, params)
+    assert piped == resolved
+    unpenalized = run_engine(make_engine(path, block_size=8), ids[:1], 24, [SamplingParams(max_tokens=24,
+                                                                                         ignore_eos=True,
+                                                                                         temperature=0.0)])
+    assert piped[0] != unpenalized[0]  # the penalty changed what greedy picks
 
 
 @pytest.mark.slow

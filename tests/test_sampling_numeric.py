@@ -241,3 +241,97 @@ def test_api_nan_logits_from_the_model_are_a_sampling_error(tiny, monkeypatch, w
         tiny.generate(PROMPT, max_tokens=5, ignore_eos=True, **sampling)
     monkeypatch.undo()
     assert tiny.generate(PROMPT, max_tokens=3, ignore_eos=True, temperature=0)
+
+
+# -- one sampling graph for the batch (issue #20 item 4): every row's tokens are those it gets alone -----------
+
+seeded_params = params_st.filter(lambda p: p.seed is not None)
+
+
+@PROFILE
+@given(rows=st.lists(logit_rows(), min_size=2, max_size=5), data=st.data())
+def test_a_batch_samples_each_row_as_alone(rows, data):
+    """Mixed greedy / sampled / filtered / penalized rows: each row's tokens over three draws (its generator
+    advancing) are bitwise those it gets sampled alone under the same seed."""
+    params = [data.draw(seeded_params) for _ in rows]
+    lazy_ok = all(p.repetition_penalty == 1.0 for p in params)
+    for fn in ([sample] + ([lambda x, s: sample_lazy(x, s).tolist()] if lazy_ok else [])):
+        together = [_seq(p) for p in params]
+        alone = [_seq(p) for p in params]
+        for _ in range(3):
+            got = fn(mx.array(rows), together)
+            want = [fn(mx.array([row]), [s])[0] for row, s in zip(rows, alone)]
+            assert got == want
+
+
+def _reference_row(row: mx.array, seq: Sequence) -> int:
+    """The per-row sampler before the batch graph (mx.random.categorical on one row): seeds keep their tokens."""
+    from zkv_mlx.engine.sampler import _key
+
+    p, neg = seq.params, mx.array(-math.inf)
+    if p.temperature < GREEDY_BELOW:
+        return mx.argmax(row).item()
+    top = row.max()
+    has_inf = top == math.inf
+    x = mx.where(has_inf, mx.where(row == math.inf, 0.0, -math.inf), row - mx.where(has_inf, 0.0, top)) / p.temperature
+    if p.top_k and p.top_k < x.shape[-1]:
+        x = mx.where(x < mx.sort(x)[-p.top_k], neg, x)
+    if p.min_p > 0.0:
+        probs = mx.softmax(x)
+        x = mx.where(probs < p.min_p * probs.max(), neg, x)
+    if p.top_p < 1.0:
+        order = mx.argsort(-x)
+        sp = mx.softmax(x[order])
+        keep_sorted = (mx.cumsum(sp) - sp) < p.top_p
+        keep_sorted[0] = True
+        keep = mx.zeros(x.shape, dtype=mx.bool_)
+        keep[order] = keep_sorted
+        x = mx.where(keep, x, neg)
+    return mx.random.categorical(x, key=_key(seq)).item()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, seed=3),
+                                    SamplingParams(temperature=1.3, top_k=5, seed=11),
+                                    SamplingParams(temperature=0.9, top_p=0.8, seed=2**40),
+                                    SamplingParams(temperature=1.0, min_p=0.05, top_p=0.95, top_k=20, seed=7)])
+def test_seeded_tokens_match_the_per_row_categorical(params):
+    rng = np.random.default_rng(5)
+    rows = rng.normal(0, 3, (4, 200)).astype(np.float32)
+    batch = [_seq(params) for _ in rows]
+    ref = [_seq(params) for _ in rows]
+    for _ in range(4):
+        got = sample_lazy(mx.array(rows), batch).tolist()
+        assert got == [_reference_row(mx.array(r), s) for r, s in zip(rows, ref)]
+
+
+@PROFILE
+@given(rows=st.lists(logit_rows(), min_size=1, max_size=4), data=st.data())
+def test_an_inflight_token_counts_as_the_newest_of_the_history(rows, data):
+    """Pipelined decode with a repetition penalty: sampling with the newest tokens still in flight (lazy) picks
+    bitwise what sampling with them already appended to the histories picks."""
+    params = [data.draw(seeded_params.map(lambda p: SamplingParams(
+        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p, seed=p.seed,
+        repetition_penalty=p.repetition_penalty,
+        repetition_context=data.draw(st.sampled_from([0, 1, 2, 5, 64])))))
+        for _ in rows]
+    hist = [data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=8)) for _ in rows]
+    newest = [data.draw(st.integers(0, V - 1)) for _ in rows]
+    lazy = [Sequence(prompt_ids=h, params=p) for h, p in zip(hist, params)]
+    known = [Sequence(prompt_ids=h + [t], params=p) for h, t, p in zip(hist, newest, params)]
+    for _ in range(2):
+        got = sample_lazy(mx.array(rows), lazy, mx.array(newest, dtype=mx.int32)).tolist()
+        assert got == sample(mx.array(rows), known)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_penalty_window_with_a_token_in_flight(batch):
+    """repetition_context 2, the newest token t in flight: the window is (last known token, t), not older ones."""
+    a, b, c, t = 4, 5, 6, 7
+    row = [0.0] * V
+    row[t], row[a], row[c], row[b] = 10.0, 9.0, 8.0, 1.0
+    p = SamplingParams(temperature=0.0, repetition_penalty=100.0, repetition_context=2)
+    seqs = [Sequence(prompt_ids=[1, a, b], params=p) for _ in range(batch)]
+    got = sample_lazy(mx.array([row] * batch), seqs, mx.array([t] * batch, dtype=mx.int32)).tolist()
+    # t and b are penalized (10 -> 0.1, 1 -> 0.01), a is outside the window and wins
+    assert got == [a] * batch
+    assert sample(mx.array([row] * batch), [Sequence(prompt_ids=[1, a, b, t], params=p) for _ in range(batch)]) == got

@@ -30,7 +30,8 @@ def main() -> None:
     from zkv_mlx.bench.common import bench_tokens
     from zkv_mlx.engine.engine import Engine
 
-    model = ZKV(max_context=32 + args.tokens + 16, max_num_seqs=16)
+    # a pool for every stream, as `bench batch` sizes it (w/batch8): the "dynamic" default holds four contexts
+    model = ZKV(max_context=32 + args.tokens + 16, max_num_seqs=16, kv_cache_memory="256MB")
     text = bench_tokens(model.tokenizer, 32 * args.streams * 2)
     prompts = [text[i * 32:(i + 1) * 32] for i in range(args.streams * 2)]
     _round(model, prompts[:args.streams], 8)

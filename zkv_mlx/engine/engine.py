@@ -25,7 +25,7 @@ from . import drop
 from .output import Event, Outputs
 from .requests import check_prompt
 from .runner import ModelRunner
-from .sampler import can_sample_lazily, sample, sample_lazy
+from .sampler import sample, sample_lazy
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
 from . import sessions
@@ -317,7 +317,7 @@ class Engine:
         if not seqs:
             return self._resolve()
         prev = self._inflight
-        chained = prev is not None and prev.seqs == seqs and can_sample_lazily(seqs)
+        chained = prev is not None and prev.seqs == seqs
         sampled = 0
         if not chained:
             sampled += self._resolve()
@@ -326,14 +326,8 @@ class Engine:
                 return sampled
         logits = self.runner.decode(seqs, prev.tokens if chained else None)
         mass = self.runner.mass  # h2o sequences: attention mass per block (folded in when the step resolves)
-        if not can_sample_lazily(seqs):
-            for i, (seq, token) in enumerate(zip(seqs, sample(logits, seqs))):
-                seq.num_computed += 1
-                self._capture(seq)
-                drop.add_mass(seq, mass and mass[i], 1)
-                self.out.postprocess(seq, token)
-            return sampled + len(seqs)
-        tokens = sample_lazy(logits, seqs)
+        # the repetition penalty counts the in-flight tokens as each history's newest (sampler._penalize)
+        tokens = sample_lazy(logits, seqs, prev.tokens if chained else None)
         mx.async_eval(tokens, *[m for m in (mass or []) if m is not None])
         for seq in seqs:
             seq.num_inflight += 1

@@ -45,54 +45,102 @@ def _argmax(logits: mx.array) -> mx.array:
     return mx.where(_valid(logits), mx.argmax(logits, axis=-1).astype(mx.int32), NO_TOKEN)
 
 
-def _scale(row: mx.array, temperature: float) -> mx.array:
-    """Clean logits [V] / temperature, shifted so the max is 0: no overflow, no inf - inf.
+@mx.compile
+def _greedy(logits: mx.array) -> mx.array:
+    """`_argmax(_clean(logits))` fused into one compiled graph: a greedy batch's whole sampling step."""
+    return _argmax(_clean(logits))
+
+
+def _scale(logits: mx.array, temperature: mx.array) -> mx.array:
+    """Clean logits [B, V] / temperature [B, 1], each row shifted so its max is 0: no overflow, no inf - inf.
 
     +inf logits become 0 and everything else -inf (their limit: they hold all the probability).
     """
-    top = row.max()
+    top = logits.max(axis=-1, keepdims=True)
     has_inf = top == _INF
-    shifted = mx.where(has_inf, mx.where(row == _INF, 0.0, -_INF), row - mx.where(has_inf, 0.0, top))
+    shifted = mx.where(has_inf, mx.where(logits == _INF, 0.0, -_INF), logits - mx.where(has_inf, 0.0, top))
     # (row - top) <= 0, so dividing by a small temperature can only underflow to -inf: an exp() of 0
     return shifted / temperature
 
 
-def _filter(logits: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:
-    """Masks logits [V] outside top-k / nucleus / min-p to -inf (temperature already applied)."""
+def _column(values: list, dtype=mx.float32) -> mx.array:
+    """Per-row parameters as a [B, 1] array (float32: the precision a Python float scalar gets in an MLX op)."""
+    return mx.array(values, dtype=dtype)[:, None]
+
+
+def _filter(logits: mx.array, params: list[SamplingParams]) -> mx.array:
+    """Masks logits [B, V] outside each row's top-k / nucleus / min-p to -inf (temperature already applied).
+
+    Per-row parameters are arrays, so the batch is one graph; a row whose filter is off goes through it unchanged
+    (a top-k threshold of -inf, min-p 0 and top-p inf keep everything), so its values are bitwise those it gets
+    alone, where the filter is skipped. A filter no row uses is not built.
+    """
     neg = mx.array(-_INF, dtype=logits.dtype)
-    if top_k and top_k < logits.shape[-1]:
-        kth = mx.sort(logits)[-top_k]
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        # each row's k-th largest value, selected from the batch's largest k (a partial sort: ~10x cheaper than
+        # sorting the vocabulary) and sorted ascending; a row without top-k gets -inf (nothing is below it)
+        kmax = max(k for k in top_k if k < vocab)
+        largest = mx.sort(mx.topk(logits, kmax, axis=-1), axis=-1)
+        kth = mx.take_along_axis(largest, _column([kmax - min(k, kmax) for k in top_k], mx.int32), axis=-1)
+        kth = mx.where(_column([k < vocab for k in top_k], mx.bool_), kth, neg)
         logits = mx.where(logits < kth, neg, logits)
-    if min_p > 0.0:
-        probs = mx.softmax(logits)
-        logits = mx.where(probs < min_p * probs.max(), neg, logits)
-    if top_p < 1.0:
-        order = mx.argsort(-logits)
-        sorted_probs = mx.softmax(logits[order])
-        cum = mx.cumsum(sorted_probs)
+    if any(p.min_p > 0.0 for p in params):
+        probs = mx.softmax(logits, axis=-1)
+        logits = mx.where(probs < _column([p.min_p for p in params]) * probs.max(axis=-1, keepdims=True), neg, logits)
+    if any(p.top_p < 1.0 for p in params):
+        order = mx.argsort(-logits, axis=-1)
+        sorted_probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
+        cum = mx.cumsum(sorted_probs, axis=-1)
         # keep the smallest prefix whose mass reaches top_p; the first token always stays, also when top_p
         # is below float32's smallest number and rounds to 0
-        keep_sorted = (cum - sorted_probs) < top_p
-        keep_sorted[0] = True
-        keep = mx.zeros(logits.shape, dtype=mx.bool_)
-        keep[order] = keep_sorted
+        top_p = _column([p.top_p if p.top_p < 1.0 else _INF for p in params])
+        keep_sorted = ((cum - sorted_probs) < top_p) | (mx.arange(vocab) == 0)
+        keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, keep_sorted, axis=-1)
         logits = mx.where(keep, logits, neg)
     return logits
 
 
-def _penalize(logits: mx.array, seq: Sequence) -> mx.array:
-    """Applies the repetition penalty to the clean logits [V] of the recent history's tokens."""
-    p = seq.params
-    recent = seq.all_ids[-p.repetition_context:] if p.repetition_context else []
-    if not recent or p.repetition_penalty == 1.0:
+def _recent(seq: Sequence, n: int) -> list[int]:
+    """The last n known token ids of prompt + output (without copying the whole history: constant in context)."""
+    if n <= 0:
+        return []
+    tail = seq.output_ids[-n:]
+    return tail if len(tail) == n else seq.prompt_ids[len(tail) - n:] + tail
+
+
+def _penalize(logits: mx.array, seqs: list[Sequence], inflight: mx.array | None = None) -> mx.array:
+    """Applies each row's repetition penalty to the clean logits [B, V] of its recent history's tokens.
+
+    One gather and one scatter for the batch: row i's indices are its last `repetition_context` tokens (padded
+    with repeats of one of them: writing the same value twice changes nothing); rows without a penalty use
+    penalty 1, which leaves every value bitwise as it is. Each penalized value is what the per-row scatter gave
+    before (the same elementwise ops on the same float32 values).
+
+    Args:
+        inflight: [B] int32 tokens still being computed (pipelined decode), each the newest token of its row's
+            history (the rest of the history is read from the sequences); None = every token is in `all_ids`.
+    """
+    active = [s.params.repetition_penalty != 1.0 and s.params.repetition_context > 0 for s in seqs]
+    if not any(active):
         return logits
-    idx = mx.array(sorted(set(recent)), dtype=mx.int32)
-    sel = logits[idx]
-    new = mx.where(sel > 0, sel / p.repetition_penalty, mx.where(sel < 0, sel * p.repetition_penalty, sel))
+    late = 0 if inflight is None else 1  # the newest token is in flight: one fewer read from the history
+    known = [_recent(s, s.params.repetition_context - late) if a else [0] for a, s in zip(active, seqs)]
+    width = max(1, max(len(k) for k in known))
+    # padding repeats an index of the same row (the in-flight token where the row has no other), so every write
+    # to a position carries the same value; a row without a penalty reads and writes back position 0
+    idx = mx.array([k + [k[0] if k else -1] * (width - len(k)) for k in known], dtype=mx.int32)
+    if inflight is not None:
+        # a NO_TOKEN row (no valid logit) fails its request and this step's token is dropped: any index will do
+        newest = mx.maximum(inflight, 0).astype(mx.int32)[:, None]
+        idx = mx.concatenate([mx.where(idx < 0, newest, idx), newest], axis=1)
+    sel = mx.take_along_axis(logits, idx, axis=-1)
+    penalty = _column([s.params.repetition_penalty if a else 1.0 for a, s in zip(active, seqs)])
+    new = mx.where(sel > 0, sel / penalty, mx.where(sel < 0, sel * penalty, sel))
     # A finite logit stays finite: an overflow to -inf would drop a token that may be the only candidate, and
     # clamping at the float32 max keeps a tiny penalty's winners winning. Model-given +-inf stay as they are.
-    logits[idx] = mx.where(mx.isinf(sel), sel, mx.clip(new, -_F32_MAX, _F32_MAX))
-    return logits
+    return mx.put_along_axis(logits, idx, mx.where(mx.isinf(sel), sel, mx.clip(new, -_F32_MAX, _F32_MAX)), axis=-1)
 
 
 def _key(seq: Sequence) -> mx.array:
@@ -104,14 +152,28 @@ def _key(seq: Sequence) -> mx.array:
     return sub
 
 
-def _sample_row(row: mx.array, seq: Sequence) -> mx.array:
-    """One token id (int32 scalar, lazy) from the clean, penalized logits [V] of `seq`."""
-    p = seq.params
-    if is_greedy(p):
-        return _argmax(row)
-    scaled = _filter(_scale(row, p.temperature), p.top_k, p.top_p, p.min_p)
-    token = mx.random.categorical(scaled, key=_key(seq)).astype(mx.int32)
-    return mx.where(_valid(row), token, NO_TOKEN)
+_GREEDY_ROW = SamplingParams(temperature=1.0)  # what a greedy row of a mixed batch is filtered with (unused)
+
+
+def _sample_rows(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+    """[B] int32 token ids (lazy) from clean, penalized logits [B, V]: one graph for the whole batch.
+
+    Sampled rows draw with the Gumbel-max trick on their own key: argmax(logits + gumbel(key)), which is what
+    `mx.random.categorical(row, key=key)` computes for one row, so a sequence's tokens under a seed do not
+    depend on the rest of the batch. Greedy rows take the argmax and consume no key (in a mixed batch they
+    draw from a fixed key 0, never used).
+    """
+    best = _argmax(logits)
+    greedy = [is_greedy(s.params) for s in seqs]
+    if all(greedy):
+        return best
+    params = [_GREEDY_ROW if g else s.params for g, s in zip(greedy, seqs)]
+    scaled = _filter(_scale(logits, _column([p.temperature for p in params])), params)
+    vocab = logits.shape[-1]
+    keys = mx.stack([mx.random.key(0) if g else _key(s) for g, s in zip(greedy, seqs)])
+    noise = mx.vmap(lambda k: mx.random.gumbel((vocab,), key=k))(keys)
+    token = mx.where(_valid(logits), mx.argmax(scaled + noise, axis=-1).astype(mx.int32), NO_TOKEN)
+    return token if not any(greedy) else mx.where(mx.array(greedy), best, token)
 
 
 def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
@@ -123,26 +185,19 @@ def sample(logits: mx.array, seqs: list[Sequence]) -> list[int]:
     Returns:
         B token ids in [0, vocab), or NO_TOKEN for a row with no finite or +inf logit.
     """
-    logits = _clean(logits)
-    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
-        return _argmax(logits).tolist()
-    return mx.stack([_sample_row(_penalize(logits[i], seq), seq) for i, seq in enumerate(seqs)]).tolist()
+    return sample_lazy(logits, seqs).tolist()
 
 
-def can_sample_lazily(seqs: list[Sequence]) -> bool:
-    """Whether `sample_lazy` applies: it needs no token values of the history (no repetition penalty)."""
-    return all(s.params.repetition_penalty == 1.0 for s in seqs)
-
-
-def sample_lazy(logits: mx.array, seqs: list[Sequence]) -> mx.array:
+def sample_lazy(logits: mx.array, seqs: list[Sequence], inflight: mx.array | None = None) -> mx.array:
     """Like `sample` but returns a lazy [B] int32 array, so the next step can be built before this one is done.
 
     Args:
-        logits: [B, vocab]. seqs: the sequences (none with a repetition penalty).
+        logits: [B, vocab]. seqs: the sequences.
+        inflight: [B] each sequence's newest token when it is still being computed (lazy): the repetition
+            penalty counts it as the last token of the history. None = the histories are complete.
     Returns:
         [B] token ids (NO_TOKEN for a row without a valid logit), not yet evaluated.
     """
-    logits = _clean(logits)
-    if all(is_greedy(s.params) for s in seqs):
-        return _argmax(logits)
-    return mx.stack([_sample_row(logits[i], seq) for i, seq in enumerate(seqs)])
+    if all(is_greedy(s.params) and s.params.repetition_penalty == 1.0 for s in seqs):
+        return _greedy(logits)
+    return _sample_rows(_penalize(_clean(logits), seqs, inflight), seqs)
