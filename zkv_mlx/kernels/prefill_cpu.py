@@ -8,6 +8,8 @@ and the output rows are divided by their sums afterwards ([L, D] divisions inste
 The next tile's scores are evaluated asynchronously while numpy works on the current one.
 
 Tiles, windows and sinks as in `prefill.py` (which chooses this path); the sink joins each row's max and sum.
+`paged_chunk_attention` does the same for a short chunk (a prefix hit's new suffix) straight from the pool's blocks
+(`models/attention.py` chooses it).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ dispatch point (`models/base.py: scaled_dot_product_attention`): the runner buil
 `DecodeMetadata` once per forward pass (`prefill_metadata`, `decode_metadata`), `decode_path` picks the decode
 path there, and `attend` is the only function that branches on it.
 
-Paths: prefill always gathers the sequence's blocks and runs the reference prefill attention (design.md §3).
+Paths: prefill gathers the sequence's blocks and runs the reference prefill attention (design.md §3), except
+short chunks on the CPU, which read the blocks from the pool (`_prefill`).
 Decode runs one of
 - "grouped": CPU, float pool. Sequences up to `GROUPED_MAX_LEN` positions in groups of equal block count (one
   batched graph per group), longer ones (and h2o ones) alone; a sequence's result never depends on the rest of
