@@ -3,8 +3,8 @@
 Not a shipped command (issue #20, the prefix bench's hit). Same setup as `ab_suffix_chunk.py` (the bundled model,
 --suffix new tokens over --context random cached rows). Every layer's attention call is timed in place with a
 sync before it (its inputs: the layer's projections and K/V writes, "pre") and after it ("attn"), alternating the
-old path (`CHUNK_MAX_QUERIES = 1`) and the new one; then the new path's pieces, each synced: the K/V copies from
-the pool ("kv_copy"), the score GEMM ("scores"), numpy's masked exp ("numpy_exp"), the P @ V GEMM ("pv").
+old path (`CHUNK_MAX_QUERIES = 1`) and the new one; then the new path's pieces, each synced: its inputs ("pre"),
+the K/V copies from the pool ("kv_copy"), the score GEMM ("scores"), numpy's masked exp ("numpy_exp"), the P @ V GEMM ("pv").
 Medians of --rounds, summed over the 30 layers, ms. The syncs add a little to every piece.
 
     .venv/bin/python docs/experiments/profile_chunk_attention.py --context 4096 --suffix 32 --rounds 7
@@ -77,6 +77,8 @@ def main() -> None:
     def pieces(q, k_pool, v_pool, runs, block_ids, length, scale):  # paged_chunk_attention, synced piece by piece
         _, hq, n_q, d = q.shape
         hkv = k_pool.shape[1]
+        tp = time.perf_counter()
+        mx.eval(q, k_pool, v_pool)  # the layer's projections and K/V writes
         t0 = time.perf_counter()
         k = prefill_cpu._heads(k_pool, runs, block_ids, length)
         v = prefill_cpu._heads(v_pool, runs, block_ids, length)
@@ -91,7 +93,7 @@ def main() -> None:
         t3 = time.perf_counter()
         out = (s @ v) * mx.array(inv)
         mx.eval(out)
-        for key, t in (("kv_copy", t1 - t0), ("scores", t2 - t1), ("numpy_exp", t3 - t2),
+        for key, t in (("pre", t0 - tp), ("kv_copy", t1 - t0), ("scores", t2 - t1), ("numpy_exp", t3 - t2),
                        ("pv", time.perf_counter() - t3)):
             add(key, t)
         return out.reshape(1, hq, n_q, d).astype(q.dtype)
