@@ -121,3 +121,37 @@ def test_attend_routes_short_chunks_over_the_pool_and_agrees_with_the_tiled_path
     # and bitwise equal to it where both run the same numpy exp on the same GEMM rows (one tile)
     if 8 <= L <= attention.CHUNK_MAX_QUERIES:
         assert np.array_equal(np.array(got), np.array(want))
+
+
+def test_engine_routes_only_short_chunks_and_a_hit_with_suffix_equals_cold(tiny_model_dir, monkeypatch):
+    # Cold prefill in whole 256-token chunks never takes the pool path (its code is unchanged); the prefix hit's
+    # 12-token suffix does, and its greedy tokens equal a run without the prefix cache.
+    from zkv_mlx.config import make_config
+    from zkv_mlx.engine import Engine
+    from zkv_mlx.engine.sequence import SamplingParams
+    from zkv_mlx.models.loader import load_model
+
+    calls = []
+    monkeypatch.setattr(attention, "paged_chunk_attention",
+                        lambda q, *a: calls.append(q.shape[2]) or paged_chunk_attention(q, *a))
+
+    def run(engine, ids):
+        seq = engine.add_request(ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), "local",
+                                 lambda ev: None)
+        while engine.has_work():
+            engine.step()
+        return seq.output_ids
+
+    path = str(tiny_model_dir("llama"))
+
+    def engine(**kw):
+        return Engine(load_model(path), make_config(model=path, block_size=8, prefill_chunk=256, max_context=1024,
+                                                    kv_cache_memory="16MB", **kw))
+
+    prefix = [(37 * i) % 500 + 3 for i in range(512)]
+    warm = engine()
+    run(warm, prefix)
+    assert calls == []  # two 256-token chunks: the tiled path
+    got = run(warm, prefix + list(range(40, 52)))
+    assert calls and set(calls) == {12}  # the suffix, in every layer
+    assert got == run(engine(prompt_cache=False), prefix + list(range(40, 52)))

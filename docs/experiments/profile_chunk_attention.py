@@ -4,8 +4,8 @@ Not a shipped command (issue #20, the prefix bench's hit). Same setup as `ab_suf
 --suffix new tokens over --context random cached rows). Every layer's attention call is timed in place with a
 sync before it (its inputs: the layer's projections and K/V writes, "pre") and after it ("attn"), alternating the
 old path (`CHUNK_MAX_QUERIES = 1`) and the new one; then the new path's pieces, each synced: its inputs ("pre"),
-the K/V copies from the pool ("kv_copy"), the score GEMM ("scores"), numpy's masked exp ("numpy_exp"), the P @ V GEMM ("pv").
-Medians of --rounds, summed over the 30 layers, ms. The syncs add a little to every piece.
+the K/V copies from the pool ("kv_copy"), the score GEMM ("scores"), numpy's masked exp ("numpy_exp"), the
+P @ V GEMM ("pv"). Medians of --rounds, summed over the 30 layers, ms. The syncs add a little to every piece.
 
     .venv/bin/python docs/experiments/profile_chunk_attention.py --context 4096 --suffix 32 --rounds 7
 """
