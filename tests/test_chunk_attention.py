@@ -155,3 +155,17 @@ def test_engine_routes_only_short_chunks_and_a_hit_with_suffix_equals_cold(tiny_
     got = run(warm, prefix + list(range(40, 52)))
     assert calls and set(calls) == {12}  # the suffix, in every layer
     assert got == run(engine(prompt_cache=False), prefix + list(range(40, 52)))
+
+
+def test_on_the_gpu_short_chunks_keep_the_fused_path(monkeypatch):
+    # ZKV_KERNELS=reference on a Mac GPU: the numpy step would read GPU buffers; MLX's fused SDPA does better there
+    hq, hkv, d, n, L = 4, 2, 16, 100, 12
+    nb = -(-n // BS)
+    pool = KVPool(1, nb + 1, hkv, BS, d, mx.float32)
+    pool.k[0] = mx.random.normal(pool.k[0].shape)
+    pool.v[0] = mx.random.normal(pool.v[0].shape)
+    ids = list(range(1, nb + 1))
+    monkeypatch.setattr(attention, "metal_available", lambda: True)
+    monkeypatch.setattr(attention, "paged_chunk_attention", lambda *a: pytest.fail("pool path on the GPU"))
+    got = attend(mx.random.normal((1, hq, L, d)), 0, prefill_metadata(pool, n - L, None, ids, n, False), 0.25)
+    assert got.shape == (1, hq, L, d)

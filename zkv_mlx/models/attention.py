@@ -25,14 +25,13 @@ import mlx.core as mx
 from ..kernels import kernel_path, prefill_attention_reference
 from ..kernels.prefill import prefill_attention
 from ..kernels.prefill_cpu import paged_chunk_attention
-from ..kernels.dispatch import metal_paged_attention
+from ..kernels.dispatch import metal_available, metal_paged_attention
 from ..kernels.reference import GROUPED_MAX_LEN, decode_plan, grouped_decode_attention, single_decode_attention
 from ..storage.kv_pool import KVPool, WritePlan
 
 DECODE_PATHS = ("grouped", "quantized", "metal")
-# Prefill chunks of up to this many tokens on the CPU read the pool in place (`_prefill`); longer ones (cold
-# prefill) take the tiled path. Settable for A/B runs (docs/experiments/ab_suffix_chunk.py): 1 = the 1-token
-# path only, as before w/prefixhit.
+# Prefill chunks of up to this many tokens on the CPU read the pool (`_prefill`), longer ones (cold prefill) take
+# the tiled path; A/B scripts (docs/experiments/ab_suffix_chunk.py) set 1: the 1-token path only, as before.
 CHUNK_MAX_QUERIES = 128
 
 
@@ -185,16 +184,16 @@ def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, windo
     bs, n, table = meta.pool.block_size, meta.context_len, meta.block_table
     if q.shape[2] <= CHUNK_MAX_QUERIES and meta.pool.quant is None and meta.mass is None and window is None \
             and sinks is None and kernel_path() != "metal":
-        # A short chunk (a prefix hit's suffix, or its last token): read the sequence's blocks from the pool,
-        # causal mask on the chunk's own triangle only (kernels/prefill_cpu.py); the gather below would copy
-        # every layer's K/V twice for a few query rows.
+        # A short chunk (a prefix hit's suffix, or its last token) reads the sequence's blocks from the pool; the
+        # gather below would copy every layer's K/V twice for a few query rows.
         if meta.plan is None:
             meta.plan = decode_plan(meta.block_ids, n, bs)
         if q.shape[2] == 1:
             return single_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.block_ids, n, scale,
                                            plan=meta.plan)
-        return paged_chunk_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.plan[0], meta.block_ids, n,
-                                     scale)
+        if not metal_available():  # on the GPU (ZKV_KERNELS=reference) the fused SDPA below does better
+            return paged_chunk_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.plan[0], meta.block_ids,
+                                         n, scale)
     if window is not None:
         # only the blocks some query of the chunk can see: from the first query's window start on
         first = max(0, n - q.shape[2] - window + 1) // bs
