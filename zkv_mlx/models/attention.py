@@ -5,7 +5,8 @@ dispatch point (`models/base.py: scaled_dot_product_attention`): the runner buil
 `DecodeMetadata` once per forward pass (`prefill_metadata`, `decode_metadata`), `decode_path` picks the decode
 path there, and `attend` is the only function that branches on it.
 
-Paths: prefill always gathers the sequence's blocks and runs the reference prefill attention (design.md §3).
+Paths: prefill gathers the sequence's blocks and runs the reference prefill attention (design.md §3), except
+short chunks on the CPU, which read the blocks from the pool (`_prefill`).
 Decode runs one of
 - "grouped": CPU, float pool. Sequences up to `GROUPED_MAX_LEN` positions in groups of equal block count (one
   batched graph per group), longer ones (and h2o ones) alone; a sequence's result never depends on the rest of
@@ -23,11 +24,15 @@ import mlx.core as mx
 
 from ..kernels import kernel_path, prefill_attention_reference
 from ..kernels.prefill import prefill_attention
-from ..kernels.dispatch import metal_paged_attention
+from ..kernels.prefill_cpu import paged_chunk_attention
+from ..kernels.dispatch import metal_available, metal_paged_attention
 from ..kernels.reference import GROUPED_MAX_LEN, decode_plan, grouped_decode_attention, single_decode_attention
 from ..storage.kv_pool import KVPool, WritePlan
 
 DECODE_PATHS = ("grouped", "quantized", "metal")
+# Prefill chunks of up to this many tokens on the CPU read the pool (`_prefill`), longer ones (cold prefill) take
+# the tiled path; A/B scripts (docs/experiments/ab_suffix_chunk.py) set 1: the 1-token path only, as before.
+CHUNK_MAX_QUERIES = 128
 
 
 @dataclass(slots=True)
@@ -177,14 +182,18 @@ def attend(q: mx.array, layer: int, meta: PrefillMetadata | DecodeMetadata, scal
 
 def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, window, sinks) -> mx.array:
     bs, n, table = meta.pool.block_size, meta.context_len, meta.block_table
-    if q.shape[2] == 1 and meta.pool.quant is None and meta.mass is None and window is None and sinks is None \
-            and kernel_path() != "metal":
-        # One new token (the last one of a prompt whose blocks were all cached): the CPU decode attention reads
-        # the pool in place; the gather below would copy every layer's K/V for one query row.
+    if q.shape[2] <= CHUNK_MAX_QUERIES and meta.pool.quant is None and meta.mass is None and window is None \
+            and sinks is None and kernel_path() != "metal":
+        # A short chunk (a prefix hit's suffix, or its last token) reads the sequence's blocks from the pool; the
+        # gather below would copy every layer's K/V twice for a few query rows.
         if meta.plan is None:
             meta.plan = decode_plan(meta.block_ids, n, bs)
-        return single_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.block_ids, n, scale,
-                                       plan=meta.plan)
+        if q.shape[2] == 1:
+            return single_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.block_ids, n, scale,
+                                           plan=meta.plan)
+        if not metal_available():  # on the GPU (ZKV_KERNELS=reference) the fused SDPA below does better
+            return paged_chunk_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.plan[0], meta.block_ids,
+                                         n, scale)
     if window is not None:
         # only the blocks some query of the chunk can see: from the first query's window start on
         first = max(0, n - q.shape[2] - window + 1) // bs
