@@ -80,3 +80,20 @@ def test_read_meta_reports_a_truncated_copy(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(SessionFormatError, match="truncated .* copy it again"):
         session_file.read_meta(path)
+
+
+def test_a_copy_cut_inside_its_header_says_truncated(tmp_path):
+    # a copy cut off before the end of the safetensors header is a truncated file, not "not a session file"
+    k = [np.random.rand(2, 2, 4, 8).astype(np.float32) for _ in range(3)]
+    meta = {"model_fingerprint": "m", "kv_format": "f", "dtype": "float32", "name": "s", "user": "local",
+            "n_layers": 3, "n_kv_heads": 2, "block_size": 4, "head_dim": 8, "n_blocks": 2,
+            "block_shape": [2, 4, 8], "token_ids": list(range(9)), "messages": []}
+    path = tmp_path / "s.zkvs"
+    session_file.write(path, session_file.SessionData(meta=meta, k=k, v=k))
+    path.write_bytes(path.read_bytes()[:40])
+    for reader in (session_file.read_meta, session_file.read):
+        with pytest.raises(SessionFormatError, match="truncated .* copy it again"):
+            reader(path)
+    path.write_bytes((2**40).to_bytes(8, "little") + b"{}")  # an absurd header length: not a session file
+    with pytest.raises(SessionFormatError, match="not a session file"):
+        session_file.read_meta(path)

@@ -392,6 +392,11 @@ def test_sessions_per_user_export_import(server, model):
                     headers={**bob, "Content-Type": OCTETS})
     assert up.status_code == 200, up.text
     assert up.json()["user"] == "bob" and up.json()["context_length"] == info["context_length"]
+    bad = httpx.post(server.url + "/v1/sessions/import", content=r.content[:-100],
+                     headers={**bob, "Content-Type": OCTETS})
+    # the message names the upload, not the server's temp file
+    assert bad.status_code == 400 and "the uploaded session file" in bad.json()["error"]["message"]
+    assert "zkv-import-" not in bad.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/sessions/import", content=b"garbage",
                       headers={**bob, "Content-Type": OCTETS}).status_code == 400
     made = httpx.post(server.url + "/v1/sessions", json={"name": "blank"}, headers=alice)

@@ -131,6 +131,11 @@ async def import_session(request: Request, user: str = Depends(current_user),
                 return Response(status_code=499)  # nobody reads it; uvicorn drops it
         if size == 0:
             raise APIError(400, "the request body is empty; send the session file's bytes", code="invalid_value")
-        return _info(await _call(model.import_session, tmp, name=name, user=user))
+        try:
+            return _info(await _call(model.import_session, tmp, name=name, user=user))
+        except APIError as e:  # the server's temp path means nothing to the client
+            e.message = e.message.replace(tmp, "the uploaded session file")
+            e.args = (e.message,)
+            raise
     finally:
         os.unlink(tmp)

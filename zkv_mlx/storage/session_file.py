@@ -217,8 +217,11 @@ def _header(f, size: int, path: Path) -> tuple[dict, int]:
     if len(head) != 8:
         raise SessionFormatError(f"{path}: not a session file (too short)")
     (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER or 8 + n > size:
+    if n > _MAX_HEADER:
         raise SessionFormatError(f"{path}: not a session file (bad header length {n})")
+    if 8 + n > size:
+        raise SessionFormatError(f"{path}: file is truncated (its header needs {8 + n} bytes, the file has {size}); "
+                                 "copy it again")
     try:
         header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError):
