@@ -68,14 +68,20 @@ def test_one_buffer_read_still_finds_a_corrupt_tensor(tmp_path):
         session_file.read(path)
 
 
-def test_read_meta_reports_a_truncated_copy(tmp_path):
-    # listings (`sessions list`, `sessions info`) read only the metadata: a cut-off copy must not pass as healthy
+def _small_session(tmp_path):
+    """A 3-layer, 2-block session file with 9 token ids (no model needed)."""
     k = [np.random.rand(2, 2, 4, 8).astype(np.float32) for _ in range(3)]
     meta = {"model_fingerprint": "m", "kv_format": "f", "dtype": "float32", "name": "s", "user": "local",
             "n_layers": 3, "n_kv_heads": 2, "block_size": 4, "head_dim": 8, "n_blocks": 2,
             "block_shape": [2, 4, 8], "token_ids": list(range(9)), "messages": []}
     path = tmp_path / "s.zkvs"
     session_file.write(path, session_file.SessionData(meta=meta, k=k, v=k))
+    return path
+
+
+def test_read_meta_reports_a_truncated_copy(tmp_path):
+    # listings (`sessions list`, `sessions info`) read only the metadata: a cut-off copy must not pass as healthy
+    path = _small_session(tmp_path)
     assert session_file.read_meta(path)["token_ids"] == list(range(9))
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(SessionFormatError, match="truncated .* copy it again"):
@@ -84,12 +90,7 @@ def test_read_meta_reports_a_truncated_copy(tmp_path):
 
 def test_a_copy_cut_inside_its_header_says_truncated(tmp_path):
     # a copy cut off before the end of the safetensors header is a truncated file, not "not a session file"
-    k = [np.random.rand(2, 2, 4, 8).astype(np.float32) for _ in range(3)]
-    meta = {"model_fingerprint": "m", "kv_format": "f", "dtype": "float32", "name": "s", "user": "local",
-            "n_layers": 3, "n_kv_heads": 2, "block_size": 4, "head_dim": 8, "n_blocks": 2,
-            "block_shape": [2, 4, 8], "token_ids": list(range(9)), "messages": []}
-    path = tmp_path / "s.zkvs"
-    session_file.write(path, session_file.SessionData(meta=meta, k=k, v=k))
+    path = _small_session(tmp_path)
     path.write_bytes(path.read_bytes()[:40])
     for reader in (session_file.read_meta, session_file.read):
         with pytest.raises(SessionFormatError, match="truncated .* copy it again"):
