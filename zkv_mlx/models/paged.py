@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import sdpa_hook
+from . import sdpa_hook, step_rope
 from .attention import DecodeMetadata, PrefillMetadata, attend
 from .layer_plan import KVSlot, LayerPlan, build_plan
 
@@ -105,13 +105,15 @@ def _dense_mask(meta, slot: KVSlot, N: int, return_array: bool, window_size):
 
 def attach(model: nn.Module) -> LayerPlan:
     """Prepares a loaded mlx-lm model for the engine: derives its layer plan (`layer_plan.build_plan`), routes
-    its attention calls (`sdpa_hook.install`) and lets prefill compute the last position's logits only.
+    its attention calls (`sdpa_hook.install`), lets prefill compute the last position's logits only and
+    rotates decode steps' rows from one rope table per step (`step_rope.install`).
 
     Raises:
         ModelLoadError: the model needs something the engine does not implement (named in the message).
     """
     plan = build_plan(model)
     plan.last_only = _install_last_only(model)
+    step_rope.install(model)
     return plan
 
 

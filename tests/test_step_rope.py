@@ -1,0 +1,67 @@
+"""Decode-step RoPE from one shared table (models/step_rope.py): bitwise mx.fast.rope's result."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.rope_utils import Llama3RoPE
+
+from zkv_mlx.models import step_rope
+from zkv_mlx.models.step_rope import StepRoPE
+
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _ropes():
+    return [nn.RoPE(64, traditional=True), nn.RoPE(64, traditional=False, base=500000.0),
+            nn.RoPE(32, traditional=False, scale=0.25), Llama3RoPE(64, base=500000.0, scaling_config=LLAMA3)]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("which", range(4))
+def test_decode_rows_rotate_bitwise_as_fast_rope(which, dtype):
+    rope = _ropes()[which]
+    wrapped = StepRoPE(rope)
+    mx.random.seed(3)
+    for positions in ([0], [2047], [131071], [5, 4095, 8191]):
+        off = mx.array(positions, dtype=mx.int32)
+        for heads in (9, 3):  # queries and keys of one step share the table
+            x = (3 * mx.random.normal((len(positions), heads, 1, rope.dims))).astype(dtype)
+            want, got = rope(x, offset=off), wrapped(x, offset=off)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert mx.array_equal(got, want).item(), (positions, heads)
+
+
+def test_a_new_offset_array_gets_a_new_table():
+    rope = nn.RoPE(64, traditional=True)
+    wrapped = StepRoPE(rope)
+    x = mx.random.normal((1, 3, 1, 64))
+    for p in (10, 11, 10):
+        off = mx.array([p], dtype=mx.int32)
+        assert mx.array_equal(wrapped(x, offset=off), rope(x, offset=off)).item()
+
+
+def test_other_calls_go_to_the_wrapped_module():
+    rope = nn.RoPE(64, traditional=True)
+    wrapped = StepRoPE(rope)
+    x = mx.random.normal((1, 3, 5, 64))  # a prefill chunk: an int offset, several positions
+    assert mx.array_equal(wrapped(x, offset=7), rope(x, offset=7)).item()
+    partial = mx.random.normal((1, 3, 1, 96))  # partial rotary: only `dims` features turn
+    off = mx.array([9], dtype=mx.int32)
+    assert mx.array_equal(wrapped(partial, offset=off), rope(partial, offset=off)).item()
+
+
+def test_install_wraps_each_rope_once():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = nn.RoPE(64)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [Attn(), Attn()]
+
+    m = M()
+    assert step_rope.install(m) == 2
+    assert all(isinstance(a.rope, StepRoPE) for a in m.layers)
+    assert step_rope.install(m) == 0  # a second attach leaves them wrapped once
