@@ -13,6 +13,9 @@ reports per way the median over rounds of the median interval between consecutiv
   previous token's `.item()`), generate_step's structure without the engine around it;
 - runner_sync: the same step evaluated synchronously (build + compute, no overlap).
 
+A way named `<way>@old` runs with the decode-step changes of w/decode9 switched off (`--old` names them:
+`rope` = every rope call through `mx.fast.rope`, as before models/step_rope.py), for A/B in one process.
+
     flock -x /tmp/s9/cpu.lock nice -n -20 .venv/bin/python docs/experiments/engine_loop_phases.py --context 2048
 """
 
@@ -170,7 +173,7 @@ def main() -> None:
     ref.cold(prompt, 2)
     ways = args.ways.split(",")
     per: dict[str, list[float]] = defaultdict(list)
-    phases: list[dict] = []
+    phases: dict[str, list[dict]] = {}
 
     def mlx_way():
         import mlx.core as mx
@@ -181,27 +184,36 @@ def main() -> None:
         return _timed(generate_step(mx.array([ref.last]), ref.model, max_tokens=args.tokens,
                                     prompt_cache=ref.cache))[1]
 
+    from zkv_mlx.models import step_rope
+
+    new_call = step_rope.StepRoPE.__call__
+
+    def old_call(self, x, offset=0, *a, **k):
+        return self.inner(x, offset, *a, **k)
+
     for r in range(args.rounds):
-        for way in ways:
+        for label in ways:
+            way, _, old = label.partition("@")
+            step_rope.StepRoPE.__call__ = old_call if old else new_call
             if way == "mlx":
                 times = mlx_way()
             elif way == "bench":
                 times = _timed(model.submit(prompt, temperature=0.0, max_tokens=args.tokens, ignore_eos=True))[1]
             elif way == "engine":
                 times, ph = model._thread.call(engine_round, prompt, args.tokens)
-                phases.append(ph)
+                phases.setdefault(label, []).append(ph)
             else:
                 times = model._thread.call(runner_round, prompt, args.tokens, way == "runner_sync")
-            per[way].append(_intervals(times))
+            per[label].append(_intervals(times))
+        step_rope.StepRoPE.__call__ = new_call
         print(json.dumps({"round": r, **{w: round(v[-1], 2) for w, v in per.items()}}), flush=True)
     out = {"context": args.context, "tokens": args.tokens, "rounds": args.rounds,
            "ms_per_token": {w: round(statistics.median(v), 2) for w, v in per.items()}}
     if "mlx" in per:
         out["ratio_vs_mlx"] = {w: round(statistics.median(per["mlx"]) / statistics.median(v), 3)
                                for w, v in per.items() if w != "mlx"}
-    if phases:
-        out["engine_step_phases_ms"] = {k: statistics.median(p.get(k, 0.0) for p in phases)
-                                        for k in phases[0]}
+    for label, ph in phases.items():
+        out[f"{label}_step_phases_ms"] = {k: statistics.median(p.get(k, 0.0) for p in ph) for k in ph[0]}
     print(json.dumps(out), flush=True)
     model.close()
 

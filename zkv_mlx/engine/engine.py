@@ -156,7 +156,10 @@ class Engine:
     def _register(self, seq: Sequence) -> None:
         if seq.dropped:  # blocks computed after a drop depend on a shortened context: never published
             return
-        self.blocks.register_full_blocks(seq, min(seq.num_computed, len(seq.all_ids)))
+        known = min(seq.num_computed, len(seq.prompt_ids) + len(seq.output_ids))  # len(all_ids), no list copy
+        # most decode steps fill no block: skip the lookup (it copies the whole id list: work growing with context)
+        if min(known // self.blocks.block_size, len(seq.block_table)) > seq.num_registered:
+            self.blocks.register_full_blocks(seq, known)
         if self.snapshots is not None:
             self.snapshots.publish(seq)
 

@@ -42,9 +42,12 @@ class PagedCache(sdpa_hook.HookedCache):
         attention call: the same arrays (paged) or the sequence's K/V gathered from the pool (dense)."""
         B, H, L, _ = keys.shape
         meta = self.meta
-        # [B, H, L, D] -> [B*L, H, D] rows in token order
-        k_rows = keys.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
-        v_rows = values.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
+        # [B, H, L, D] -> [B*L, H, D] rows in token order (one token: the same memory order, no transpose op)
+        if L == 1:
+            k_rows, v_rows = keys.reshape(B, H, -1), values.reshape(B, H, -1)
+        else:
+            k_rows = keys.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
+            v_rows = values.transpose(0, 2, 1, 3).reshape(B * L, H, -1)
         meta.pool.write(self.slot.index, k_rows, v_rows, meta.slot_mapping)
         if not self.slot.dense:
             return keys, values
