@@ -13,8 +13,10 @@ reports per way the median over rounds of the median interval between consecutiv
   previous token's `.item()`), generate_step's structure without the engine around it;
 - runner_sync: the same step evaluated synchronously (build + compute, no overlap).
 
-A way named `<way>@old` runs with the decode-step changes of w/decode9 switched off (`--old` names them:
-`rope` = every rope call through `mx.fast.rope`, as before models/step_rope.py), for A/B in one process.
+A way named `<way>@old` runs with w/decode9's decode-step graph changes switched off (every rope call through
+`mx.fast.rope`, every norm through `mx.fast.rms_norm`, as before models/step_rope.py and models/fused_norm.py);
+`<way>@rope` switches off only the rope table, `<way>@norm` only the fused norm: A/B in one process. (The
+K/V-row reshape and the `_register` early exit of the same branch stay on in every way.)
 
     flock -x /tmp/s9/cpu.lock nice -n -20 .venv/bin/python docs/experiments/engine_loop_phases.py --context 2048
 """
@@ -184,17 +186,24 @@ def main() -> None:
         return _timed(generate_step(mx.array([ref.last]), ref.model, max_tokens=args.tokens,
                                     prompt_cache=ref.cache))[1]
 
-    from zkv_mlx.models import step_rope
+    from zkv_mlx.models import fused_norm, step_rope
 
-    new_call = step_rope.StepRoPE.__call__
+    new_rope, new_norm = step_rope.StepRoPE.__call__, fused_norm.DecodeRMSNorm.__call__
 
-    def old_call(self, x, offset=0, *a, **k):
+    def old_rope(self, x, offset=0, *a, **k):
         return self.inner(x, offset, *a, **k)
+
+    def old_norm(self, x):
+        return self.inner(x)
+
+    def switch(old: str) -> None:
+        step_rope.StepRoPE.__call__ = old_rope if old in ("old", "rope") else new_rope
+        fused_norm.DecodeRMSNorm.__call__ = old_norm if old in ("old", "norm") else new_norm
 
     for r in range(args.rounds):
         for label in ways:
             way, _, old = label.partition("@")
-            step_rope.StepRoPE.__call__ = old_call if old else new_call
+            switch(old)
             if way == "mlx":
                 times = mlx_way()
             elif way == "bench":
@@ -205,7 +214,7 @@ def main() -> None:
             else:
                 times = model._thread.call(runner_round, prompt, args.tokens, way == "runner_sync")
             per[label].append(_intervals(times))
-        step_rope.StepRoPE.__call__ = new_call
+        switch("")
         print(json.dumps({"round": r, **{w: round(v[-1], 2) for w, v in per.items()}}), flush=True)
     out = {"context": args.context, "tokens": args.tokens, "rounds": args.rounds,
            "ms_per_token": {w: round(statistics.median(v), 2) for w, v in per.items()}}

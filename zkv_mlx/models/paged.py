@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import sdpa_hook, step_rope
+from . import fused_norm, sdpa_hook, step_rope
 from .attention import DecodeMetadata, PrefillMetadata, attend
 from .layer_plan import KVSlot, LayerPlan, build_plan
 
@@ -109,7 +109,9 @@ def _dense_mask(meta, slot: KVSlot, N: int, return_array: bool, window_size):
 def attach(model: nn.Module) -> LayerPlan:
     """Prepares a loaded mlx-lm model for the engine: derives its layer plan (`layer_plan.build_plan`), routes
     its attention calls (`sdpa_hook.install`), lets prefill compute the last position's logits only and
-    rotates decode steps' rows from one rope table per step (`step_rope.install`).
+    rotates decode steps' rows from one rope table per step (`step_rope.install`) and normalizes them with one
+    compiled RMSNorm (`fused_norm.install`: only inside `forward`, so the model still runs as mlx-lm's own
+    elsewhere).
 
     Raises:
         ModelLoadError: the model needs something the engine does not implement (named in the message).
@@ -117,6 +119,7 @@ def attach(model: nn.Module) -> LayerPlan:
     plan = build_plan(model)
     plan.last_only = _install_last_only(model)
     step_rope.install(model)
+    fused_norm.install(model)
     return plan
 
 
@@ -211,11 +214,12 @@ def forward(model: nn.Module, plan: LayerPlan, tokens: mx.array, meta, states: l
         logits [B, L or 1, vocab].
     """
     caches = build_caches(plan, meta, states)
-    if last_only and plan.last_only:
-        _LAST.last_only = True
-        try:
-            return model(tokens, cache=caches)
-        finally:
-            _LAST.last_only = False
-    out = model(tokens, cache=caches)
+    with fused_norm.paged_forward():
+        if last_only and plan.last_only:
+            _LAST.last_only = True
+            try:
+                return model(tokens, cache=caches)
+            finally:
+                _LAST.last_only = False
+        out = model(tokens, cache=caches)
     return out[:, -1:] if last_only else out
