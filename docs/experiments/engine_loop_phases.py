@@ -13,10 +13,11 @@ reports per way the median over rounds of the median interval between consecutiv
   previous token's `.item()`), generate_step's structure without the engine around it;
 - runner_sync: the same step evaluated synchronously (build + compute, no overlap).
 
-A way named `<way>@old` runs with w/decode9's decode-step graph changes switched off (every rope call through
-`mx.fast.rope`, every norm through `mx.fast.rms_norm`, as before models/step_rope.py and models/fused_norm.py);
-`<way>@rope` switches off only the rope table, `<way>@norm` only the fused norm: A/B in one process. (The
-K/V-row reshape and the `_register` early exit of the same branch stay on in every way.)
+A way named `<way>@old` runs with w/decode9's decode-step changes switched off (every rope call through
+`mx.fast.rope`, every norm through `mx.fast.rms_norm`, as before models/step_rope.py and models/fused_norm.py,
+and `Engine._register` looking up the prefix cache after every token, as before); `<way>@rope` switches off only the rope table, `<way>@norm` only
+the fused norm, `<way>@register` only the `_register` early exit: A/B in one process. (The K/V-row reshape
+without a transpose stays on in every way.)
 
     flock -x /tmp/s9/cpu.lock nice -n -20 .venv/bin/python docs/experiments/engine_loop_phases.py --context 2048
 """
@@ -98,7 +99,6 @@ def engine_round(eng, prompt: list[int], tokens: int) -> tuple[list[float], dict
     ph.wrap(engine_mod.mx, "async_eval", "mx.async_eval")
     ph.wrap(eng, "_resolve", "_resolve (wait + postprocess)")
     ph.wrap(eng.out, "postprocess", "postprocess (detok, events, register)")
-    ph.wrap(eng, "_register", "_register (prefix hashing)")
     gc_t = [0.0]
 
     def gc_cb(phase, info):
@@ -196,7 +196,24 @@ def main() -> None:
     def old_norm(self, x):
         return self.inner(x)
 
+    from zkv_mlx.engine.engine import Engine
+
+    new_register = Engine._register
+
+    def old_register(self, seq):  # before w/decode9: the block lookup after every token
+        if seq.dropped:
+            return
+        self.blocks.register_full_blocks(seq, min(seq.num_computed, len(seq.all_ids)))
+        if self.snapshots is not None:
+            self.snapshots.publish(seq)
+
+    import types
+
+    eng = model._thread.engine
+
     def switch(old: str) -> None:
+        # Outputs keeps the bound method it was built with
+        eng.out._register = types.MethodType(old_register if old in ("old", "register") else new_register, eng)
         step_rope.StepRoPE.__call__ = old_rope if old in ("old", "rope") else new_rope
         fused_norm.DecodeRMSNorm.__call__ = old_norm if old in ("old", "norm") else new_norm
 
