@@ -1,11 +1,11 @@
 """RMSNorm of decode rows as one compiled graph (issue #20, w/decode9).
 
-On MLX's CPU backend `mx.fast.rms_norm` runs its fallback graph (mlx/fast.cpp, `rms_norm`: square, mean, add eps,
-rsqrt, two products, casts), each op dispatched on its own; a decode step runs 2 norms per layer plus the final
-one on a single row each. The same operations in the same order under `mx.compile` run as two kernels (the
-reduction and one fused elementwise tail) and give bitwise the same rows (tests/test_fused_norm.py). Only float32
-decode rows take this path; other dtypes (whose casts the fallback places) and prefill chunks (many rows: the
-per-op cost is shared) keep `mx.fast.rms_norm`.
+On MLX's CPU backend `mx.fast.rms_norm` costs what its fallback graph costs (mlx/fast.cpp, `rms_norm`:
+square, mean, add eps, rsqrt, two products, casts), each op dispatched on its own; a decode step runs 2 norms
+per layer plus the final one on a single row each. The same operations in the same order under `mx.compile` run
+as two kernels (the reduction and one fused elementwise tail) and give bitwise the same rows
+(tests/test_fused_norm.py). Only float32 decode rows take this path; other dtypes (whose casts the fallback
+places) and prefill chunks (many rows: the per-op cost is shared) keep `mx.fast.rms_norm`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class DecodeRMSNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         norm = self.inner
         w = norm["weight"] if "weight" in norm else None
-        if not _SCOPE.paged or w is None or x.dtype != mx.float32 or w.dtype != mx.float32 or x.ndim < 2 or x.shape[-2] != 1:
+        if (not _SCOPE.paged or w is None or x.dtype != mx.float32 or w.dtype != mx.float32 or x.ndim < 2
+                or x.shape[-2] != 1):
             return norm(x)
         return _rms_norm(x, w, float(norm.eps))
 

@@ -1,6 +1,6 @@
 """RoPE for decode steps from one cos/sin table per step, shared by every layer (issue #20, w/decode9).
 
-On MLX's CPU backend `mx.fast.rope` has no kernel: each call runs its fallback graph (mlx/fast.cpp, `rope`:
+On MLX's CPU backend `mx.fast.rope` costs what its fallback graph costs (mlx/fast.cpp, `rope`:
 positions, inverse frequencies, theta, cos, sin, the two strided halves, four products, concatenation), ~20
 small ops, so a 30-layer decode step spends ~60 calls x ~20 ops on rotating a handful of rows (measured in
 docs/benchmarks.md, "Issue #20 (w/decode9)"). In a decode step every layer rotates the same positions, so the
