@@ -65,3 +65,22 @@ def test_install_wraps_each_rope_once():
     assert step_rope.install(m) == 2
     assert all(isinstance(a.rope, StepRoPE) for a in m.layers)
     assert step_rope.install(m) == 0  # a second attach leaves them wrapped once
+
+
+def test_attach_wraps_rope_and_norm_on_the_cpu_only(monkeypatch):
+    """On the GPU mx.fast.rope / rms_norm are single Metal kernels: `paged.attach` must leave them alone."""
+    from mlx_lm.models import llama
+
+    from zkv_mlx.models import fused_norm, paged
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=100)
+    for gpu in (False, True):
+        monkeypatch.setattr(paged, "metal_available", lambda gpu=gpu: gpu)
+        m = llama.Model(args)
+        paged.attach(m)
+        ropes = [layer.self_attn.rope for layer in m.model.layers]
+        norms = [layer.input_layernorm for layer in m.model.layers]
+        assert all(isinstance(r, StepRoPE) for r in ropes) is (not gpu)
+        assert all(isinstance(n, fused_norm.DecodeRMSNorm) for n in norms) is (not gpu)
+        assert any(isinstance(r, StepRoPE) for r in ropes) is (not gpu)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.dispatch import metal_available
 from . import fused_norm, sdpa_hook, step_rope
 from .attention import DecodeMetadata, PrefillMetadata, attend
 from .layer_plan import KVSlot, LayerPlan, build_plan
@@ -109,17 +110,20 @@ def _dense_mask(meta, slot: KVSlot, N: int, return_array: bool, window_size):
 def attach(model: nn.Module) -> LayerPlan:
     """Prepares a loaded mlx-lm model for the engine: derives its layer plan (`layer_plan.build_plan`), routes
     its attention calls (`sdpa_hook.install`), lets prefill compute the last position's logits only and
-    rotates decode steps' rows from one rope table per step (`step_rope.install`) and normalizes them with one
-    compiled RMSNorm (`fused_norm.install`: only inside `forward`, so the model still runs as mlx-lm's own
-    elsewhere).
+    on the CPU backend rotates decode steps' rows from one rope table per step (`step_rope.install`) and
+    normalizes them with one compiled RMSNorm (`fused_norm.install`: only inside `forward`, so the model still
+    runs as mlx-lm's own elsewhere); on the GPU mx.fast's Metal kernels stay.
 
     Raises:
         ModelLoadError: the model needs something the engine does not implement (named in the message).
     """
     plan = build_plan(model)
     plan.last_only = _install_last_only(model)
-    step_rope.install(model)
-    fused_norm.install(model)
+    if not metal_available():
+        # The CPU backend has no rope / rms_norm kernels (each call runs mx.fast's fallback graph of small ops);
+        # on the GPU `mx.fast.rope` and `mx.fast.rms_norm` are single Metal kernels: keep them.
+        step_rope.install(model)
+        fused_norm.install(model)
     return plan
 
 
