@@ -29,6 +29,7 @@ class WritePlan:
     sink_slots: mx.array | None = None
     sink_offsets: mx.array | None = None
     cols: tuple | None = None  # (blocks[:, None], offsets[:, None]), made once for all layers
+    row: tuple[int, int] | None = None  # one-row writes (a B = 1 decode step): its (block, offset) as ints
 
 
 def scatter(dst: list[mx.array], index: tuple, parts) -> None:
