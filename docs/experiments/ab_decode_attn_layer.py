@@ -3,7 +3,8 @@
 Issue #20 (w/dattn9). Real shapes of the bundled model (SmolLM2-135M: 9 query heads, 3 kv heads, head_dim 64,
 block size 16, float32 pool); each layer has its own pool and the sequence's blocks are one contiguous run (as
 the engine allocates a fresh sequence), or scattered in `--runs` pieces. Prints JSON: per context and variant the
-median ms for all layers' attention (graph build + eval), and the ratios to variant "current".
+median ms for all layers' attention (graph build + eval), and the ratios to variant "current" (this code; "old" = main
+before w/dattn9, _old_decode_attention.py; docs/benchmarks.md calls them new and old).
 
     flock -x /tmp/s9/cpu.lock nice -n -20 .venv/bin/python docs/experiments/ab_decode_attn_layer.py --contexts 2048,8192
 """
@@ -43,7 +44,8 @@ def run(context: int, rounds: int, reps: int, runs: int) -> dict:
         table += list(range(r * (per + 8), r * (per + 8) + min(per, nb - len(table))))
     plan = ref.decode_plan(table, context, BS)
     vs = variants()
-    outs = {name: mx.stack([f(q, k, v, table, context, plan) for q, (k, v) in zip(qs, pools)]) for name, f in vs.items()}
+    outs = {name: mx.stack([f(q, k, v, table, context, plan) for q, (k, v) in zip(qs, pools)])
+            for name, f in vs.items()}
     mx.eval(outs)
     base = outs["current"]
     diff = {name: float(mx.abs(o - base).max()) for name, o in outs.items()}

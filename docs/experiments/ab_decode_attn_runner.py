@@ -2,10 +2,11 @@
 
 Runs `ModelRunner.decode` of the bundled model (float32 weights and pool) over random K/V of each context, one
 step at a time evaluated (greedy argmax read back), alternating the variants of the long-sequence decode
-attention in one process: "old" = main's `single_decode_attention` before this branch (_old_decode_attention.py),
-"new" = the current one, "none" = attention replaced by the query itself (no K/V read, and the K/V writes then never evaluated),
-"write_only" = the same with the writes evaluated (the bound any attention change has). Prints JSON per context: median ms of the step per variant (medians over --rounds of the min of
---reps steps) and the ratios.
+attention in one process: "old" = main's `single_decode_attention` before this branch
+(_old_decode_attention.py), "new" = the current one, "none" = attention replaced by the query itself (no K/V
+read, and the K/V writes then never evaluated), "write_only" = the same with the writes evaluated (the bound any
+attention change has). Prints JSON per context: the step's ms per variant (medians over --rounds of the min of
+--reps steps) and old / new.
 
     flock -x /tmp/s9/cpu.lock nice -n -20 .venv/bin/python docs/experiments/ab_decode_attn_runner.py --contexts 2048
 """
