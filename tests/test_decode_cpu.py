@@ -58,7 +58,8 @@ def _sdpa(q, k_pool, v_pool, table, n, scale):
 
 @pytest.mark.parametrize("layout", ["one run", "three runs", "scattered"])
 @pytest.mark.parametrize("n", [BS * 64, BS * 64 + 7, 1000])
-def test_matches_sdpa_for_the_engines_table_shapes(layout, n):
+@pytest.mark.parametrize("scale", [0.125, 0.3])  # the scale is a compile-time constant: each value its own graph
+def test_matches_sdpa_for_the_engines_table_shapes(layout, n, scale):
     rng = np.random.default_rng(n)
     nb, pool = -(-n // BS), 200
     if layout == "one run":
@@ -73,12 +74,12 @@ def test_matches_sdpa_for_the_engines_table_shapes(layout, n):
     k_pool = mx.array(rng.standard_normal((pool, H_KV, BS, D)).astype(np.float32))
     v_pool = mx.array(rng.standard_normal((pool, H_KV, BS, D)).astype(np.float32))
     q = mx.array(rng.standard_normal((1, H_KV * REP, 1, D)).astype(np.float32))
-    got = single_decode_attention(q, k_pool, v_pool, table, n, 0.125, plan=plan)
+    got = single_decode_attention(q, k_pool, v_pool, table, n, scale, plan=plan)
     assert got.shape == (1, H_KV * REP, 1, D) and got.dtype == mx.float32
-    np.testing.assert_allclose(np.array(got), np.array(_sdpa(q, k_pool, v_pool, table, n, 0.125)), atol=2e-5,
+    np.testing.assert_allclose(np.array(got), np.array(_sdpa(q, k_pool, v_pool, table, n, scale)), atol=2e-5,
                                rtol=2e-5)
     # the plan is only a cache: without it the result is bitwise the same
-    assert mx.array_equal(single_decode_attention(q, k_pool, v_pool, table, n, 0.125), got).item()
+    assert mx.array_equal(single_decode_attention(q, k_pool, v_pool, table, n, scale), got).item()
 
 
 def test_float16_pool_within_half_precision():
