@@ -14,6 +14,8 @@ Tiles, windows and sinks as in `prefill.py` (which chooses this path); the sink 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import mlx.core as mx
 import numpy as np
 
@@ -120,9 +122,13 @@ def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs:
     are read once from the pool's blocks (contiguous runs of block ids are slices of the pool: one copy into the
     [kv_len, D] layout the GEMMs need, no gather of the block ids first; many scattered blocks are gathered), the
     causal mask is applied only to the last L columns (the chunk's own triangle), and the softmax's exponentials
-    are numpy's, in place, row block by row block (see the module docstring for why): one sync per layer. (Computing
-    one kv head's scores while numpy works on the previous one, as `tiled_attention` does with tiles, measured
-    ~11% slower here: three syncs a layer instead of one.)
+    are numpy's, in place, row block by row block (see the module docstring for why): one sync per layer.
+
+    Both cores work through the parts that are single-threaded: V's copy runs on a second CPU stream (its own
+    scheduler thread) while K is copied and the scores are computed, and the row blocks of the softmax are split
+    between this thread and one worker thread (numpy's ufuncs release the GIL). Each row's numbers are the same
+    as on one thread. (Computing one kv head's scores while numpy works on the previous one, as `tiled_attention`
+    does with tiles, measured ~11% slower here: three syncs a layer instead of one.)
 
     Args:
         q: [1, n_heads, L, D] rotated queries of cache indices [length - L, length) (their K/V rows written).
@@ -136,14 +142,27 @@ def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs:
     _, hq, L, d = q.shape
     hkv = k_pool.shape[1]
     rep = hq // hkv
-    k, v = _heads(k_pool, runs, block_ids, length), _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
+    with mx.stream(_copy_stream()):
+        v = _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
+    mx.async_eval(v)
+    k = _heads(k_pool, runs, block_ids, length)
     qs = (q[0].astype(mx.float32) * scale).reshape(hkv, rep * L, d)  # query heads grouped by their kv head
     s = qs @ k.swapaxes(-1, -2)  # [H_kv, rep * L, length]
     mx.eval(s)
-    sn = np.asarray(s)  # a view of s's buffer: written in place below
-    inv = np.stack([_causal_exp_rows(sn[h], L) for h in range(hkv)])  # s now holds exp(score - row max)
-    out = (s @ v) * mx.array(inv)  # [H_kv, rep * L, D]
+    sn = np.asarray(s).reshape(hkv * rep * L, length)  # a view of s's buffer: written in place below
+    inv = _causal_exp_rows(sn, L)  # s now holds exp(score - row max)
+    out = (s @ v) * mx.array(inv.reshape(hkv, rep * L, 1))  # [H_kv, rep * L, D]
     return out.reshape(1, hq, L, d).astype(q.dtype)
+
+
+_STREAM: list = []
+
+
+def _copy_stream() -> mx.Stream:
+    """A second CPU stream (created on first use): MLX runs each CPU stream's work on its own thread."""
+    if not _STREAM:
+        _STREAM.append(mx.new_stream(mx.cpu))
+    return _STREAM[0]
 
 
 def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], length: int) -> mx.array:
@@ -166,17 +185,41 @@ _MAX_RUNS = 8
 def _causal_exp_rows(sn: np.ndarray, L: int) -> np.ndarray:
     """In place: masks the chunk's causal triangle, then each row = exp(row - row max). Returns 1 / row sums.
 
-    sn: [rep * L, kv_len] float32 scores; row r is query r % L of the chunk, at cache index kv_len - L + r % L,
-    which sees the keys up to and including its own. Returns float32 [rep * L, 1].
+    sn: [rows, kv_len] float32 scores, rows a multiple of L; row r is query r % L of the chunk, at cache index
+    kv_len - L + r % L, which sees the keys up to and including its own. Returns float32 [rows, 1].
+    The row blocks are shared between this thread and a worker thread; a row's result does not depend on
+    its block or thread.
     """
     rows, n = sn.shape
     tri = sn.reshape(rows // L, L, n)[..., n - L:]
     np.copyto(tri, -np.inf, where=~np.tri(L, dtype=bool))
     step = max(1, _CHUNK_BYTES // (4 * n))
     inv = np.empty((rows, 1), np.float32)
-    for r0 in range(0, rows, step):
+    starts = list(range(0, rows, step))
+    half = len(starts) // 2
+    if half:  # the worker takes the first half of the blocks, this thread the rest
+        job = _pool().submit(_exp_blocks, sn, inv, starts[:half], step)
+        _exp_blocks(sn, inv, starts[half:], step)
+        job.result()
+    else:
+        _exp_blocks(sn, inv, starts, step)
+    return np.reciprocal(inv, out=inv)
+
+
+def _exp_blocks(sn: np.ndarray, total: np.ndarray, starts: list[int], step: int) -> None:
+    """Rows [r0, r0 + step) for each r0 in starts: sn = exp(sn - row max) in place, total = row sums."""
+    for r0 in starts:
         blk = sn[r0:r0 + step]
         np.subtract(blk, blk.max(axis=1, keepdims=True), out=blk)
         np.exp(blk, out=blk)
-        inv[r0:r0 + step, 0] = blk.sum(axis=1)
-    return np.reciprocal(inv, out=inv)
+        total[r0:r0 + step, 0] = blk.sum(axis=1)
+
+
+_WORKER: list = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One worker thread for the softmax's second half (created on first use)."""
+    if not _WORKER:
+        _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="zkv-softmax"))
+    return _WORKER[0]
