@@ -101,8 +101,9 @@ def _forward(args, variants) -> dict:
                 res[name]["forward"].append(t)
                 res[name]["attn"].append(acc["attn"])
     out = {name: {k: round(1e3 * statistics.median(v), 1) for k, v in row.items()} for name, row in res.items()}
-    out["old_over_new_forward"] = round(out["old"]["forward"] / out["new"]["forward"], 3)
-    out["logits_max_abs_diff"] = mx.abs(logits["old"] - logits["new"]).max().item()
+    for name in res:
+        out[f"old_over_{name}_forward"] = round(out["old"]["forward"] / out[name]["forward"], 3)
+        out[f"logits_max_abs_diff_old_{name}"] = mx.abs(logits["old"] - logits[name]).max().item()
     return out
 
 
@@ -133,7 +134,8 @@ def _engine(args, variants) -> dict:
     model.close()
     out = {"cold_s": round(cold, 3)}
     out.update({f"{name}_hit_s": round(statistics.median(v), 4) for name, v in res.items()})
-    out["old_over_new"] = round(statistics.median(res["old"]) / statistics.median(res["new"]), 3)
+    for name in res:
+        out[f"old_over_{name}"] = round(statistics.median(res["old"]) / statistics.median(res[name]), 3)
     out["cold_over_new"] = round(cold / statistics.median(res["new"]), 1)
     out["cold_over_old"] = round(cold / statistics.median(res["old"]), 1)
     return out
@@ -146,10 +148,42 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--suffix", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--piece-variants", action="store_true")
+    ap.add_argument("--no-prefetch-variant", action="store_true",
+                    help="a third variant: this tree with models.attention.PREFETCH_NEXT_LAYER off")
     args = ap.parse_args()
     from zkv_mlx.kernels import prefill_cpu
 
-    variants = {"old": _old_module(args.old).paged_chunk_attention, "new": prefill_cpu.paged_chunk_attention}
+    from zkv_mlx.models import attention
+
+    old = _old_module(args.old).paged_chunk_attention
+
+    def old_fn(*a):  # the old signature; this tree's next-layer copies off while it runs
+        attention.PREFETCH_NEXT_LAYER = False
+        return old(*a[:7])
+
+    def new_fn(*a):
+        attention.PREFETCH_NEXT_LAYER = True
+        return prefill_cpu.paged_chunk_attention(*a)
+
+    def new_no_prefetch(*a):
+        attention.PREFETCH_NEXT_LAYER = False
+        return prefill_cpu.paged_chunk_attention(*a)
+
+    variants = {"old": old_fn, "new": new_fn}
+    if args.no_prefetch_variant:
+        variants["new_no_prefetch"] = new_no_prefetch
+
+    def variant(v_stream, threads):
+        def fn(*a):
+            attention.PREFETCH_NEXT_LAYER = False
+            prefill_cpu._V_STREAM, prefill_cpu._THREADS = v_stream, threads
+            return prefill_cpu.paged_chunk_attention(*a)
+        return fn
+
+    if args.piece_variants:
+        variants["threads_only"] = variant(False, True)
+        variants["v_stream_only"] = variant(True, False)
     load0 = os.getloadavg()[0]
     out = _forward(args, variants) if args.mode == "forward" else _engine(args, variants)
     head = {"mode": args.mode, "old": args.old, "context": args.context, "suffix": args.suffix,

@@ -115,7 +115,8 @@ _CHUNK_BYTES = 512 * 1024
 
 
 def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs: list[tuple[int, int]],
-                          block_ids: list[int], length: int, scale: float) -> mx.array:
+                          block_ids: list[int], length: int, scale: float,
+                          prefetched: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Causal attention of a chunk of L new queries over one sequence's first `length` cache rows in the pool.
 
     For a short chunk over a long cached prefix (a prefix hit plus a new suffix): each kv head's keys and values
@@ -136,16 +137,24 @@ def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs:
         runs: contiguous runs (first id, count) of the block ids covering the `length` rows
             (`reference.decode_plan(...)[0]`); block_ids: those block ids (used when the runs are many).
         length: cache rows to attend over, the chunk's own included; scale: softmax scale.
+        prefetched: `prefetch_heads(k_pool, v_pool, ...)` started before this chunk's rows were written (the
+            previous layer's attention starts the next layer's): its blocks from the one holding row
+            length - L on are copied again from the pool here, the rows before are used as copied.
     Returns:
         [1, n_heads, L, D] in q's dtype (accumulated in float32).
     """
     _, hq, L, d = q.shape
-    hkv = k_pool.shape[1]
+    hkv, bs = k_pool.shape[1], k_pool.shape[2]
     rep = hq // hkv
-    with mx.stream(_copy_stream()):
-        v = _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
-    mx.async_eval(v)
-    k = _heads(k_pool, runs, block_ids, length)
+    if prefetched is not None:
+        first = (length - L) // bs  # the first block this chunk wrote into
+        k, v = (_patch(buf, pool, block_ids[first:-(-length // bs)], first * bs, length)
+                for buf, pool in zip(prefetched, (k_pool, v_pool)))
+    else:
+        with mx.stream(_copy_stream() if _V_STREAM else mx.default_stream(mx.cpu)):
+            v = _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
+        mx.async_eval(v)
+        k = _heads(k_pool, runs, block_ids, length)
     qs = (q[0].astype(mx.float32) * scale).reshape(hkv, rep * L, d)  # query heads grouped by their kv head
     s = qs @ k.swapaxes(-1, -2)  # [H_kv, rep * L, length]
     mx.eval(s)
@@ -156,6 +165,8 @@ def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs:
 
 
 _STREAM: list = []
+_V_STREAM = True
+_THREADS = True
 
 
 def _copy_stream() -> mx.Stream:
@@ -165,8 +176,41 @@ def _copy_stream() -> mx.Stream:
     return _STREAM[0]
 
 
-def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], length: int) -> mx.array:
-    """[H_kv, length, D] float32: one sequence's rows of every kv head, from pool slices (one copy)."""
+def prefetch_heads(k_pool: mx.array, v_pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int],
+                   length: int) -> tuple[mx.array, mx.array]:
+    """Starts copying one sequence's K and V blocks into the GEMM layout on the second CPU stream.
+
+    For the next layer's `paged_chunk_attention(..., prefetched=)`: the copy runs while this thread and the default
+    stream work on the layers before (its single-threaded parts leave a core free), instead of at that layer's
+    attention. Rows the chunk has yet to write are copied stale and replaced there.
+
+    Args:
+        k_pool, v_pool: the layer's float pool arrays [num_blocks, n_kv_heads, block_size, D].
+        runs, block_ids, length: as `paged_chunk_attention`.
+    Returns:
+        (K, V), each float32 [H_kv, nb * block_size, D] (contiguous, being evaluated).
+    """
+    with mx.stream(_copy_stream()):
+        kv = (_heads(k_pool, runs, block_ids, length, whole=True), _heads(v_pool, runs, block_ids, length, whole=True))
+    mx.async_eval(*kv)
+    return kv
+
+
+def _patch(buf: mx.array, pool: mx.array, ids: list[int], row: int, length: int) -> mx.array:
+    """buf [H, nb * BS, D] with rows from `row` on replaced by blocks `ids` of the pool; its first `length` rows.
+
+    buf is referenced only here, so the update is done in place (MLX donates the buffer)."""
+    h, _, d = buf.shape
+    fresh = mx.take(pool, mx.array(ids, dtype=mx.int32), axis=0).swapaxes(0, 1).astype(mx.float32)
+    buf[:, row:] = fresh.reshape(h, -1, d)
+    return buf[:, :length]
+
+
+def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], length: int,
+           whole: bool = False) -> mx.array:
+    """[H_kv, length, D] float32: one sequence's rows of every kv head, from pool slices (one copy).
+
+    whole: all rows of the blocks covering `length` ([H_kv, nb * BS, D], contiguous)."""
     _, h, bs, d = pool.shape
     nb = -(-length // bs)
     if len(runs) > _MAX_RUNS:  # scattered blocks: one gather beats many small slices
@@ -176,7 +220,8 @@ def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], le
         x = pool[a:a + nb].swapaxes(0, 1)
     else:  # [H, nb, BS, D] written once by the concatenation
         x = mx.concatenate([pool[a:a + n].swapaxes(0, 1) for a, n in runs], axis=1)
-    return x.astype(mx.float32).reshape(h, nb * bs, d)[:, :length]
+    x = x.astype(mx.float32).reshape(h, nb * bs, d)
+    return x if whole else x[:, :length]
 
 
 _MAX_RUNS = 8
@@ -197,7 +242,7 @@ def _causal_exp_rows(sn: np.ndarray, L: int) -> np.ndarray:
     inv = np.empty((rows, 1), np.float32)
     starts = list(range(0, rows, step))
     half = len(starts) // 2
-    if half:  # the worker takes the first half of the blocks, this thread the rest
+    if half and _THREADS:  # the worker takes the first half of the blocks, this thread the rest
         job = _pool().submit(_exp_blocks, sn, inv, starts[:half], step)
         _exp_blocks(sn, inv, starts[half:], step)
         job.result()
