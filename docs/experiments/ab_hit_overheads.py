@@ -1,8 +1,9 @@
-"""A/B in one process: a prefix hit's 32-token chunk, `paged_chunk_attention` of an older commit vs this tree's.
+"""A/B in one process: a prefix hit's 32-token chunk, `paged_chunk_attention` of two commits (or one and this tree).
 
-Not a shipped command (issue #20, w/prefix9: the prefix bench's hit). The older commit's
+Not a shipped command (issue #20, w/prefix9: the prefix bench's hit). Each commit's
 `zkv_mlx/kernels/prefill_cpu.py` is loaded from git (`git show COMMIT:...`) as a module of its own and swapped in
-for `models.attention.paged_chunk_attention`, alternating with this tree's, round by round.
+for `models.attention.paged_chunk_attention`, alternating round by round. (The variants of w/prefix9 that were
+not kept, with their switches, are in commit 047b806's copy of this script.)
 
 --mode forward: the bundled model's `ModelRunner.prefill` of --suffix tokens over --context random cached rows
 (a pool of 1060 blocks, as `bench prefix --prefix-tokens 4096` sizes it), whole forward timed; also each
@@ -148,42 +149,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--suffix", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--piece-variants", action="store_true")
-    ap.add_argument("--no-prefetch-variant", action="store_true",
-                    help="a third variant: this tree with models.attention.PREFETCH_NEXT_LAYER off")
+    ap.add_argument("--new", default=None, help="commit whose prefill_cpu.py is the 'new' variant (default: this tree)")
     args = ap.parse_args()
     from zkv_mlx.kernels import prefill_cpu
 
-    from zkv_mlx.models import attention
-
     old = _old_module(args.old).paged_chunk_attention
-
-    def old_fn(*a):  # the old signature; this tree's next-layer copies off while it runs
-        attention.PREFETCH_NEXT_LAYER = False
-        return old(*a[:7])
-
-    def new_fn(*a):
-        attention.PREFETCH_NEXT_LAYER = True
-        return prefill_cpu.paged_chunk_attention(*a)
-
-    def new_no_prefetch(*a):
-        attention.PREFETCH_NEXT_LAYER = False
-        return prefill_cpu.paged_chunk_attention(*a)
-
-    variants = {"old": old_fn, "new": new_fn}
-    if args.no_prefetch_variant:
-        variants["new_no_prefetch"] = new_no_prefetch
-
-    def variant(v_stream, threads):
-        def fn(*a):
-            attention.PREFETCH_NEXT_LAYER = False
-            prefill_cpu._V_STREAM, prefill_cpu._THREADS = v_stream, threads
-            return prefill_cpu.paged_chunk_attention(*a)
-        return fn
-
-    if args.piece_variants:
-        variants["threads_only"] = variant(False, True)
-        variants["v_stream_only"] = variant(True, False)
+    new = _old_module(args.new).paged_chunk_attention if args.new else prefill_cpu.paged_chunk_attention
+    variants = {"old": old, "new": new}
     load0 = os.getloadavg()[0]
     out = _forward(args, variants) if args.mode == "forward" else _engine(args, variants)
     head = {"mode": args.mode, "old": args.old, "context": args.context, "suffix": args.suffix,

@@ -14,8 +14,6 @@ Tiles, windows and sinks as in `prefill.py` (which chooses this path); the sink 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import mlx.core as mx
 import numpy as np
 
@@ -115,21 +113,16 @@ _CHUNK_BYTES = 512 * 1024
 
 
 def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs: list[tuple[int, int]],
-                          block_ids: list[int], length: int, scale: float,
-                          prefetched: tuple[mx.array, mx.array] | None = None) -> mx.array:
+                          block_ids: list[int], length: int, scale: float) -> mx.array:
     """Causal attention of a chunk of L new queries over one sequence's first `length` cache rows in the pool.
 
     For a short chunk over a long cached prefix (a prefix hit plus a new suffix): each kv head's keys and values
     are read once from the pool's blocks (contiguous runs of block ids are slices of the pool: one copy into the
     [kv_len, D] layout the GEMMs need, no gather of the block ids first; many scattered blocks are gathered), the
     causal mask is applied only to the last L columns (the chunk's own triangle), and the softmax's exponentials
-    are numpy's, in place, row block by row block (see the module docstring for why): one sync per layer.
-
-    Both cores work through the parts that are single-threaded: V's copy runs on a second CPU stream (its own
-    scheduler thread) while K is copied and the scores are computed, and the row blocks of the softmax are split
-    between this thread and one worker thread (numpy's ufuncs release the GIL). Each row's numbers are the same
-    as on one thread. (Computing one kv head's scores while numpy works on the previous one, as `tiled_attention`
-    does with tiles, measured ~11% slower here: three syncs a layer instead of one.)
+    are numpy's, in place, row block by row block (see the module docstring for why): one sync per layer. (Computing
+    one kv head's scores while numpy works on the previous one, as `tiled_attention` does with tiles, measured
+    ~11% slower here: three syncs a layer instead of one.)
 
     Args:
         q: [1, n_heads, L, D] rotated queries of cache indices [length - L, length) (their K/V rows written).
@@ -137,80 +130,24 @@ def paged_chunk_attention(q: mx.array, k_pool: mx.array, v_pool: mx.array, runs:
         runs: contiguous runs (first id, count) of the block ids covering the `length` rows
             (`reference.decode_plan(...)[0]`); block_ids: those block ids (used when the runs are many).
         length: cache rows to attend over, the chunk's own included; scale: softmax scale.
-        prefetched: `prefetch_heads(k_pool, v_pool, ...)` started before this chunk's rows were written (the
-            previous layer's attention starts the next layer's): its blocks from the one holding row
-            length - L on are copied again from the pool here, the rows before are used as copied.
     Returns:
         [1, n_heads, L, D] in q's dtype (accumulated in float32).
     """
     _, hq, L, d = q.shape
-    hkv, bs = k_pool.shape[1], k_pool.shape[2]
+    hkv = k_pool.shape[1]
     rep = hq // hkv
-    if prefetched is not None:
-        first = (length - L) // bs  # the first block this chunk wrote into
-        k, v = (_patch(buf, pool, block_ids[first:-(-length // bs)], first * bs, length)
-                for buf, pool in zip(prefetched, (k_pool, v_pool)))
-    else:
-        with mx.stream(_copy_stream() if _V_STREAM else mx.default_stream(mx.cpu)):
-            v = _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
-        mx.async_eval(v)
-        k = _heads(k_pool, runs, block_ids, length)
+    k, v = _heads(k_pool, runs, block_ids, length), _heads(v_pool, runs, block_ids, length)  # [H_kv, length, D]
     qs = (q[0].astype(mx.float32) * scale).reshape(hkv, rep * L, d)  # query heads grouped by their kv head
     s = qs @ k.swapaxes(-1, -2)  # [H_kv, rep * L, length]
     mx.eval(s)
-    sn = np.asarray(s).reshape(hkv * rep * L, length)  # a view of s's buffer: written in place below
-    inv = _causal_exp_rows(sn, L)  # s now holds exp(score - row max)
-    out = (s @ v) * mx.array(inv.reshape(hkv, rep * L, 1))  # [H_kv, rep * L, D]
+    sn = np.asarray(s)  # a view of s's buffer: written in place below
+    inv = np.stack([_causal_exp_rows(sn[h], L) for h in range(hkv)])  # s now holds exp(score - row max)
+    out = (s @ v) * mx.array(inv)  # [H_kv, rep * L, D]
     return out.reshape(1, hq, L, d).astype(q.dtype)
 
 
-_STREAM: list = []
-_V_STREAM = True
-_THREADS = True
-
-
-def _copy_stream() -> mx.Stream:
-    """A second CPU stream (created on first use): MLX runs each CPU stream's work on its own thread."""
-    if not _STREAM:
-        _STREAM.append(mx.new_stream(mx.cpu))
-    return _STREAM[0]
-
-
-def prefetch_heads(k_pool: mx.array, v_pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int],
-                   length: int) -> tuple[mx.array, mx.array]:
-    """Starts copying one sequence's K and V blocks into the GEMM layout on the second CPU stream.
-
-    For the next layer's `paged_chunk_attention(..., prefetched=)`: the copy runs while this thread and the default
-    stream work on the layers before (its single-threaded parts leave a core free), instead of at that layer's
-    attention. Rows the chunk has yet to write are copied stale and replaced there.
-
-    Args:
-        k_pool, v_pool: the layer's float pool arrays [num_blocks, n_kv_heads, block_size, D].
-        runs, block_ids, length: as `paged_chunk_attention`.
-    Returns:
-        (K, V), each float32 [H_kv, nb * block_size, D] (contiguous, being evaluated).
-    """
-    with mx.stream(_copy_stream()):
-        kv = (_heads(k_pool, runs, block_ids, length, whole=True), _heads(v_pool, runs, block_ids, length, whole=True))
-    mx.async_eval(*kv)
-    return kv
-
-
-def _patch(buf: mx.array, pool: mx.array, ids: list[int], row: int, length: int) -> mx.array:
-    """buf [H, nb * BS, D] with rows from `row` on replaced by blocks `ids` of the pool; its first `length` rows.
-
-    buf is referenced only here, so the update is done in place (MLX donates the buffer)."""
-    h, _, d = buf.shape
-    fresh = mx.take(pool, mx.array(ids, dtype=mx.int32), axis=0).swapaxes(0, 1).astype(mx.float32)
-    buf[:, row:] = fresh.reshape(h, -1, d)
-    return buf[:, :length]
-
-
-def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], length: int,
-           whole: bool = False) -> mx.array:
-    """[H_kv, length, D] float32: one sequence's rows of every kv head, from pool slices (one copy).
-
-    whole: all rows of the blocks covering `length` ([H_kv, nb * BS, D], contiguous)."""
+def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], length: int) -> mx.array:
+    """[H_kv, length, D] float32: one sequence's rows of every kv head, from pool slices (one copy)."""
     _, h, bs, d = pool.shape
     nb = -(-length // bs)
     if len(runs) > _MAX_RUNS:  # scattered blocks: one gather beats many small slices
@@ -220,8 +157,7 @@ def _heads(pool: mx.array, runs: list[tuple[int, int]], block_ids: list[int], le
         x = pool[a:a + nb].swapaxes(0, 1)
     else:  # [H, nb, BS, D] written once by the concatenation
         x = mx.concatenate([pool[a:a + n].swapaxes(0, 1) for a, n in runs], axis=1)
-    x = x.astype(mx.float32).reshape(h, nb * bs, d)
-    return x if whole else x[:, :length]
+    return x.astype(mx.float32).reshape(h, nb * bs, d)[:, :length]
 
 
 _MAX_RUNS = 8
@@ -230,41 +166,17 @@ _MAX_RUNS = 8
 def _causal_exp_rows(sn: np.ndarray, L: int) -> np.ndarray:
     """In place: masks the chunk's causal triangle, then each row = exp(row - row max). Returns 1 / row sums.
 
-    sn: [rows, kv_len] float32 scores, rows a multiple of L; row r is query r % L of the chunk, at cache index
-    kv_len - L + r % L, which sees the keys up to and including its own. Returns float32 [rows, 1].
-    The row blocks are shared between this thread and a worker thread; a row's result does not depend on
-    its block or thread.
+    sn: [rep * L, kv_len] float32 scores; row r is query r % L of the chunk, at cache index kv_len - L + r % L,
+    which sees the keys up to and including its own. Returns float32 [rep * L, 1].
     """
     rows, n = sn.shape
     tri = sn.reshape(rows // L, L, n)[..., n - L:]
     np.copyto(tri, -np.inf, where=~np.tri(L, dtype=bool))
     step = max(1, _CHUNK_BYTES // (4 * n))
     inv = np.empty((rows, 1), np.float32)
-    starts = list(range(0, rows, step))
-    half = len(starts) // 2
-    if half and _THREADS:  # the worker takes the first half of the blocks, this thread the rest
-        job = _pool().submit(_exp_blocks, sn, inv, starts[:half], step)
-        _exp_blocks(sn, inv, starts[half:], step)
-        job.result()
-    else:
-        _exp_blocks(sn, inv, starts, step)
-    return np.reciprocal(inv, out=inv)
-
-
-def _exp_blocks(sn: np.ndarray, total: np.ndarray, starts: list[int], step: int) -> None:
-    """Rows [r0, r0 + step) for each r0 in starts: sn = exp(sn - row max) in place, total = row sums."""
-    for r0 in starts:
+    for r0 in range(0, rows, step):
         blk = sn[r0:r0 + step]
         np.subtract(blk, blk.max(axis=1, keepdims=True), out=blk)
         np.exp(blk, out=blk)
-        total[r0:r0 + step, 0] = blk.sum(axis=1)
-
-
-_WORKER: list = []
-
-
-def _pool() -> ThreadPoolExecutor:
-    """One worker thread for the softmax's second half (created on first use)."""
-    if not _WORKER:
-        _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="zkv-softmax"))
-    return _WORKER[0]
+        inv[r0:r0 + step, 0] = blk.sum(axis=1)
+    return np.reciprocal(inv, out=inv)

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from ..kernels import kernel_path, prefill_attention_reference
 from ..kernels.prefill import prefill_attention
-from ..kernels.prefill_cpu import paged_chunk_attention, prefetch_heads
+from ..kernels.prefill_cpu import paged_chunk_attention
 from ..kernels.dispatch import metal_available, metal_paged_attention
 from ..kernels.reference import GROUPED_MAX_LEN, decode_plan, grouped_decode_attention, single_decode_attention
 from ..storage.kv_pool import KVPool, WritePlan
@@ -54,7 +54,6 @@ class PrefillMetadata:
     mass: list[list] | None = None
     block_ids: list[int] | None = None  # block_table as Python ints (a 1-token chunk reads the pool in place)
     plan: tuple | None = None  # that chunk's `decode_plan` (built on first use, shared by the layers)
-    prefetched: dict | None = None  # layer -> its K/V copies started by the layer before (`prefill_cpu`)
 
     is_prefill = True
 
@@ -193,7 +192,8 @@ def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, windo
             return single_decode_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.block_ids, n, scale,
                                            plan=meta.plan)
         if not metal_available():  # on the GPU (ZKV_KERNELS=reference) the fused SDPA below does better
-            return _chunk(q, layer, meta, scale)
+            return paged_chunk_attention(q, meta.pool.k[layer], meta.pool.v[layer], meta.plan[0], meta.block_ids,
+                                         n, scale)
     if window is not None:
         # only the blocks some query of the chunk can see: from the first query's window start on
         first = max(0, n - q.shape[2] - window + 1) // bs
@@ -208,23 +208,6 @@ def _prefill(q: mx.array, layer: int, meta: PrefillMetadata, scale: float, windo
     nb = -(-n // bs)
     meta.mass[0].append(mx.pad(per_pos[0], (0, nb * bs - n)).reshape(nb, bs).sum(axis=1))
     return out
-
-
-def _chunk(q: mx.array, layer: int, meta: PrefillMetadata, scale: float) -> mx.array:
-    """A short chunk over the pool; starts copying the next layer's K/V (its rows before this chunk are final
-    already), used if that layer takes this path too."""
-    pool, runs, n = meta.pool, meta.plan[0], meta.context_len
-    if meta.prefetched is None:
-        meta.prefetched = {}
-    out = paged_chunk_attention(q, pool.k[layer], pool.v[layer], runs, meta.block_ids, n, scale,
-                                meta.prefetched.pop(layer, None))
-    if layer + 1 < pool.n_layers and PREFETCH_NEXT_LAYER:
-        meta.prefetched[layer + 1] = prefetch_heads(pool.k[layer + 1], pool.v[layer + 1], runs, meta.block_ids, n)
-    return out
-
-
-# Copy the next layer's K/V for a short chunk while this one finishes (A/B switch for docs/experiments).
-PREFETCH_NEXT_LAYER = True
 
 
 def _grouped(q: mx.array, layer: int, meta: DecodeMetadata, scale: float, window, sinks) -> mx.array:
