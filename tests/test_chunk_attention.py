@@ -169,3 +169,21 @@ def test_on_the_gpu_short_chunks_keep_the_fused_path(monkeypatch):
     monkeypatch.setattr(attention, "paged_chunk_attention", lambda *a: pytest.fail("pool path on the GPU"))
     got = attend(mx.random.normal((1, hq, L, d)), 0, prefill_metadata(pool, n - L, None, ids, n, False), 0.25)
     assert got.shape == (1, hq, L, d)
+
+
+def test_reused_copy_buffers_leave_earlier_results_intact():
+    # float32 pools are copied by numpy into per-thread buffers that the next call overwrites: a result returned
+    # before must keep its numbers, and a longer context than the buffers hold must grow them.
+    hq, hkv, L = 6, 2, 9
+    outs, wants = [], []
+    for i, n in enumerate([300, 90, 2500]):
+        nb = -(-n // BS)
+        key = mx.random.split(mx.random.key(100 + i), 3)
+        k_pool = mx.random.normal((2 * nb + 6, hkv, BS, 16), key=key[0])
+        v_pool = mx.random.normal((2 * nb + 6, hkv, BS, 16), key=key[1])
+        q = mx.random.normal((1, hq, L, 16), key=key[2])
+        ids = _tables(nb)["two runs" if i == 1 else "one run"]
+        outs.append(paged_chunk_attention(q, k_pool, v_pool, decode_plan(ids, n, BS)[0], ids, n, 0.25))
+        wants.append(_want(q, k_pool, v_pool, ids, n, 0.25)[0])
+    for got, want in zip(outs, wants):
+        assert mx.allclose(got, want, atol=2e-5).item()
