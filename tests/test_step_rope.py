@@ -84,3 +84,47 @@ def test_attach_wraps_rope_and_norm_on_the_cpu_only(monkeypatch):
         assert all(isinstance(r, StepRoPE) for r in ropes) is (not gpu)
         assert all(isinstance(n, fused_norm.DecodeRMSNorm) for n in norms) is (not gpu)
         assert any(isinstance(r, StepRoPE) for r in ropes) is (not gpu)
+
+
+def test_wrappers_expose_the_wrapped_modules_attributes():
+    """Model code that reads `self.rope.base` or `norm.weight` / `norm.eps` (mlx-lm's muse_spark, kimi_k3) keeps
+    working after `paged.attach` wrapped the modules."""
+    from zkv_mlx.models.fused_norm import DecodeRMSNorm
+
+    r = StepRoPE(nn.RoPE(64, base=12345.0))
+    assert r.base == 12345.0 and r.dims == 64 and r.traditional is False
+    n = DecodeRMSNorm(nn.RMSNorm(8, eps=1e-3))
+    assert n.eps == 1e-3 and n.weight.shape == (8,)
+    with pytest.raises(AttributeError):
+        r.no_such_attribute
+
+
+def test_step_tables_are_per_thread():
+    """Two engines decoding on two threads keep their own step's tables (no table of the other's positions)."""
+    import threading
+
+    rope = StepRoPE(nn.RoPE(64))
+    x = mx.random.normal((1, 2, 1, 64))
+    offsets = {0: mx.array([5], dtype=mx.int32), 1: mx.array([900], dtype=mx.int32)}
+    mx.eval(x, *offsets.values())  # made on this thread's stream: evaluated here (MLX streams are per thread)
+    out, seen = {}, {}
+    both = threading.Barrier(2)
+
+    def run(i):
+        step_rope._STEP.table(offsets[i], rope, mx.float32)
+        both.wait()  # both threads' steps have begun: a shared table would hold only one of them now
+        seen[i] = step_rope._STEP.offset is offsets[i]
+        out[i] = rope(x, offset=offsets[i])
+        mx.eval(out[i])
+        out[i] = (out[i], rope.inner(x, offset=offsets[i]))  # the reference, on this thread too
+        mx.eval(out[i][1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {0: True, 1: True}
+    for i in (0, 1):
+        assert mx.array_equal(*out[i]).item()
+    assert not mx.array_equal(out[0][0], out[1][0]).item()  # the positions differ

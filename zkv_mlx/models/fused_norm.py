@@ -49,6 +49,15 @@ class DecodeRMSNorm(nn.Module):
         super().__init__()
         self.inner = norm
 
+    def __getattr__(self, name: str):
+        # model code may read the norm's own attributes (e.g. `norm.weight`, `norm.eps`): the wrapped module's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
     def __call__(self, x: mx.array) -> mx.array:
         norm = self.inner
         w = norm["weight"] if "weight" in norm else None

@@ -10,6 +10,8 @@ sequence's K/V gathered from the pool and the mask mlx-lm's own cache would give
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -127,8 +129,8 @@ def attach(model: nn.Module) -> LayerPlan:
     return plan
 
 
-class _Flag:
-    last_only = False
+class _Flag(threading.local):
+    last_only = False  # per thread: another thread's forward of the same model (a second engine) is unaffected
 
 
 _LAST = _Flag()

@@ -14,6 +14,7 @@ of `mx.fast.rope` (tests/test_step_rope.py); prefill (an int offset, many positi
 from __future__ import annotations
 
 import math
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,6 +42,15 @@ class StepRoPE(nn.Module):
         # the table's key: rope modules with equal parameters share one table per step
         self._key = (rope.dims, rope.traditional, getattr(rope, "base", None), getattr(rope, "scale", 1.0),
                      None if freqs is None else id(rope))
+
+    def __getattr__(self, name: str):
+        # model code may read the rope's own attributes (e.g. `self.rope.base`): they are the wrapped module's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
 
     def __call__(self, x: mx.array, offset=0, *args, **kwargs):
         if (args or kwargs or not isinstance(offset, mx.array) or x.ndim != 4 or x.shape[2] != 1
@@ -73,8 +83,11 @@ class StepRoPE(nn.Module):
         return join(c, c).reshape(-1, 1, 1, rope.dims), join(-s, s).reshape(-1, 1, 1, rope.dims)
 
 
-class _StepTables:
-    """The current decode step's tables: rebuilt when a call brings a new offset array (the next step's)."""
+class _StepTables(threading.local):
+    """The current decode step's tables: rebuilt when a call brings a new offset array (the next step's).
+
+    Per thread: two engines decoding on two threads in one process each keep their own step's tables.
+    """
 
     def __init__(self):
         self.offset: mx.array | None = None
